@@ -1,0 +1,1 @@
+"""tf.estimator model functions (ESMM and its baselines), input_fn, metrics and export."""

@@ -1,0 +1,78 @@
+"""Transformed TFRecords -> (features, labels) with tf.data: batched parsing, prefetch, shuffle."""
+
+import json
+import os
+from typing import Dict, Optional
+
+import tensorflow as tf
+import tensorflow_transform as tft
+
+from preprocessing import features as F
+
+RECONCILIATION = "reconciliation.json"   # written last by pipeline.preprocess
+
+
+class IncompleteTransformOutput(ValueError):
+  pass
+
+
+def load_transform_output(transform_dir: str) -> tft.TFTransformOutput:
+  """The TFT output of a finished preprocessing run (refuses a partial one)."""
+  marker = os.path.join(transform_dir, RECONCILIATION)
+  if not tf.io.gfile.exists(marker):
+    raise IncompleteTransformOutput(
+        f"{transform_dir} has no {RECONCILIATION}: it is not the output of a finished "
+        "pipeline.preprocess run (still running, killed, or the wrong directory)")
+  return tft.TFTransformOutput(transform_dir)
+
+
+def split_rows(transform_dir: str, split: str) -> int:
+  """Rows written for ``split`` ('train' or 'eval') by the preprocessing run."""
+  with tf.io.gfile.GFile(os.path.join(transform_dir, RECONCILIATION)) as f:
+    return int(json.load(f)["splits"][split]["rows_written"])
+
+
+def split_files(transform_dir: str, split: str) -> str:
+  return os.path.join(transform_dir, split, "part-*.tfrecord.gz")
+
+
+def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_size: int,
+                  training: bool, num_epochs: Optional[int] = None, shuffle_buffer: int = 50_000,
+                  seed: Optional[int] = None, labels_as_features: bool = False):
+  """An Estimator input_fn over gzip TFRecords of transformed tf.Examples.
+
+  Training: files and examples shuffled, repeated ``num_epochs`` times (None: forever).
+  Evaluation/prediction: one deterministic pass. Examples are batched before parsing
+  so that parsing is vectorised. With ``labels_as_features`` the labels also stay in
+  the features dict (for prediction with passthrough of labels and sample ids).
+  """
+  spec = tft_output.transformed_feature_spec()
+
+  def input_fn():
+    files = tf.io.gfile.glob(file_pattern)
+    if not files:
+      raise ValueError(f"no TFRecord file matches {file_pattern}")
+    ds = tf.data.Dataset.from_tensor_slices(sorted(files))
+    if training:
+      ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+                       cycle_length=min(4, len(files)), block_length=16,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if training:
+      ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+      ds = ds.repeat(num_epochs)
+    ds = ds.batch(batch_size)
+    ds = ds.map(lambda x: _split(tf.io.parse_example(x, spec), labels_as_features),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  return input_fn
+
+
+def _split(parsed: Dict[str, tf.Tensor], labels_as_features: bool):
+  labels = {}
+  features = dict(parsed)
+  for name in F.LABELS:
+    if name in parsed:
+      labels[name] = tf.cast(parsed[name] if labels_as_features else features.pop(name), tf.float32)
+  return features, labels

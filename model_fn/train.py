@@ -1,0 +1,85 @@
+"""Training entry point: tf.estimator.train_and_evaluate on a preprocessing output.
+
+  python -m model_fn.train --transform_dir=PREPROCESSED --model_dir=MODEL [--model=esmm]
+
+Resumes from the latest checkpoint in --model_dir: the step budget is a total
+(--num_epochs over the train split, or --train_steps), so a restarted run trains only
+the remaining steps. At the end it evaluates on the eval split (the paper's protocol,
+see model_fn/metrics.py) and exports a SavedModel for TF Serving under MODEL/export/.
+"""
+
+import sys
+from typing import Any, Dict
+
+import tensorflow as tf
+from absl import app, flags, logging
+
+from model_fn import esmm
+from model_fn import estimator as E
+from model_fn import input_fn as I
+from preprocessing import transform as T
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("transform_dir", None, "Output dir of pipeline.preprocess.")
+flags.DEFINE_string("model_dir", None, "Checkpoints, eval summaries and exports go here.")
+flags.DEFINE_enum("model", "esmm", list(esmm.MODELS), "esmm (the paper's) or base (CVR on clicks only).")
+flags.DEFINE_string("share_embeddings", "default", "true|false|default (esmm: true, base: false).")
+flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
+flags.DEFINE_float("num_epochs", 1.0, "Passes over the train split (ignored if --train_steps > 0).")
+flags.DEFINE_integer("train_steps", 0, "Total training steps (0: derived from --num_epochs).")
+flags.DEFINE_integer("eval_steps", 0, "Eval batches (0: the whole eval split).")
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the dense layers.")
+flags.DEFINE_float("embedding_learning_rate", 0.05, "Learning rate of the embedding optimizer.")
+flags.DEFINE_enum("embedding_optimizer", "adagrad", ["adagrad", "adam", "ftrl", "sgd"],
+                  "Optimizer of the embedding tables (adagrad updates only the rows in the batch).")
+flags.DEFINE_integer("embedding_dim", 18, "Embedding size per field.")
+flags.DEFINE_list("ctr_hidden_units", ["360", "200", "80"], "CTR tower layer sizes.")
+flags.DEFINE_list("cvr_hidden_units", ["360", "200", "80"], "CVR tower layer sizes.")
+flags.DEFINE_float("dropout", 0.0, "Dropout rate in the towers.")
+flags.DEFINE_float("ctr_loss_weight", 1.0, "Weight of the CTR log loss.")
+flags.DEFINE_float("ctcvr_loss_weight", 1.0, "Weight of the CTCVR log loss (esmm).")
+flags.DEFINE_float("cvr_loss_weight", 1.0, "Weight of the clicked-only CVR log loss (base).")
+flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps.")
+flags.DEFINE_integer("seed", 42, "Graph-level random seed.")
+flags.DEFINE_boolean("export", True, "Export a SavedModel at the end.")
+
+def params_from_flags(tft_output) -> Dict[str, Any]:
+  share = {"default": None, "true": True, "false": False}[FLAGS.share_embeddings.lower()]
+  return {
+      "model": FLAGS.model, "format": "aliccp",
+      "hash_buckets": T.transformed_hash_buckets(tft_output),
+      "embedding_dim": FLAGS.embedding_dim,
+      "ctr_hidden_units": [int(u) for u in FLAGS.ctr_hidden_units],
+      "cvr_hidden_units": [int(u) for u in FLAGS.cvr_hidden_units],
+      "dropout": FLAGS.dropout, "share_embeddings": share,
+      "learning_rate": FLAGS.learning_rate,
+      "embedding_optimizer": FLAGS.embedding_optimizer,
+      "embedding_learning_rate": FLAGS.embedding_learning_rate,
+      "ctr_loss_weight": FLAGS.ctr_loss_weight, "ctcvr_loss_weight": FLAGS.ctcvr_loss_weight,
+      "cvr_loss_weight": FLAGS.cvr_loss_weight,
+  }
+
+
+def main(argv):
+  del argv
+  if not FLAGS.transform_dir or not FLAGS.model_dir:
+    print("error: --transform_dir and --model_dir are required", file=sys.stderr)
+    return 2
+  try:
+    tft_output = I.load_transform_output(FLAGS.transform_dir)
+    params = params_from_flags(tft_output)
+    out = E.train_and_evaluate(FLAGS.transform_dir, FLAGS.model_dir, params, FLAGS.batch_size,
+                             FLAGS.num_epochs, FLAGS.train_steps, FLAGS.eval_steps, FLAGS.seed,
+                             FLAGS.save_checkpoints_steps, FLAGS.export)
+  except (I.IncompleteTransformOutput, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for k in sorted(out["metrics"]):
+    print(f"{k:28s} {out['metrics'][k]:.5f}")
+  if "saved_model" in out:
+    print(f"saved_model: {out['saved_model']}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Beam jobs: raw logs -> parsed, joined, validated rows -> TFT -> TFRecords."""

@@ -1,0 +1,195 @@
+"""Beam + TensorFlow Transform job: raw logs -> hashed gzip TFRecords + transform_fn.
+
+  python -m pipeline.preprocess --format=aliccp --input_dir=RAW --output_dir=OUT \
+      [--max_hash_buckets=N] [Beam options: --runner=... --direct_num_workers=2 ...]
+
+Reads the train and test splits (``sample_skeleton_{train,test}.csv`` and
+``common_features_{train,test}.csv`` under --input_dir, or explicit file patterns), joins
+them on common_feature_index, hashes every categorical field with the TFT
+``preprocessing_fn`` and writes:
+
+  OUT/train/part-*.tfrecord.gz, OUT/eval/part-*.tfrecord.gz   transformed tf.Examples
+  OUT/transform_fn/, OUT/transformed_metadata/                the TFT graph and schema
+  OUT/dead_letter/{train,eval}-*.jsonl                        rows set aside, with reasons
+  OUT/reconciliation.json                                     written last: marks the output complete
+
+Any flag this module does not define is handed to Beam untouched, so the same job runs
+on DirectRunner, Dataflow, Flink or Spark.
+"""
+
+import json
+import os
+import sys
+import tempfile
+from typing import Dict, List
+
+import apache_beam as beam
+import tensorflow as tf
+import tensorflow_transform as tft
+import tensorflow_transform.beam as tft_beam
+from absl import app, flags, logging
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.sources import aliccp
+from pipeline.sources.deadletter import DEAD
+from preprocessing import features as F
+from preprocessing import transform as T
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("format", "aliccp", sorted(F.FORMATS), "Raw input format.")
+flags.DEFINE_string("input_dir", None, "Directory with the raw files under their release names.")
+flags.DEFINE_string("train_skeleton", None, "File pattern of train skeleton rows (overrides --input_dir).")
+flags.DEFINE_string("train_common", None, "File pattern of train common-features rows.")
+flags.DEFINE_string("eval_skeleton", None, "File pattern of eval skeleton rows.")
+flags.DEFINE_string("eval_common", None, "File pattern of eval common-features rows.")
+flags.DEFINE_string("output_dir", None, "Where to write TFRecords, transform_fn and dead letters.")
+flags.DEFINE_integer("max_hash_buckets", 0,
+                     "Cap on every field's hash bucket count (0: the schema's sizes for the full data).")
+flags.DEFINE_integer("num_shards", 0, "TFRecord shards per split (0: let the runner decide).")
+flags.DEFINE_boolean("overwrite", False, "Delete an existing --output_dir first.")
+flags.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
+
+RECONCILIATION = "reconciliation.json"
+SPLITS = (("train", "train"), ("eval", "test"))   # (output split, release file suffix)
+
+
+class UsageError(Exception):
+  """A mistake in how the job was called; printed without a traceback."""
+
+
+def _input_patterns(input_dir, overrides: Dict[str, str]) -> Dict[str, Dict[str, str]]:
+  patterns = {}
+  for split, suffix in SPLITS:
+    patterns[split] = {}
+    for kind, release in (("skeleton", "sample_skeleton"), ("common", "common_features")):
+      pattern = overrides.get(f"{split}_{kind}")
+      if not pattern:
+        if not input_dir:
+          raise UsageError(f"give --input_dir or --{split}_{kind}")
+        pattern = os.path.join(input_dir, f"{release}_{suffix}.csv")
+      if not tf.io.gfile.glob(pattern):
+        raise UsageError(f"no file matches --{split}_{kind}={pattern}")
+      patterns[split][kind] = pattern
+  return patterns
+
+
+def _counters(result) -> Dict[str, int]:
+  """Committed counter values summed over steps, keyed 'namespace/name'."""
+  out: Dict[str, int] = {}
+  for c in result.metrics().query(MetricsFilter())["counters"]:
+    value = c.committed if c.committed is not None else c.attempted
+    key = f"{c.key.metric.namespace}/{c.key.metric.name}"
+    out[key] = out.get(key, 0) + int(value or 0)
+  return out
+
+
+def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_dir: str,
+                   max_hash_buckets: int, num_shards: int) -> None:
+  """Adds the whole job to pipeline ``p``."""
+  if fmt != "aliccp":
+    raise UsageError(f"format {fmt} has no reader yet")
+  raw_md = T.raw_metadata(fmt)
+  preprocessing_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None)
+  with tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
+    read = {split: p | f"Read_{split}" >> aliccp.ReadAliCCP(split, pat["skeleton"], pat["common"])
+            for split, pat in patterns.items()}
+    (train_data, train_md), transform_fn = (
+        (read["train"]["rows"], raw_md) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+            preprocessing_fn, output_record_batches=False))
+    eval_data, _ = (((read["eval"]["rows"], raw_md), transform_fn)
+                    | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=False))
+    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
+    coder = tft.coders.ExampleProtoCoder(train_md.schema)
+    for split, data in (("train", train_data), ("eval", eval_data)):
+      written = beam.metrics.Metrics.counter(f"{fmt}/{split}", "rows_written")
+
+      def encode(instance, _written=written):
+        _written.inc()
+        return coder.encode(instance)
+
+      _ = (data
+           | f"Encode_{split}" >> beam.Map(encode)
+           | f"Write_{split}" >> beam.io.WriteToTFRecord(
+               os.path.join(output_dir, split, "part"), file_name_suffix=".tfrecord.gz",
+               num_shards=num_shards, compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+      _ = (read[split][DEAD]
+           | f"WriteDeadLetters_{split}" >> beam.io.WriteToText(
+               os.path.join(output_dir, "dead_letter", split), file_name_suffix=".jsonl"))
+
+
+def format_reconciliation(rec: Dict[str, dict]) -> str:
+  lines = ["reconciliation (every input row is written or set aside with a reason):"]
+  for split, r in rec.items():
+    dead = r["skeleton_rows_set_aside"]
+    lines.append(f"  {split}: skeleton rows read {r['skeleton_rows_read']:,} = written "
+                 f"{r['rows_written']:,} + set aside {sum(dead.values()):,}"
+                 f"  [{'OK' if r['skeleton_balanced'] else 'MISMATCH'}]")
+    for reason, n in sorted(dead.items()):
+      lines.append(f"      {reason}: {n:,}")
+    cdead = r["common_rows_set_aside"]
+    lines.append(f"    common rows read {r['common_rows_read']:,} = used {r['common_rows_used']:,}"
+                 f" + unused {r['common_rows_unused']:,} + set aside {sum(cdead.values()):,}"
+                 f"  [{'OK' if r['common_balanced'] else 'MISMATCH'}]")
+    for reason, n in sorted(cdead.items()):
+      lines.append(f"      {reason}: {n:,}")
+    if r["unknown_field_items_skipped"]:
+      lines.append(f"    feature items of unknown fields skipped: {r['unknown_field_items_skipped']:,}")
+  return "\n".join(lines)
+
+
+def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buckets: int = 0,
+        num_shards: int = 0, overwrite: bool = False, temp_dir: str = None) -> Dict[str, dict]:
+  """Runs the job to completion; returns the reconciliation per split."""
+  if tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir):
+    if not overwrite:
+      raise UsageError(f"--output_dir={output_dir} is not empty; pass --overwrite to replace it")
+    tf.io.gfile.rmtree(output_dir)
+  tf.io.gfile.makedirs(output_dir)
+  own_temp = temp_dir is None
+  temp_dir = temp_dir or os.path.join(output_dir, "tmp")
+  options = PipelineOptions(beam_args, save_main_session=False)
+  p = beam.Pipeline(options=options)
+  build_pipeline(p, fmt, patterns, output_dir, temp_dir, max_hash_buckets, num_shards)
+  result = p.run()
+  result.wait_until_finish()
+  counters = _counters(result)
+  rec = {split: aliccp.reconcile(counters, split) for split, _ in SPLITS}
+  rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
+             "splits": rec}
+  if own_temp and tf.io.gfile.exists(temp_dir):
+    tf.io.gfile.rmtree(temp_dir)
+  if not all(r["skeleton_balanced"] and r["common_balanced"] for r in rec.values()):
+    raise RuntimeError("row counts do not reconcile; output left incomplete:\n"
+                       + format_reconciliation(rec))
+  # Written last: its presence marks the output as complete for the trainer.
+  with tf.io.gfile.GFile(os.path.join(output_dir, RECONCILIATION), "w") as f:
+    json.dump(rec_all, f, indent=2, sort_keys=True)
+  return rec
+
+
+def main(argv):
+  beam_args = argv[1:]
+  try:
+    if not FLAGS.output_dir:
+      raise UsageError("--output_dir is required")
+    overrides = {k: getattr(FLAGS, k) for k in
+                 ("train_skeleton", "train_common", "eval_skeleton", "eval_common")}
+    patterns = _input_patterns(FLAGS.input_dir, overrides)
+    rec = run(FLAGS.format, patterns, FLAGS.output_dir, beam_args, FLAGS.max_hash_buckets,
+              FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_reconciliation(rec))
+  print(f"output: {FLAGS.output_dir}")
+  return 0
+
+
+def parse_flags(argv):
+  """absl flags of this module; everything else is left for Beam."""
+  return FLAGS(argv, known_only=True)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,270 @@
+"""Reader for the raw Ali-CCP release: skeleton + common-features CSV pairs.
+
+Layout (shared/docs/data-formats.md):
+  skeleton: sample_id,click,conversion,common_feature_index,feature_num,feature_list
+  common:   common_feature_index,feature_num,feature_list
+  feature_list: items separated by \\x01; item = field_id \\x02 feature_id \\x03 value
+
+The parse functions are pure and raise BadRecord with a stable reason; the Beam
+transforms route those rows to a dead-letter output and count every row:
+rows read = rows joined + rows set aside (per reason).
+"""
+
+import math
+from typing import Dict, Iterable, List, Mapping, Tuple
+
+import apache_beam as beam
+
+from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line
+from preprocessing import features as F
+
+FMT = "aliccp"
+ITEM_SEP = "\x01"
+FIELD_SEP = "\x02"
+VALUE_SEP = "\x03"
+
+# Reasons a row is set aside (stable identifiers, used in counters and dead letters).
+NOT_UTF8 = "not_utf8"
+WRONG_COLUMN_COUNT = "wrong_column_count"
+BAD_SAMPLE_ID = "bad_sample_id"
+BAD_LABEL = "bad_label"
+BAD_COMMON_FEATURE_INDEX = "bad_common_feature_index"
+BAD_FEATURE_NUM = "bad_feature_num"
+FEATURE_NUM_MISMATCH = "feature_num_mismatch"
+BAD_FEATURE_ITEM = "bad_feature_item"
+BAD_WEIGHT = "bad_weight"
+CONVERSION_WITHOUT_CLICK = "conversion_without_click"
+UNKNOWN_COMMON_FEATURE_INDEX = "unknown_common_feature_index"
+DUPLICATE_COMMON_FEATURE_INDEX = "duplicate_common_feature_index"
+
+# Features of one row: field name -> (feature ids, weights).
+Features = Dict[str, Tuple[List[int], List[float]]]
+
+
+def _is_uint(text: str) -> bool:
+  return text.isascii() and text.isdigit()
+
+
+def parse_feature_list(text: str, feature_num: int, known_fields) -> Tuple[Features, int]:
+  """Parses a \\x01\\x02\\x03 feature list; returns (features, number of unknown-field items).
+
+  Items of fields not in ``known_fields`` are counted and skipped; every value of a
+  repeated field is kept in order with its weight.
+  """
+  items = text.split(ITEM_SEP) if text else []
+  if len(items) != feature_num:
+    raise BadRecord(FEATURE_NUM_MISMATCH, f"feature_num={feature_num} but the list has {len(items)} items")
+  out: Features = {}
+  unknown = 0
+  for item in items:
+    field, sep, rest = item.partition(FIELD_SEP)
+    feature_id, sep2, value = rest.partition(VALUE_SEP)
+    if not sep or not sep2 or not field:
+      raise BadRecord(BAD_FEATURE_ITEM, f"item {item[:80]!r} is not field\\x02id\\x03value")
+    if not _is_uint(feature_id) or len(feature_id) > 18:
+      raise BadRecord(BAD_FEATURE_ITEM, f"feature id {feature_id[:40]!r} of field {field[:20]!r} is not a non-negative integer")
+    try:
+      weight = float(value)
+    except ValueError:
+      raise BadRecord(BAD_FEATURE_ITEM, f"value {value[:40]!r} of field {field[:20]!r} is not a number") from None
+    if not math.isfinite(weight) or weight < 0:
+      raise BadRecord(BAD_WEIGHT, f"weight {value[:40]!r} of field {field[:20]!r} is not a finite non-negative number")
+    if field not in known_fields:
+      unknown += 1
+      continue
+    ids, weights = out.setdefault(field, ([], []))
+    ids.append(int(feature_id))
+    weights.append(weight)
+  return out, unknown
+
+
+def _parse_feature_num(text: str) -> int:
+  if not _is_uint(text):
+    raise BadRecord(BAD_FEATURE_NUM, f"feature_num {text[:40]!r} is not a non-negative integer")
+  return int(text)
+
+
+def _parse_index(text: str) -> str:
+  if not text or not text.isascii() or not text.isalnum():
+    raise BadRecord(BAD_COMMON_FEATURE_INDEX, f"common_feature_index {text[:40]!r} is empty or not alphanumeric")
+  return text
+
+
+def parse_skeleton_line(line, known_fields) -> Tuple[dict, int]:
+  """One skeleton row -> ({sample_id, click, conversion, index, features}, unknown items)."""
+  line = decode_line(line)
+  parts = line.split(",", 5)
+  if len(parts) != 6:
+    raise BadRecord(WRONG_COLUMN_COUNT, f"expected 6 comma-separated columns, got {len(parts)}")
+  sample_id, click, conversion, index, feature_num, feature_list = parts
+  if not _is_uint(sample_id) or len(sample_id) > 18:
+    raise BadRecord(BAD_SAMPLE_ID, f"sample_id {sample_id[:40]!r} is not a non-negative integer")
+  if click not in ("0", "1") or conversion not in ("0", "1"):
+    raise BadRecord(BAD_LABEL, f"click={click[:10]!r} conversion={conversion[:10]!r}; both must be 0 or 1")
+  index = _parse_index(index)
+  features, unknown = parse_feature_list(feature_list, _parse_feature_num(feature_num), known_fields)
+  if click == "0" and conversion == "1":
+    raise BadRecord(CONVERSION_WITHOUT_CLICK, "click=0 but conversion=1 is impossible in the funnel")
+  row = {"sample_id": int(sample_id), "click": int(click), "conversion": int(conversion),
+         "index": index, "features": features}
+  return row, unknown
+
+
+def parse_common_line(line, known_fields) -> Tuple[dict, int]:
+  """One common-features row -> ({index, features}, unknown items)."""
+  line = decode_line(line)
+  parts = line.split(",", 2)
+  if len(parts) != 3:
+    raise BadRecord(WRONG_COLUMN_COUNT, f"expected 3 comma-separated columns, got {len(parts)}")
+  index, feature_num, feature_list = parts
+  index = _parse_index(index)
+  features, unknown = parse_feature_list(feature_list, _parse_feature_num(feature_num), known_fields)
+  return {"index": index, "features": features}, unknown
+
+
+def to_raw_instance(skeleton: Mapping, common_features: Features, schema=None) -> dict:
+  """A joined row as the raw instance dict that the TFT preprocessing_fn reads.
+
+  User-side values from the common row come first, then the skeleton's own; a field
+  missing from both becomes an empty list.
+  """
+  schema = schema or F.fields(FMT)
+  instance = {F.SAMPLE_ID: skeleton["sample_id"], F.CLICK: skeleton["click"],
+              F.CONVERSION: skeleton["conversion"]}
+  own = skeleton["features"]
+  for field in schema:
+    ids: List[int] = []
+    weights: List[float] = []
+    for source in (common_features, own):
+      got = source.get(field.name)
+      if got:
+        ids.extend(got[0])
+        weights.extend(got[1])
+    instance[field.raw_ids] = ids
+    if field.weighted:
+      instance[field.raw_weights] = weights
+  return instance
+
+
+class _ParseFn(beam.DoFn):
+  """Parses raw lines; good rows keyed by common_feature_index, bad rows to DEAD."""
+
+  def __init__(self, split: str, source: str):
+    self._split = split
+    self._source = source
+    self._known = frozenset(f.name for f in F.fields(FMT))
+    self._parse = parse_skeleton_line if source == "skeleton" else parse_common_line
+    ns = f"{FMT}/{split}"
+    self._read = counter(ns, f"{source}_rows_read")
+    self._unknown = counter(ns, f"{source}_unknown_field_items_skipped")
+    self._ns = ns
+
+  def process(self, line):
+    self._read.inc()
+    try:
+      row, unknown = self._parse(line, self._known)
+    except BadRecord as e:
+      counter(self._ns, f"{self._source}_dead/{e.reason}").inc()
+      yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._split, self._source, e.reason, e.detail, line=line))
+      return
+    if unknown:
+      self._unknown.inc(unknown)
+    yield row["index"], row
+
+
+class _JoinFn(beam.DoFn):
+  """Joins the skeleton rows of one common_feature_index with its common row."""
+
+  def __init__(self, split: str):
+    self._split = split
+    self._ns = f"{FMT}/{split}"
+    self._schema = F.fields(FMT)
+    self._joined = counter(self._ns, "skeleton_rows_joined")
+    self._unused = counter(self._ns, "common_rows_unused")
+    self._used = counter(self._ns, "common_rows_used")
+
+  def process(self, element):
+    index, grouped = element
+    skeletons = grouped["skeleton"]
+    commons = list(grouped["common"])
+    if len(commons) > 1:
+      # An index must name one user-side context; keep none rather than guess.
+      reason = DUPLICATE_COMMON_FEATURE_INDEX
+      detail = f"{len(commons)} common-features rows share this index"
+      for _ in commons:
+        counter(self._ns, f"common_dead/{reason}").inc()
+        yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
+            self._split, "common", reason, detail, common_feature_index=index))
+      commons = []
+    elif not commons:
+      reason, detail = UNKNOWN_COMMON_FEATURE_INDEX, "no common-features row has this index"
+    n = 0
+    for skeleton in skeletons:
+      n += 1
+      if not commons:
+        counter(self._ns, f"skeleton_dead/{reason}").inc()
+        yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
+            self._split, "skeleton", reason, detail,
+            sample_id=skeleton["sample_id"], common_feature_index=index))
+        continue
+      self._joined.inc()
+      yield to_raw_instance(skeleton, commons[0]["features"], self._schema)
+    if commons:
+      (self._used if n else self._unused).inc()
+
+
+class ReadAliCCP(beam.PTransform):
+  """Reads, parses, validates and joins one Ali-CCP split.
+
+  Returns a dict with ``rows`` (raw instance dicts) and ``dead_letter`` (JSON lines).
+  The join is a CoGroupByKey on common_feature_index, so neither file has to fit in
+  memory and their orders do not matter.
+  """
+
+  def __init__(self, split: str, skeleton_pattern: str, common_pattern: str):
+    super().__init__()
+    self._split = split
+    self._skeleton = skeleton_pattern
+    self._common = common_pattern
+
+  def expand(self, pbegin):
+    read = lambda name, pattern: (
+        pbegin | f"Read{name}" >> beam.io.ReadFromText(pattern, coder=beam.coders.BytesCoder()))
+    skeleton = (read("Skeleton", self._skeleton)
+                | "ParseSkeleton" >> beam.ParDo(_ParseFn(self._split, "skeleton")).with_outputs(DEAD, main="rows"))
+    common = (read("Common", self._common)
+              | "ParseCommon" >> beam.ParDo(_ParseFn(self._split, "common")).with_outputs(DEAD, main="rows"))
+    joined = ({"skeleton": skeleton.rows, "common": common.rows}
+              | "GroupByIndex" >> beam.CoGroupByKey()
+              | "Join" >> beam.ParDo(_JoinFn(self._split)).with_outputs(DEAD, main="rows"))
+    dead = ((skeleton[DEAD], common[DEAD], joined[DEAD])
+            | "FlattenDeadLetters" >> beam.Flatten())
+    return {"rows": joined.rows, DEAD: dead}
+
+
+def reconcile(counters: Mapping[str, int], split: str) -> dict:
+  """Reconciliation of one split from the job's counters (names as set above).
+
+  ``written`` is the number of TFRecord examples written for the split.
+  """
+  ns = f"{FMT}/{split}/"
+  get = lambda name: int(counters.get(ns + name, 0))
+  per_reason = lambda source: {k[len(ns + source + "_dead/"):]: int(v) for k, v in counters.items()
+                               if k.startswith(ns + source + "_dead/")}
+  skeleton_dead = per_reason("skeleton")
+  common_dead = per_reason("common")
+  out = {
+      "skeleton_rows_read": get("skeleton_rows_read"),
+      "rows_written": get("rows_written"),
+      "skeleton_rows_set_aside": skeleton_dead,
+      "common_rows_read": get("common_rows_read"),
+      "common_rows_used": get("common_rows_used"),
+      "common_rows_unused": get("common_rows_unused"),
+      "common_rows_set_aside": common_dead,
+      "unknown_field_items_skipped": get("skeleton_unknown_field_items_skipped")
+                                     + get("common_unknown_field_items_skipped"),
+  }
+  out["skeleton_balanced"] = out["skeleton_rows_read"] == out["rows_written"] + sum(skeleton_dead.values())
+  out["common_balanced"] = out["common_rows_read"] == (
+      out["common_rows_used"] + out["common_rows_unused"] + sum(common_dead.values()))
+  return out
