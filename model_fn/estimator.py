@@ -57,6 +57,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
                        do_export: bool = True) -> Dict[str, Any]:
   """Trains to the step budget (resuming), evaluates, exports. Returns metrics and export path."""
   tft_output = I.load_transform_output(transform_dir)
+  params = esmm.resolve_params(params)
   save_params(model_dir, params)
   if train_steps <= 0:
     train_steps = max(1, math.ceil(num_epochs * I.split_rows(transform_dir, "train") / batch_size))

@@ -15,11 +15,15 @@ from absl import app, flags
 from model_fn.evaluation import evaluate, format_table
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("transform_dir", None, "Output dir of pipeline.preprocess (its eval split is scored).")
-flags.DEFINE_list("models", None, "NAME:MODEL_DIR pairs to evaluate, e.g. esmm:/m/esmm,base:/m/base.")
-flags.DEFINE_string("ground_truth", None, "ground_truth_test.csv of pipeline.synthetic (optional).")
-flags.DEFINE_string("output", None, "Write the report as JSON here (optional).")
-flags.DEFINE_integer("batch_size", 4096, "Prediction batch size.")
+
+
+def define_flags():
+  """The command-line flags (only when run as a program, so the module imports as a library)."""
+  flags.DEFINE_string("transform_dir", None, "Output dir of pipeline.preprocess (its eval split is scored).")
+  flags.DEFINE_list("models", None, "NAME:MODEL_DIR pairs to evaluate, e.g. esmm:/m/esmm,base:/m/base.")
+  flags.DEFINE_string("ground_truth", None, "ground_truth_test.csv of pipeline.synthetic (optional).")
+  flags.DEFINE_string("output", None, "Write the report as JSON here (optional).")
+  flags.DEFINE_integer("batch_size", 4096, "Prediction batch size.")
 
 
 def main(argv):
@@ -43,4 +47,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

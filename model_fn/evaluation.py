@@ -86,11 +86,11 @@ def evaluate(models: List[Tuple[str, str]], transform_dir: str, ground_truth: Op
   for name, model_dir in models:
     p = predict(model_dir, transform_dir, batch_size)
     truth = align_truth(p["sample_id"], truth_all) if truth_all else None
-    report[name] = score(p["click"], p["conversion"], p["ctr"], p["cvr"], truth)
+    report[name] = score(p["label_click"], p["label_conversion"], p["ctr"], p["cvr"], truth)
     report[name]["model_dir"] = model_dir
   if truth_all is not None:
     # The ceiling: the true probabilities scored the same way.
-    report["oracle"] = score(p["click"], p["conversion"], truth["true_pctr"], truth["true_pcvr"], truth)
+    report["oracle"] = score(p["label_click"], p["label_conversion"], truth["true_pctr"], truth["true_pcvr"], truth)
   return report
 
 

@@ -15,7 +15,10 @@ import tensorflow as tf
 
 from model_fn import export, losses, metrics
 
-PASSTHROUGH = ("sample_id", "click", "conversion", "ctcvr")
+# Features copied into the predictions when present (prediction on the eval split);
+# labels get a prefix so that they never collide with a head of the same name.
+PASSTHROUGH = {"sample_id": "sample_id", "click": "label_click",
+               "conversion": "label_conversion", "ctcvr": "label_ctcvr"}
 EMBEDDING_COLLECTION = "esmm_embedding_tables"
 
 
@@ -86,9 +89,9 @@ def estimator_spec(features, labels, mode, params, ctr_logit, cvr_logit) -> tf.e
   heads = heads_from_logits(ctr_logit, cvr_logit)
   if mode == tf.estimator.ModeKeys.PREDICT:
     predictions = {k: heads[k] for k in ("ctr", "cvr", "ctcvr", "ctr_logit", "cvr_logit")}
-    for key in PASSTHROUGH:
+    for key, name in PASSTHROUGH.items():
       if key in features:
-        predictions[key] = features[key]
+        predictions[name] = features[key]
     return tf.estimator.EstimatorSpec(mode, predictions=predictions,
                                       export_outputs=export.export_outputs(predictions))
   per_example = per_example_losses(labels, ctr_logit, cvr_logit)

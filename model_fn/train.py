@@ -20,28 +20,32 @@ from model_fn import input_fn as I
 from preprocessing import transform as T
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("transform_dir", None, "Output dir of pipeline.preprocess.")
-flags.DEFINE_string("model_dir", None, "Checkpoints, eval summaries and exports go here.")
-flags.DEFINE_enum("model", "esmm", list(esmm.MODELS), "esmm (the paper's) or base (CVR on clicks only).")
-flags.DEFINE_string("share_embeddings", "default", "true|false|default (esmm: true, base: false).")
-flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
-flags.DEFINE_float("num_epochs", 1.0, "Passes over the train split (ignored if --train_steps > 0).")
-flags.DEFINE_integer("train_steps", 0, "Total training steps (0: derived from --num_epochs).")
-flags.DEFINE_integer("eval_steps", 0, "Eval batches (0: the whole eval split).")
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the dense layers.")
-flags.DEFINE_float("embedding_learning_rate", 0.05, "Learning rate of the embedding optimizer.")
-flags.DEFINE_enum("embedding_optimizer", "adagrad", ["adagrad", "adam", "ftrl", "sgd"],
-                  "Optimizer of the embedding tables (adagrad updates only the rows in the batch).")
-flags.DEFINE_integer("embedding_dim", 18, "Embedding size per field.")
-flags.DEFINE_list("ctr_hidden_units", ["360", "200", "80"], "CTR tower layer sizes.")
-flags.DEFINE_list("cvr_hidden_units", ["360", "200", "80"], "CVR tower layer sizes.")
-flags.DEFINE_float("dropout", 0.0, "Dropout rate in the towers.")
-flags.DEFINE_float("ctr_loss_weight", 1.0, "Weight of the CTR log loss.")
-flags.DEFINE_float("ctcvr_loss_weight", 1.0, "Weight of the CTCVR log loss (esmm).")
-flags.DEFINE_float("cvr_loss_weight", 1.0, "Weight of the clicked-only CVR log loss (base).")
-flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps.")
-flags.DEFINE_integer("seed", 42, "Graph-level random seed.")
-flags.DEFINE_boolean("export", True, "Export a SavedModel at the end.")
+
+
+def define_flags():
+  """The command-line flags (only when run as a program, so the module imports as a library)."""
+  flags.DEFINE_string("transform_dir", None, "Output dir of pipeline.preprocess.")
+  flags.DEFINE_string("model_dir", None, "Checkpoints, eval summaries and exports go here.")
+  flags.DEFINE_enum("model", "esmm", list(esmm.MODELS), "esmm (the paper's) or base (CVR on clicks only).")
+  flags.DEFINE_string("share_embeddings", "default", "true|false|default (esmm: true, base: false).")
+  flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
+  flags.DEFINE_float("num_epochs", 1.0, "Passes over the train split (ignored if --train_steps > 0).")
+  flags.DEFINE_integer("train_steps", 0, "Total training steps (0: derived from --num_epochs).")
+  flags.DEFINE_integer("eval_steps", 0, "Eval batches (0: the whole eval split).")
+  flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the dense layers.")
+  flags.DEFINE_float("embedding_learning_rate", 0.05, "Learning rate of the embedding optimizer.")
+  flags.DEFINE_enum("embedding_optimizer", "adagrad", ["adagrad", "adam", "ftrl", "sgd"],
+                    "Optimizer of the embedding tables (adagrad updates only the rows in the batch).")
+  flags.DEFINE_integer("embedding_dim", 18, "Embedding size per field.")
+  flags.DEFINE_list("ctr_hidden_units", ["360", "200", "80"], "CTR tower layer sizes.")
+  flags.DEFINE_list("cvr_hidden_units", ["360", "200", "80"], "CVR tower layer sizes.")
+  flags.DEFINE_float("dropout", 0.0, "Dropout rate in the towers.")
+  flags.DEFINE_float("ctr_loss_weight", 1.0, "Weight of the CTR log loss.")
+  flags.DEFINE_float("ctcvr_loss_weight", 1.0, "Weight of the CTCVR log loss (esmm).")
+  flags.DEFINE_float("cvr_loss_weight", 1.0, "Weight of the clicked-only CVR log loss (base).")
+  flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps.")
+  flags.DEFINE_integer("seed", 42, "Graph-level random seed.")
+  flags.DEFINE_boolean("export", True, "Export a SavedModel at the end.")
 
 def params_from_flags(tft_output) -> Dict[str, Any]:
   share = {"default": None, "true": True, "false": False}[FLAGS.share_embeddings.lower()]
@@ -82,4 +86,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -37,18 +37,22 @@ from preprocessing import features as F
 from preprocessing import transform as T
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("format", "aliccp", sorted(F.FORMATS), "Raw input format.")
-flags.DEFINE_string("input_dir", None, "Directory with the raw files under their release names.")
-flags.DEFINE_string("train_skeleton", None, "File pattern of train skeleton rows (overrides --input_dir).")
-flags.DEFINE_string("train_common", None, "File pattern of train common-features rows.")
-flags.DEFINE_string("eval_skeleton", None, "File pattern of eval skeleton rows.")
-flags.DEFINE_string("eval_common", None, "File pattern of eval common-features rows.")
-flags.DEFINE_string("output_dir", None, "Where to write TFRecords, transform_fn and dead letters.")
-flags.DEFINE_integer("max_hash_buckets", 0,
-                     "Cap on every field's hash bucket count (0: the schema's sizes for the full data).")
-flags.DEFINE_integer("num_shards", 0, "TFRecord shards per split (0: let the runner decide).")
-flags.DEFINE_boolean("overwrite", False, "Delete an existing --output_dir first.")
-flags.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
+
+
+def define_flags():
+  """The command-line flags (only when run as a program, so the module imports as a library)."""
+  flags.DEFINE_enum("format", "aliccp", sorted(F.FORMATS), "Raw input format.")
+  flags.DEFINE_string("input_dir", None, "Directory with the raw files under their release names.")
+  flags.DEFINE_string("train_skeleton", None, "File pattern of train skeleton rows (overrides --input_dir).")
+  flags.DEFINE_string("train_common", None, "File pattern of train common-features rows.")
+  flags.DEFINE_string("eval_skeleton", None, "File pattern of eval skeleton rows.")
+  flags.DEFINE_string("eval_common", None, "File pattern of eval common-features rows.")
+  flags.DEFINE_string("output_dir", None, "Where to write TFRecords, transform_fn and dead letters.")
+  flags.DEFINE_integer("max_hash_buckets", 0,
+                       "Cap on every field's hash bucket count (0: the schema's sizes for the full data).")
+  flags.DEFINE_integer("num_shards", 0, "TFRecord shards per split (0: let the runner decide).")
+  flags.DEFINE_boolean("overwrite", False, "Delete an existing --output_dir first.")
+  flags.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
 
 RECONCILIATION = "reconciliation.json"
 SPLITS = (("train", "train"), ("eval", "test"))   # (output split, release file suffix)
@@ -192,4 +196,5 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -32,17 +32,21 @@ from absl import app, flags, logging
 from preprocessing import features as F
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("output_dir", "/tmp/esmm/raw", "Where to write the CSV files.")
-flags.DEFINE_integer("num_train", 150_000, "Impressions in the train split.")
-flags.DEFINE_integer("num_test", 75_000, "Impressions in the test split.")
-flags.DEFINE_integer("num_users", 20_000, "Distinct users.")
-flags.DEFINE_integer("num_items", 30_000, "Distinct items.")
-flags.DEFINE_float("impressions_per_common", 20.0,
-                   "Mean impressions per common-features row (the public release has ~58).")
-flags.DEFINE_float("ctr", 0.04, "Target mean click-through rate.")
-flags.DEFINE_float("cvr", 0.05, "Target mean post-click conversion rate over all impressions.")
-flags.DEFINE_integer("anomalies", 5, "click=0,conversion=1 rows injected per split.")
-flags.DEFINE_integer("seed", 2018, "Random seed; the output is a pure function of the flags.")
+
+
+def define_flags():
+  """The command-line flags (only when run as a program, so the module imports as a library)."""
+  flags.DEFINE_string("output_dir", "/tmp/esmm/raw", "Where to write the CSV files.")
+  flags.DEFINE_integer("num_train", 150_000, "Impressions in the train split.")
+  flags.DEFINE_integer("num_test", 75_000, "Impressions in the test split.")
+  flags.DEFINE_integer("num_users", 20_000, "Distinct users.")
+  flags.DEFINE_integer("num_items", 30_000, "Distinct items.")
+  flags.DEFINE_float("impressions_per_common", 20.0,
+                     "Mean impressions per common-features row (the public release has ~58).")
+  flags.DEFINE_float("ctr", 0.04, "Target mean click-through rate.")
+  flags.DEFINE_float("cvr", 0.05, "Target mean post-click conversion rate over all impressions.")
+  flags.DEFINE_integer("anomalies", 5, "click=0,conversion=1 rows injected per split.")
+  flags.DEFINE_integer("seed", 2018, "Random seed; the output is a pure function of the flags.")
 
 DIM = 8
 N_CAT, N_SHOP_PER_CAT, N_BRAND, N_NODE = 200, 10, 1000, 500
@@ -88,7 +92,9 @@ class World:
     cat_vec = r.normal(size=(N_CAT, DIM))
     cat_pop = 1.0 / np.arange(1, N_CAT + 1) ** 0.8
     cat_pop /= cat_pop.sum()
-    brand_tier = r.integers(0, 3, N_BRAND)                 # price level of a brand
+    cat_tier = r.integers(0, 3, N_CAT)                     # price level of a category
+    cat_quality = r.normal(size=N_CAT)                     # how well a category converts
+    cat_attract = r.normal(size=N_CAT)                     # how well a category draws clicks
     brand_quality = r.normal(size=N_BRAND)
     shop_quality = r.normal(size=N_SHOP)
 
@@ -99,13 +105,16 @@ class World:
     n_nodes = r.integers(1, 4, num_items)
     self.item_nodes = [np.unique((2 * c + r.integers(0, 6, k)) % N_NODE)
                        for c, k in zip(self.item_cat, n_nodes)]
-    self.item_tier = brand_tier[self.item_brand]
+    self.item_tier = np.clip(cat_tier[self.item_cat] + (r.random(num_items) < 0.2), 0, 2)
     look = cat_vec[self.item_cat] + 0.5 * r.normal(size=(num_items, DIM))
     self.item_look = look
     self.item_fit = RHO * look + np.sqrt(1 - RHO ** 2) * r.normal(size=(num_items, DIM))
-    self.item_attract = 0.6 * r.normal(size=num_items)
-    self.item_quality = (0.7 * brand_quality[self.item_brand] + 0.5 * shop_quality[self.item_shop]
-                         + 0.4 * r.normal(size=num_items) - 0.3 * self.item_attract)
+    # Effects sit partly on attributes seen often (category, price tier) and partly on
+    # rarely seen ones (item, brand, shop), as in real logs.
+    self.item_attract = 0.5 * cat_attract[self.item_cat] + 0.4 * r.normal(size=num_items)
+    self.item_quality = (0.8 * cat_quality[self.item_cat] + 0.4 * brand_quality[self.item_brand]
+                         + 0.3 * shop_quality[self.item_shop] + 0.3 * r.normal(size=num_items)
+                         - 0.3 * self.item_attract)
 
     # Users: profile, tastes and 14-day behaviour.
     self.gender = r.integers(0, 2, num_users)
@@ -225,7 +234,8 @@ def _cross_items(world: World, u: int, i: int) -> List[str]:
 
 
 def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str,
-                num_impressions: int, per_common: float, anomalies: int) -> dict:
+                num_impressions: int, per_common: float, anomalies: int,
+                ctr: float, cvr: float) -> dict:
   """Writes one split's three files; returns summary counts."""
   # Sessions (common rows): a user in a context, several impressions each.
   sizes = []
@@ -247,8 +257,8 @@ def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str
   positions = np.concatenate([rng.permutation(s) % 10 for s in sizes])
   click_logit, cvr_logit = world.logits(users, items, positions)
   if world.b_click is None:   # calibrate once, on the first split written
-    world.b_click = _solve_bias(click_logit, FLAGS_ctr[0])
-    world.b_cvr = _solve_bias(cvr_logit, FLAGS_cvr[0])
+    world.b_click = _solve_bias(click_logit, ctr)
+    world.b_cvr = _solve_bias(cvr_logit, cvr)
   p_ctr = 1 / (1 + np.exp(-(click_logit + world.b_click)))
   p_cvr = 1 / (1 + np.exp(-(cvr_logit + world.b_cvr)))
   click = (rng.random(num_impressions) < p_ctr).astype(int)
@@ -294,19 +304,13 @@ def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str
   return summary
 
 
-# Target rates, set from the flags (or generate()'s arguments) before writing.
-FLAGS_ctr = [0.04]
-FLAGS_cvr = [0.05]
-
-
 def generate(output_dir: str, num_train: int, num_test: int, num_users: int = 20_000,
              num_items: int = 30_000, impressions_per_common: float = 20.0, ctr: float = 0.04,
              cvr: float = 0.05, anomalies: int = 5, seed: int = 2018) -> List[dict]:
   """Writes the train and test splits; a pure function of its arguments."""
-  FLAGS_ctr[0], FLAGS_cvr[0] = ctr, cvr
   rng = np.random.default_rng(seed)
   world = World(rng, num_users, num_items)
-  return [write_split(world, rng, output_dir, split, n, impressions_per_common, anomalies)
+  return [write_split(world, rng, output_dir, split, n, impressions_per_common, anomalies, ctr, cvr)
           for split, n in (("train", num_train), ("test", num_test))]
 
 
@@ -321,4 +325,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

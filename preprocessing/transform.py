@@ -101,3 +101,24 @@ def transformed_hash_buckets(tft_output) -> Dict[str, int]:
                          "was it produced by this project's preprocessing_fn?")
       out[feature.name[len(F.ID_PREFIX):]] = int(feature.int_domain.max) + 1
   return out
+
+
+def raw_example(instance: Mapping, fmt: str) -> tf.train.Example:
+  """A raw instance dict (as the readers produce it) as the tf.Example a client would send.
+
+  Empty fields are left out, as a client would; labels and sample_id only if present.
+  """
+  feature = {}
+  spec = raw_feature_spec(fmt)
+  for name, s in spec.items():
+    if name not in instance:
+      continue
+    value = instance[name]
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+      continue
+    if s.dtype == tf.int64:
+      feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+    else:
+      feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+  return tf.train.Example(features=tf.train.Features(feature=feature))

@@ -20,10 +20,16 @@ stamp="$VENV/.lock-$(sha256sum "$ROOT/requirements.lock" "$ROOT/setup.py" | sha2
 if [ ! -f "$stamp" ]; then
   echo "[ensure_venv] building $VENV from requirements.lock (about 2 minutes)" >&2
   rm -rf "$VENV"
-  "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade "pip==24.2"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$ROOT/requirements.lock"
-  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"
+  log="$(mktemp)"
+  if ! { "$PYTHON" -m venv "$VENV" &&
+         "$VENV/bin/pip" install --disable-pip-version-check --upgrade "pip==24.2" &&
+         "$VENV/bin/pip" install --disable-pip-version-check -r "$ROOT/requirements.lock" &&
+         "$VENV/bin/pip" install --disable-pip-version-check --no-deps --no-build-isolation -e "$ROOT"; } >"$log" 2>&1; then
+    tail -n 60 "$log" >&2
+    echo "error: building $VENV failed (full log: $log)" >&2
+    exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

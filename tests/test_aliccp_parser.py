@@ -1,0 +1,91 @@
+"""The raw Ali-CCP parser against hand-written lines."""
+
+import pytest
+
+from pipeline.sources import aliccp as A
+from pipeline.sources.deadletter import BadRecord
+from preprocessing import features as F
+
+KNOWN = frozenset(f.name for f in F.ALICCP_FIELDS)
+
+
+def items(*triples):
+  return "\x01".join(f"{f}\x02{i}\x03{v}" for f, i, v in triples)
+
+
+def skeleton(sample_id="7", click="1", conversion="0", index="a1b2c3d4e5f60718", num=None, flist=None):
+  if flist is None:
+    flist = items(("205", 11, "1.0"), ("210", 21, "1.0"), ("210", 22, "1.0"), ("853", 31, "0.5"))
+  if num is None:
+    num = str(len(flist.split("\x01")) if flist else 0)
+  return f"{sample_id},{click},{conversion},{index},{num},{flist}"
+
+
+def test_skeleton_keeps_every_value_of_a_multi_valued_field_with_its_weight():
+  row, unknown = A.parse_skeleton_line(skeleton().encode(), KNOWN)
+  assert unknown == 0
+  assert row["sample_id"] == 7 and row["click"] == 1 and row["conversion"] == 0
+  assert row["index"] == "a1b2c3d4e5f60718"
+  assert row["features"] == {"205": ([11], [1.0]), "210": ([21, 22], [1.0, 1.0]), "853": ([31], [0.5])}
+
+
+def test_common_row_with_weighted_behaviour_fields():
+  flist = items(("101", 5, "1.0"), ("150_14", 8, "2.5"), ("150_14", 9, "0.25"), ("109_14", 4, "3"))
+  row, _ = A.parse_common_line(f"ffff000011112222,4,{flist}\r\n", KNOWN)
+  assert row["index"] == "ffff000011112222"
+  assert row["features"]["150_14"] == ([8, 9], [2.5, 0.25])
+  assert row["features"]["109_14"] == ([4], [3.0])
+
+
+def test_missing_fields_and_an_empty_list_are_fine():
+  row, _ = A.parse_skeleton_line(skeleton(num="0", flist=""), KNOWN)
+  assert row["features"] == {}
+  instance = A.to_raw_instance(row, {"101": ([5], [1.0])})
+  assert instance["f_101"] == [5]
+  assert instance["f_205"] == [] and instance["f_853"] == [] and instance["w_853"] == []
+
+
+def test_unknown_fields_are_counted_not_kept():
+  row, unknown = A.parse_skeleton_line(skeleton(flist=items(("205", 1, "1.0"), ("999", 2, "1.0"))), KNOWN)
+  assert unknown == 1 and set(row["features"]) == {"205"}
+
+
+def test_join_puts_user_side_first_then_the_skeleton_values():
+  row, _ = A.parse_skeleton_line(skeleton(), KNOWN)
+  common = {"101": ([5], [1.0]), "150_14": ([8, 9], [2.5, 0.25])}
+  inst = A.to_raw_instance(row, common)
+  assert inst["f_101"] == [5] and inst["f_150_14"] == [8, 9] and inst["w_150_14"] == [2.5, 0.25]
+  assert inst["f_210"] == [21, 22] and inst["click"] == 1 and inst["sample_id"] == 7
+
+
+@pytest.mark.parametrize("line,reason", [
+    (b"\xff\xfe,1,0,abc,0,", A.NOT_UTF8),
+    ("1,0,0,abc,0".encode(), A.WRONG_COLUMN_COUNT),
+    (skeleton(sample_id="x1").encode(), A.BAD_SAMPLE_ID),
+    (skeleton(click="2").encode(), A.BAD_LABEL),
+    (skeleton(conversion="").encode(), A.BAD_LABEL),
+    (skeleton(index="").encode(), A.BAD_COMMON_FEATURE_INDEX),
+    (skeleton(index="ab cd").encode(), A.BAD_COMMON_FEATURE_INDEX),
+    (skeleton(num="-1").encode(), A.BAD_FEATURE_NUM),
+    (skeleton(num="3").encode(), A.FEATURE_NUM_MISMATCH),
+    (skeleton(flist="205\x0211", num="1").encode(), A.BAD_FEATURE_ITEM),
+    (skeleton(flist="205\x02abc\x031.0", num="1").encode(), A.BAD_FEATURE_ITEM),
+    (skeleton(flist="205\x0211\x03one", num="1").encode(), A.BAD_FEATURE_ITEM),
+    (skeleton(flist="853\x0211\x03nan", num="1").encode(), A.BAD_WEIGHT),
+    (skeleton(flist="853\x0211\x03-inf", num="1").encode(), A.BAD_WEIGHT),
+    (skeleton(flist="853\x0211\x03-0.5", num="1").encode(), A.BAD_WEIGHT),
+    (skeleton(click="0", conversion="1").encode(), A.CONVERSION_WITHOUT_CLICK),
+])
+def test_each_bad_row_reason(line, reason):
+  with pytest.raises(BadRecord) as e:
+    A.parse_skeleton_line(line, KNOWN)
+  assert e.value.reason == reason
+
+
+def test_bad_common_rows():
+  with pytest.raises(BadRecord) as e:
+    A.parse_common_line(b"abc,2", KNOWN)
+  assert e.value.reason == A.WRONG_COLUMN_COUNT
+  with pytest.raises(BadRecord) as e:
+    A.parse_common_line(b"abc,2," + items(("101", 1, "1.0")).encode(), KNOWN)
+  assert e.value.reason == A.FEATURE_NUM_MISMATCH

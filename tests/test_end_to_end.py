@@ -1,0 +1,193 @@
+"""A small end-to-end run: synthetic raw files -> Beam/TFT job -> ESMM -> SavedModel.
+
+One module-scoped run (DirectRunner, a few thousand rows, small towers) feeds all tests.
+"""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from sklearn.metrics import roc_auc_score
+from tensorflow.core.protobuf import saved_model_pb2
+
+from model_fn import estimator as E
+from model_fn import evaluation
+from model_fn import input_fn as I
+from pipeline import preprocess, synthetic
+from pipeline.sources import aliccp
+from preprocessing import features as F
+from preprocessing import transform as T
+
+KNOWN = frozenset(f.name for f in F.ALICCP_FIELDS)
+
+
+def _corrupt(raw):
+  """Adds bad rows of known reasons to the train split (and nothing else)."""
+  skel = os.path.join(raw, "sample_skeleton_train.csv")
+  with open(skel, "a") as f:
+    f.write("900001,1,0,00000000deadbeef,1,205\x0211\x031.0\n")         # unknown common index
+    f.write("900002,1,0,abc,2,205\x0211\x031.0\n")                      # feature_num mismatch
+    f.write("900003,1\n")                                              # wrong column count
+  with open(os.path.join(raw, "common_features_train.csv"), "a") as f:
+    f.write("feedfacefeedface,1,101\x02nope\x031.0\n")                  # bad feature item
+  return {"unknown_common_feature_index": 1, "feature_num_mismatch": 1, "wrong_column_count": 1}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("e2e")
+  raw = str(root / "raw")
+  synthetic.generate(raw, num_train=4000, num_test=2000, num_users=500, num_items=800,
+                     impressions_per_common=10, anomalies=3, seed=7)
+  # Shuffle the common file so its order has nothing to do with the skeleton's.
+  path = os.path.join(raw, "common_features_train.csv")
+  lines = open(path).read().splitlines(keepends=True)
+  random.Random(0).shuffle(lines)
+  open(path, "w").writelines(lines)
+  injected = _corrupt(raw)
+  out = str(root / "preprocessed")
+  patterns = preprocess._input_patterns(raw, {})
+  rec = preprocess.run("aliccp", patterns, out, [], max_hash_buckets=1024)
+  tft_output = I.load_transform_output(out)
+  params = {"model": "esmm", "hash_buckets": T.transformed_hash_buckets(tft_output),
+            "embedding_dim": 8, "ctr_hidden_units": [32, 16], "cvr_hidden_units": [32, 16]}
+  model_dir = str(root / "model")
+  result = E.train_and_evaluate(out, model_dir, params, batch_size=256, train_steps=60,
+                                save_checkpoints_steps=30)
+  return {"raw": raw, "out": out, "rec": rec, "injected": injected, "tft_output": tft_output,
+          "params": params, "model_dir": model_dir, "result": result}
+
+
+def test_every_row_is_written_or_set_aside_with_its_reason(run):
+  rec = run["rec"]
+  train = rec["train"]
+  assert train["skeleton_balanced"] and train["common_balanced"]
+  assert train["skeleton_rows_read"] == 4000 + 3
+  dead = train["skeleton_rows_set_aside"]
+  for reason, n in run["injected"].items():
+    assert dead[reason] == n
+  assert dead["conversion_without_click"] == 3
+  assert train["rows_written"] == 4000 - 3 and sum(dead.values()) == 6
+  assert train["common_rows_set_aside"] == {"bad_feature_item": 1}
+  assert rec["eval"]["rows_written"] == 2000 - 3
+  # Dead letters are on disk, one JSON line each, with their reasons.
+  dead_files = tf.io.gfile.glob(os.path.join(run["out"], "dead_letter", "train*"))
+  records = [json.loads(l) for p in dead_files for l in open(p) if l.strip()]
+  reasons = sorted(r["reason"] for r in records)
+  assert reasons.count("unknown_common_feature_index") == 1 and len(records) == 7
+  assert any(r.get("sample_id") == 900001 for r in records)
+  # The completion marker carries the same reconciliation.
+  marker = json.load(open(os.path.join(run["out"], "reconciliation.json")))
+  assert marker["splits"]["train"]["rows_written"] == train["rows_written"]
+
+
+def _raw_rows(raw, split):
+  """The raw instances of a split, parsed and joined in memory, by sample_id."""
+  common = {}
+  for line in open(os.path.join(raw, f"common_features_{split}.csv"), "rb"):
+    try:
+      row, _ = aliccp.parse_common_line(line, KNOWN)
+    except aliccp.BadRecord:
+      continue
+    common[row["index"]] = row["features"]
+  rows = {}
+  for line in open(os.path.join(raw, f"sample_skeleton_{split}.csv"), "rb"):
+    try:
+      row, _ = aliccp.parse_skeleton_line(line, KNOWN)
+    except aliccp.BadRecord:
+      continue
+    if row["index"] in common:
+      rows[row["sample_id"]] = aliccp.to_raw_instance(row, common[row["index"]])
+  return rows
+
+
+def test_join_attaches_the_right_user_side_to_each_impression(run):
+  rows = _raw_rows(run["raw"], "train")
+  spec = run["tft_output"].transformed_feature_spec()
+  ds = tf.data.TFRecordDataset(tf.io.gfile.glob(I.split_files(run["out"], "train")), "GZIP")
+  checked = 0
+  for record in ds.take(200):
+    ex = tf.io.parse_single_example(record, spec)
+    raw = rows[int(ex["sample_id"])]
+    assert int(ex["click"]) == raw["click"] and int(ex["ctcvr"]) == raw["click"] * raw["conversion"]
+    for field in ("101", "150_14", "205"):
+      ids = tf.sparse.to_dense(ex[f"id_{field}"]).numpy().tolist()
+      want = tf.strings.to_hash_bucket_fast(tf.strings.as_string(
+          tf.constant(raw[f"f_{field}"], tf.int64)), 1024).numpy().tolist()
+      assert ids == want, field
+    np.testing.assert_allclose(tf.sparse.to_dense(ex["wt_150_14"]).numpy(), raw["w_150_14"], rtol=1e-6)
+    checked += 1
+  assert checked == 200
+
+
+def test_training_reports_the_protocol_metrics_and_they_match_sklearn(run):
+  m = run["result"]["metrics"]
+  for key in ("auc/ctr", "auc/ctcvr", "auc/cvr", "log_loss/ctr", "log_loss/ctcvr", "log_loss/cvr",
+              "calibration/ctr", "calibration/cvr", "calibration/ctcvr"):
+    assert key in m and np.isfinite(m[key]), key
+  assert run["result"]["train_steps"] == 60
+  p = evaluation.predict(run["model_dir"], run["out"])
+  click, conv = p["label_click"], p["label_conversion"]
+  assert abs(m["auc/ctr"] - roc_auc_score(click, p["ctr"])) < 0.002
+  assert abs(m["auc/ctcvr"] - roc_auc_score(click * conv, p["ctcvr"])) < 0.002
+  clicked = click > 0
+  assert abs(m["auc/cvr"] - roc_auc_score(conv[clicked], p["cvr"][clicked])) < 0.002
+  np.testing.assert_allclose(p["ctcvr"], p["ctr"] * p["cvr"], rtol=1e-5)
+  np.testing.assert_array_equal(p["label_ctcvr"], click * conv)
+
+
+def _signature_defs(saved_model_dir):
+  sm = saved_model_pb2.SavedModel()
+  with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+    sm.ParseFromString(f.read())
+  return sm.meta_graphs[0].signature_def
+
+
+def test_export_has_the_tf_serving_signatures(run):
+  sigs = _signature_defs(run["result"]["saved_model"])
+  assert sigs["regression"].method_name == "tensorflow/serving/regress"
+  assert set(sigs["regression"].inputs) == {"inputs"} and set(sigs["regression"].outputs) == {"outputs"}
+  assert sigs["serving_default"].method_name == "tensorflow/serving/regress"
+  assert sigs["predict"].method_name == "tensorflow/serving/predict"
+  assert set(sigs["predict"].outputs) == {"ctr", "cvr", "ctcvr"}
+  assert sigs["regression"].inputs["inputs"].dtype == tf.string.as_datatype_enum
+
+
+def test_regression_signature_on_raw_examples_equals_estimator_predict(run):
+  rows = _raw_rows(run["raw"], "test")
+  p = evaluation.predict(run["model_dir"], run["out"])
+  ids = p["sample_id"][:300]
+  serialized = [T.raw_example({k: v for k, v in rows[int(i)].items()
+                               if k not in F.RAW_LABELS and k != F.SAMPLE_ID}, "aliccp")
+                .SerializeToString() for i in ids]
+  loaded = tf.saved_model.load(run["result"]["saved_model"])
+  got = loaded.signatures["regression"](inputs=tf.constant(serialized))["outputs"].numpy().reshape(-1)
+  np.testing.assert_allclose(got, p["cvr"][:300], rtol=1e-5, atol=1e-7)
+  pred = loaded.signatures["predict"](examples=tf.constant(serialized))
+  np.testing.assert_allclose(pred["cvr"].numpy().reshape(-1), got, rtol=1e-6)
+
+
+def test_examples_with_missing_fields_still_score(run):
+  loaded = tf.saved_model.load(run["result"]["saved_model"])
+  empty = tf.train.Example().SerializeToString()
+  only_item = T.raw_example({"f_205": [130000001], "f_301": [220000003]}, "aliccp").SerializeToString()
+  out = loaded.signatures["regression"](inputs=tf.constant([empty, only_item]))["outputs"].numpy()
+  assert out.shape[0] == 2 and np.all(np.isfinite(out)) and np.all((out > 0) & (out < 1))
+
+
+def test_training_resumes_from_the_checkpoint(run, tmp_path):
+  # Same model dir, larger budget: only the remaining steps run.
+  result = E.train_and_evaluate(run["out"], run["model_dir"], run["params"], batch_size=256,
+                                train_steps=80, save_checkpoints_steps=30, do_export=False)
+  assert result["metrics"]["global_step"] == 80
+  other = dict(run["params"], embedding_dim=4)
+  with pytest.raises(ValueError, match="other params"):
+    E.train_and_evaluate(run["out"], run["model_dir"], other, batch_size=256, train_steps=90)
+
+
+def test_trainer_refuses_an_unfinished_preprocessing_output(tmp_path):
+  with pytest.raises(I.IncompleteTransformOutput):
+    I.load_transform_output(str(tmp_path))
