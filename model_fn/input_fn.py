@@ -13,7 +13,7 @@ RECONCILIATION = "reconciliation.json"   # written last by pipeline.preprocess
 
 
 class IncompleteTransformOutput(ValueError):
-  pass
+  """The directory is not the output of a finished preprocessing run."""
 
 
 def load_transform_output(transform_dir: str) -> tft.TFTransformOutput:
