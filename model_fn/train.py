@@ -11,8 +11,7 @@ see model_fn/metrics.py) and exports a SavedModel for TF Serving under MODEL/exp
 import sys
 from typing import Any, Dict
 
-import tensorflow as tf
-from absl import app, flags, logging
+from absl import app, flags
 
 from model_fn import esmm
 from model_fn import estimator as E

@@ -20,14 +20,13 @@ on DirectRunner, Dataflow, Flink or Spark.
 import json
 import os
 import sys
-import tempfile
 from typing import Dict, List
 
 import apache_beam as beam
 import tensorflow as tf
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
-from absl import app, flags, logging
+from absl import app, flags
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 

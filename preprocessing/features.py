@@ -14,7 +14,7 @@ Naming of features through the stages (``<field>`` is the raw field id, e.g. ``1
 """
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 CLICK = "click"
 CONVERSION = "conversion"
@@ -88,9 +88,6 @@ ALICCP_FIELDS: Tuple[Field, ...] = (
     _f("301", "context", 8, "position"),
 )
 
-# Ali-CCP fields found in the common-features file (user side) and in the skeleton.
-ALICCP_COMMON_SIDE = ("user",)
-
 FORMATS: Dict[str, Tuple[Field, ...]] = {"aliccp": ALICCP_FIELDS}
 
 
@@ -99,10 +96,6 @@ def fields(fmt: str) -> Tuple[Field, ...]:
     return FORMATS[fmt]
   except KeyError:
     raise ValueError(f"unknown input format {fmt!r}; known: {sorted(FORMATS)}") from None
-
-
-def field_by_name(fmt: str) -> Dict[str, Field]:
-  return {f.name: f for f in fields(fmt)}
 
 
 def hash_buckets(fmt: str, max_hash_buckets: Optional[int] = None) -> Dict[str, int]:
@@ -115,11 +108,3 @@ def hash_buckets(fmt: str, max_hash_buckets: Optional[int] = None) -> Dict[str, 
     out[f.name] = n
   return out
 
-
-def raw_feature_names(fmt: str) -> List[str]:
-  names = []
-  for f in fields(fmt):
-    names.append(f.raw_ids)
-    if f.weighted:
-      names.append(f.raw_weights)
-  return names

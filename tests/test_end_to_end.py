@@ -84,21 +84,21 @@ def test_every_row_is_written_or_set_aside_with_its_reason(run):
   assert marker["splits"]["train"]["rows_written"] == train["rows_written"]
 
 
+def _parsed(path, parse):
+  """The rows of a raw file that parse, skipping the bad ones."""
+  for line in open(path, "rb"):
+    try:
+      yield parse(line, KNOWN)[0]
+    except aliccp.BadRecord:
+      continue
+
+
 def _raw_rows(raw, split):
   """The raw instances of a split, parsed and joined in memory, by sample_id."""
-  common = {}
-  for line in open(os.path.join(raw, f"common_features_{split}.csv"), "rb"):
-    try:
-      row, _ = aliccp.parse_common_line(line, KNOWN)
-    except aliccp.BadRecord:
-      continue
-    common[row["index"]] = row["features"]
+  common = {row["index"]: row["features"] for row in
+            _parsed(os.path.join(raw, f"common_features_{split}.csv"), aliccp.parse_common_line)}
   rows = {}
-  for line in open(os.path.join(raw, f"sample_skeleton_{split}.csv"), "rb"):
-    try:
-      row, _ = aliccp.parse_skeleton_line(line, KNOWN)
-    except aliccp.BadRecord:
-      continue
+  for row in _parsed(os.path.join(raw, f"sample_skeleton_{split}.csv"), aliccp.parse_skeleton_line):
     if row["index"] in common:
       rows[row["sample_id"]] = aliccp.to_raw_instance(row, common[row["index"]])
   return rows

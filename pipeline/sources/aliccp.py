@@ -11,7 +11,7 @@ rows read = rows joined + rows set aside (per reason).
 """
 
 import math
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Tuple
 
 import apache_beam as beam
 

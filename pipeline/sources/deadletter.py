@@ -1,7 +1,6 @@
 """Dead-letter records: every row that is set aside carries its reason and where it came from."""
 
 import json
-from typing import Optional
 
 import apache_beam as beam
 
@@ -46,6 +45,3 @@ def dead_letter(split: str, source: str, reason: str, detail: str = "",
 def counter(namespace: str, name: str):
   return beam.metrics.Metrics.counter(namespace, name)
 
-
-def reason_of(record_json: str) -> Optional[str]:
-  return json.loads(record_json).get("reason")
