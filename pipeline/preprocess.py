@@ -2,16 +2,29 @@
 
   python -m pipeline.preprocess --format=aliccp --input_dir=RAW --output_dir=OUT \
       [--max_hash_buckets=N] [Beam options: --runner=... --direct_num_workers=2 ...]
+  python -m pipeline.preprocess --format=avazu --input_dir=RAW --output_dir=OUT \
+      [--crosses=app_id:device_id,site_id:device_id] [--train_files=P,... --eval_files=P,...]
 
-Reads the train and test splits (``sample_skeleton_{train,test}.csv`` and
-``common_features_{train,test}.csv`` under --input_dir, or explicit file patterns), joins
-them on common_feature_index, hashes every categorical field with the TFT
-``preprocessing_fn`` and writes:
+Ali-CCP: reads the train and test splits (``sample_skeleton_{train,test}.csv`` and
+``common_features_{train,test}.csv`` under --input_dir, or explicit file patterns) and
+joins them on common_feature_index.
+
+Avazu-style CSV: reads the train split from ``train``, ``train.gz``, ``train*.csv`` and
+``train*.csv.gz`` under --input_dir (the public release's names, and day partitions such
+as ``train_20141021.csv``), the eval split likewise from ``test*``; --train_files and
+--eval_files (comma-separated patterns) override them. Columns are read by the header's
+names; the launcher reads every file's header first: all files of a run must agree on
+whether they have a ``conversion`` column (without one the output has ``click`` only,
+no ``conversion`` nor ``ctcvr``). --crosses lists the feature crosses hashed in TFT.
+
+Then the TFT ``preprocessing_fn`` hashes every categorical field and the job writes:
 
   OUT/train/part-*.tfrecord.gz, OUT/eval/part-*.tfrecord.gz   transformed tf.Examples
   OUT/transform_fn/, OUT/transformed_metadata/                the TFT graph and schema
   OUT/dead_letter/{train,eval}-*.jsonl                        rows set aside, with reasons
   OUT/reconciliation.json                                     written last: marks the output complete
+      (format, inputs, labels, crosses, max_hash_buckets, and per split the rows read =
+      written + set aside per reason)
 
 Any flag this module does not define is handed to Beam untouched, so the same job runs
 on DirectRunner, Dataflow, Flink or Spark.
@@ -20,7 +33,7 @@ on DirectRunner, Dataflow, Flink or Spark.
 import json
 import os
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import apache_beam as beam
 import tensorflow as tf
@@ -30,7 +43,7 @@ from absl import app, flags
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.sources import aliccp
+from pipeline.sources import aliccp, avazu
 from pipeline.sources.deadletter import DEAD
 from preprocessing import features as F
 from preprocessing import transform as T
@@ -46,6 +59,14 @@ def define_flags():
   flags.DEFINE_string("train_common", None, "File pattern of train common-features rows.")
   flags.DEFINE_string("eval_skeleton", None, "File pattern of eval skeleton rows.")
   flags.DEFINE_string("eval_common", None, "File pattern of eval common-features rows.")
+  flags.DEFINE_list("train_files", None,
+                    "Avazu: comma-separated file patterns of the train split (overrides --input_dir).")
+  flags.DEFINE_list("eval_files", None,
+                    "Avazu: comma-separated file patterns of the eval split (overrides --input_dir).")
+  flags.DEFINE_list("crosses", None,
+                    "Feature crosses hashed in TFT, as a:b field pairs (each becomes the field "
+                    "a_x_b). Default: the format's (avazu: " + ",".join(F.DEFAULT_CROSSES["avazu"])
+                    + "; aliccp: none); an empty value makes none.")
   flags.DEFINE_string("output_dir", None, "Where to write TFRecords, transform_fn and dead letters.")
   flags.DEFINE_integer("max_hash_buckets", 0,
                        "Cap on every field's hash bucket count (0: the schema's sizes for the full data).")
@@ -55,13 +76,23 @@ def define_flags():
 
 RECONCILIATION = "reconciliation.json"
 SPLITS = (("train", "train"), ("eval", "test"))   # (output split, release file suffix)
+# Avazu-style files of a split under --input_dir ({} = the release file suffix).
+AVAZU_RELEASE_PATTERNS = ("{}", "{}.gz", "{}*.csv", "{}*.csv.gz")
+_ALICCP_OVERRIDES = ("train_skeleton", "train_common", "eval_skeleton", "eval_common")
+_AVAZU_OVERRIDES = ("train_files", "eval_files")
 
 
 class UsageError(Exception):
   """A mistake in how the job was called; printed without a traceback."""
 
 
-def _input_patterns(input_dir, overrides: Dict[str, str]) -> Dict[str, Dict[str, str]]:
+def _input_patterns(input_dir, overrides: Dict[str, str], fmt: str = "aliccp") -> Dict[str, Dict]:
+  """The file patterns of each split: {split: {kind: pattern}} for Ali-CCP
+  (kinds skeleton and common), {split: {"files": [pattern, ...]}} for Avazu."""
+  if fmt == "avazu":
+    return _avazu_patterns(input_dir, overrides)
+  if fmt != "aliccp":
+    raise UsageError(f"unknown format {fmt}")
   patterns = {}
   for split, suffix in SPLITS:
     patterns[split] = {}
@@ -77,6 +108,31 @@ def _input_patterns(input_dir, overrides: Dict[str, str]) -> Dict[str, Dict[str,
   return patterns
 
 
+def _avazu_patterns(input_dir, overrides) -> Dict[str, Dict[str, List[str]]]:
+  patterns = {}
+  for split, suffix in SPLITS:
+    given = overrides.get(f"{split}_files")
+    if isinstance(given, str):
+      given = given.split(",")
+    given = [g.strip() for g in given or () if g.strip()]
+    if given:
+      for pattern in given:
+        if not tf.io.gfile.glob(pattern):
+          raise UsageError(f"no file matches --{split}_files={pattern}")
+      patterns[split] = {"files": given}
+      continue
+    if not input_dir:
+      raise UsageError(f"give --input_dir or --{split}_files")
+    candidates = [os.path.join(input_dir, p.format(suffix)) for p in AVAZU_RELEASE_PATTERNS]
+    found = [c for c in candidates
+             if any(not tf.io.gfile.isdir(m) for m in tf.io.gfile.glob(c))]
+    if not found:
+      raise UsageError(f"no {split} file under {input_dir}: tried "
+                       + ", ".join(os.path.basename(c) for c in candidates))
+    patterns[split] = {"files": found}
+  return patterns
+
+
 def _counters(result) -> Dict[str, int]:
   """Committed counter values summed over steps, keyed 'namespace/name'."""
   out: Dict[str, int] = {}
@@ -87,16 +143,36 @@ def _counters(result) -> Dict[str, int]:
   return out
 
 
+def _scan_avazu(patterns) -> avazu.Inputs:
+  """Every Avazu file's header, read on the launcher; a bad set of files is a UsageError."""
+  try:
+    return avazu.scan_inputs({split: pat["files"] for split, pat in patterns.items()})
+  except avazu.BadInput as e:
+    raise UsageError(str(e)) from None
+
+
 def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_dir: str,
-                   max_hash_buckets: int, num_shards: int) -> None:
-  """Adds the whole job to pipeline ``p``."""
-  if fmt != "aliccp":
-    raise UsageError(f"format {fmt} has no reader yet")
-  raw_md = T.raw_metadata(fmt)
-  preprocessing_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None)
+                   max_hash_buckets: int, num_shards: int, crosses: Sequence[F.Field] = (),
+                   inputs: Optional[avazu.Inputs] = None) -> None:
+  """Adds the whole job to pipeline ``p``.
+
+  ``crosses``: cross fields (F.parse_crosses). ``inputs``: for Avazu, the scanned files
+  and headers (scanned here if not given).
+  """
+  if fmt == "aliccp":
+    labels = F.RAW_LABELS
+    reader = lambda split, pat: aliccp.ReadAliCCP(split, pat["skeleton"], pat["common"])
+  elif fmt == "avazu":
+    inputs = inputs or _scan_avazu(patterns)
+    labels = inputs.labels
+    reader = lambda split, pat: avazu.ReadAvazu(
+        split, inputs.patterns[split], {f: inputs.headers[f] for f in inputs.files[split]})
+  else:
+    raise UsageError(f"format {fmt} has no reader")
+  raw_md = T.raw_metadata(fmt, labels)
+  preprocessing_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None, crosses, labels)
   with tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
-    read = {split: p | f"Read_{split}" >> aliccp.ReadAliCCP(split, pat["skeleton"], pat["common"])
-            for split, pat in patterns.items()}
+    read = {split: p | f"Read_{split}" >> reader(split, pat) for split, pat in patterns.items()}
     (train_data, train_md), transform_fn = (
         (read["train"]["rows"], raw_md) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
             preprocessing_fn, output_record_batches=False))
@@ -121,9 +197,23 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
                os.path.join(output_dir, "dead_letter", split), file_name_suffix=".jsonl"))
 
 
-def format_reconciliation(rec: Dict[str, dict]) -> str:
+def _balanced(fmt: str, r: dict) -> bool:
+  if fmt == "avazu":
+    return r["balanced"]
+  return r["skeleton_balanced"] and r["common_balanced"]
+
+
+def format_reconciliation(rec: Dict[str, dict], fmt: str = "aliccp") -> str:
   lines = ["reconciliation (every input row is written or set aside with a reason):"]
   for split, r in rec.items():
+    if fmt == "avazu":
+      dead = r["rows_set_aside"]
+      lines.append(f"  {split}: rows read {r['rows_read']:,} = written {r['rows_written']:,}"
+                   f" + set aside {sum(dead.values()):,}  [{'OK' if r['balanced'] else 'MISMATCH'}]")
+      for reason, n in sorted(dead.items()):
+        lines.append(f"      {reason}: {n:,}")
+      lines.append(f"    files {r['files']:,}, header lines {r['header_lines']:,} (not rows)")
+      continue
     dead = r["skeleton_rows_set_aside"]
     lines.append(f"  {split}: skeleton rows read {r['skeleton_rows_read']:,} = written "
                  f"{r['rows_written']:,} + set aside {sum(dead.values()):,}"
@@ -142,8 +232,23 @@ def format_reconciliation(rec: Dict[str, dict]) -> str:
 
 
 def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buckets: int = 0,
-        num_shards: int = 0, overwrite: bool = False, temp_dir: str = None) -> Dict[str, dict]:
-  """Runs the job to completion; returns the reconciliation per split."""
+        num_shards: int = 0, overwrite: bool = False, temp_dir: str = None,
+        crosses: Optional[Sequence[str]] = None) -> Dict[str, dict]:
+  """Runs the job to completion; returns the reconciliation per split.
+
+  ``crosses``: ``a:b`` specs (None: the format's default crosses). For Avazu every
+  file's header is read first, so a bad set of inputs fails before anything is written.
+  """
+  try:
+    cross_fields = F.parse_crosses(fmt, crosses)
+  except ValueError as e:
+    raise UsageError(f"--crosses: {e}") from None
+  inputs = None
+  labels = F.RAW_LABELS
+  if fmt == "avazu":
+    inputs = _scan_avazu(patterns)
+    labels = inputs.labels
+    patterns = {split: {"files": list(inputs.patterns[split])} for split in patterns}
   if tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir):
     if not overwrite:
       raise UsageError(f"--output_dir={output_dir} is not empty; pass --overwrite to replace it")
@@ -153,18 +258,24 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   temp_dir = temp_dir or os.path.join(output_dir, "tmp")
   options = PipelineOptions(beam_args, save_main_session=False)
   p = beam.Pipeline(options=options)
-  build_pipeline(p, fmt, patterns, output_dir, temp_dir, max_hash_buckets, num_shards)
+  build_pipeline(p, fmt, patterns, output_dir, temp_dir, max_hash_buckets, num_shards,
+                 cross_fields, inputs)
   result = p.run()
   result.wait_until_finish()
   counters = _counters(result)
-  rec = {split: aliccp.reconcile(counters, split) for split, _ in SPLITS}
+  if fmt == "avazu":
+    rec = {split: avazu.reconcile(counters, split, len(inputs.files[split])) for split, _ in SPLITS}
+  else:
+    rec = {split: aliccp.reconcile(counters, split) for split, _ in SPLITS}
   rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
-             "splits": rec}
+             "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec}
+  if inputs is not None:
+    rec_all["ignored_columns"] = list(inputs.ignored_columns)
   if own_temp and tf.io.gfile.exists(temp_dir):
     tf.io.gfile.rmtree(temp_dir)
-  if not all(r["skeleton_balanced"] and r["common_balanced"] for r in rec.values()):
+  if not all(_balanced(fmt, r) for r in rec.values()):
     raise RuntimeError("row counts do not reconcile; output left incomplete:\n"
-                       + format_reconciliation(rec))
+                       + format_reconciliation(rec, fmt))
   # Written last: its presence marks the output as complete for the trainer.
   with tf.io.gfile.GFile(os.path.join(output_dir, RECONCILIATION), "w") as f:
     json.dump(rec_all, f, indent=2, sort_keys=True)
@@ -176,15 +287,19 @@ def main(argv):
   try:
     if not FLAGS.output_dir:
       raise UsageError("--output_dir is required")
-    overrides = {k: getattr(FLAGS, k) for k in
-                 ("train_skeleton", "train_common", "eval_skeleton", "eval_common")}
-    patterns = _input_patterns(FLAGS.input_dir, overrides)
+    own, other = ((_AVAZU_OVERRIDES, _ALICCP_OVERRIDES) if FLAGS.format == "avazu"
+                  else (_ALICCP_OVERRIDES, _AVAZU_OVERRIDES))
+    wrong = [f"--{k}" for k in other if getattr(FLAGS, k)]
+    if wrong:
+      raise UsageError(f"{', '.join(wrong)}: not used with --format={FLAGS.format}")
+    overrides = {k: getattr(FLAGS, k) for k in own}
+    patterns = _input_patterns(FLAGS.input_dir, overrides, FLAGS.format)
     rec = run(FLAGS.format, patterns, FLAGS.output_dir, beam_args, FLAGS.max_hash_buckets,
-              FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir)
+              FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir, FLAGS.crosses)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(format_reconciliation(rec))
+  print(format_reconciliation(rec, FLAGS.format))
   print(f"output: {FLAGS.output_dir}")
   return 0
 

@@ -20,15 +20,41 @@ the true pCVR whether or not it was clicked; the observed conversion is
 click AND counterfactual conversion, so the funnel holds. A few click=0,conversion=1
 rows are injected as in the real release (they must be dropped by the reader).
 
+Avazu-style CSV (``--format=avazu``, ``generate_avazu``) writes, for each split:
+  train.csv / test.csv          header + rows: the 24 public Avazu columns, ``conversion``
+                                (unless --nowith_conversion) and an extra column
+                                ``bid_floor`` that the reader must ignore, in a shuffled
+                                order of its own per file, rows sorted by hour
+  ground_truth_<split>.csv      the same four columns as above; sample_id is the string id
+
+Impressions are a device (user) seeing an ad (creative C14 of ad group C17, banner
+C15 x C16, ...) on a site or in an app at an hour; train covers --num_days days from
+2014-10-21, test the day after. The true model again separates what drives a click
+from what drives a conversion:
+
+  click logit = b_c + attractiveness(ad) + appeal(placement) + <taste(device), look(ad)>
+                + banner position + hour-of-day rhythm + connection type
+  cvr logit   = b_v + quality(ad) + <intent(device), fit(ad)> + placement category match
+                + device type + evening effect + budget x price level
+
+``fit``/``intent`` are correlated with ``look``/``taste`` (rho) and attractiveness is
+slightly anti-correlated with quality. Ids are 19- or 20-digit decimals up to 2^64 (about
+half above 2^63, so they overflow int64); most devices are the anonymous ``a99f214a`` as
+in the public data; a few values are left empty. ``bad_rows`` injects rows of every
+reason the reader sets aside (train split only, never in the ground truth).
+
 Usage: python -m pipeline.synthetic --output_dir=/tmp/aliccp [--num_train=...]
+       python -m pipeline.synthetic --format=avazu --output_dir=/tmp/avazu [--bad_rows=8]
 """
 
+import datetime
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 from absl import app, flags, logging
 
+from pipeline.sources import avazu as avazu_reader
 from preprocessing import features as F
 
 FLAGS = flags.FLAGS
@@ -36,6 +62,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """The command-line flags (only when run as a program, so the module imports as a library)."""
+  flags.DEFINE_enum("format", "aliccp", ["aliccp", "avazu"], "Raw layout to write.")
   flags.DEFINE_string("output_dir", "/tmp/esmm/raw", "Where to write the CSV files.")
   flags.DEFINE_integer("num_train", 150_000, "Impressions in the train split.")
   flags.DEFINE_integer("num_test", 75_000, "Impressions in the test split.")
@@ -43,10 +70,16 @@ def define_flags():
   flags.DEFINE_integer("num_items", 30_000, "Distinct items.")
   flags.DEFINE_float("impressions_per_common", 20.0,
                      "Mean impressions per common-features row (the public release has ~58).")
-  flags.DEFINE_float("ctr", 0.04, "Target mean click-through rate.")
-  flags.DEFINE_float("cvr", 0.05, "Target mean post-click conversion rate over all impressions.")
+  flags.DEFINE_float("ctr", 0.04, "Target mean click-through rate (avazu default: 0.165).")
+  flags.DEFINE_float("cvr", 0.05, "Target mean post-click conversion rate over all impressions "
+                     "(avazu default: 0.05).")
   flags.DEFINE_integer("anomalies", 5, "click=0,conversion=1 rows injected per split.")
-  flags.DEFINE_integer("seed", 2018, "Random seed; the output is a pure function of the flags.")
+  flags.DEFINE_integer("seed", 2018, "Random seed; the output is a pure function of the flags "
+                       "(avazu default: 2014).")
+  flags.DEFINE_integer("num_days", 3, "Avazu: days of the train split (test is the day after).")
+  flags.DEFINE_integer("num_devices", 5_000, "Avazu: distinct devices (users).")
+  flags.DEFINE_boolean("with_conversion", True, "Avazu: write the conversion column.")
+  flags.DEFINE_integer("bad_rows", 0, "Avazu: bad rows of every reason injected into train.")
 
 DIM = 8
 N_CAT, N_SHOP_PER_CAT, N_BRAND, N_NODE = 200, 10, 1000, 500
@@ -314,8 +347,317 @@ def generate(output_dir: str, num_train: int, num_test: int, num_users: int = 20
           for split, n in (("train", num_train), ("test", num_test))]
 
 
+# Avazu-style CSV.
+
+AVAZU_START = datetime.date(2014, 10, 21)       # first day of the public release
+# In the public data, site traffic carries these app_* values and app traffic these site_*
+# values, and most rows have the anonymous device id.
+SITE_TRAFFIC_APP = ("ecad2386", "7801e8d9", "07d7df22")
+APP_TRAFFIC_SITE = ("85f751fd", "c4e18dd6", "50e219e0")
+ANONYMOUS_DEVICE = "a99f214a"
+BANNER_SIZES = ((320, 50), (300, 250), (728, 90), (216, 36), (480, 320), (320, 480), (1024, 768))
+AVAZU_EXTRA_COLUMN = "bid_floor"
+N_SITE_CAT, N_APP_CAT, N_AD_CAT = 20, 25, 12
+
+
+def _zipf(n: int, a: float) -> np.ndarray:
+  p = 1.0 / np.arange(1, n + 1) ** a
+  return p / p.sum()
+
+
+def _hex_ids(rng: np.random.Generator, n: int, taken: set) -> np.ndarray:
+  """``n`` distinct 8-hex-character ids, none in ``taken`` (which is updated)."""
+  out = []
+  while len(out) < n:
+    for x in rng.integers(0, 1 << 32, n - len(out)):
+      h = f"{x:08x}"
+      if h not in taken:
+        taken.add(h)
+        out.append(h)
+  return np.array(out)
+
+
+def _sample_ids(rng: np.random.Generator, n: int, taken: set) -> List[str]:
+  """Distinct decimal ids in [10^18, 2^64): 19 or 20 digits, about half above 2^63."""
+  out = []
+  while len(out) < n:
+    for x in rng.integers(10 ** 18, 2 ** 64 - 1, n - len(out), dtype=np.uint64, endpoint=True):
+      text = str(int(x))
+      if text not in taken:
+        taken.add(text)
+        out.append(text)
+  return out
+
+
+def _pick(rng: np.random.Generator, values, probs, n: int) -> np.ndarray:
+  return np.asarray(values)[rng.choice(len(values), n, p=np.asarray(probs) / np.sum(probs))]
+
+
+class AvazuWorld:
+  """Devices, placements (sites and apps), ads and the true click/conversion model."""
+
+  def __init__(self, rng: np.random.Generator, num_devices: int, num_sites: int = 400,
+               num_apps: int = 500, num_ads: int = 800):
+    r = self.rng = rng
+    taken = set(SITE_TRAFFIC_APP + APP_TRAFFIC_SITE + (ANONYMOUS_DEVICE,))
+    self.ids_taken: set = set()
+    # Placements: a category each; sites and apps share the ad categories' space.
+    site_cat_vec = r.normal(size=(N_SITE_CAT, DIM))
+    app_cat_vec = r.normal(size=(N_APP_CAT, DIM))
+    self.site_cat_hex = _hex_ids(r, N_SITE_CAT, taken)
+    self.app_cat_hex = _hex_ids(r, N_APP_CAT, taken)
+    self.site_cat_topic = r.integers(0, N_AD_CAT, N_SITE_CAT)
+    self.app_cat_topic = r.integers(0, N_AD_CAT, N_APP_CAT)
+    self.site_hex = _hex_ids(r, num_sites, taken)
+    self.site_domain = _hex_ids(r, num_sites // 2, taken)[r.integers(0, num_sites // 2, num_sites)]
+    self.site_cat = r.choice(N_SITE_CAT, num_sites, p=_zipf(N_SITE_CAT, 1.0))
+    self.site_pop = _zipf(num_sites, 1.1)[r.permutation(num_sites)]
+    self.site_appeal = 0.5 * r.normal(size=num_sites)
+    self.site_vec = site_cat_vec[self.site_cat] + 0.5 * r.normal(size=(num_sites, DIM))
+    self.app_hex = _hex_ids(r, num_apps, taken)
+    self.app_domain = _hex_ids(r, num_apps // 4, taken)[r.integers(0, num_apps // 4, num_apps)]
+    self.app_cat = r.choice(N_APP_CAT, num_apps, p=_zipf(N_APP_CAT, 1.0))
+    self.app_pop = _zipf(num_apps, 1.1)[r.permutation(num_apps)]
+    self.app_appeal = 0.5 * r.normal(size=num_apps)
+    self.app_vec = app_cat_vec[self.app_cat] + 0.5 * r.normal(size=(num_apps, DIM))
+
+    # Ads: creatives (C14) in ad groups (C17) sharing size, topic and the other C columns.
+    n_groups = max(1, num_ads // 4)
+    group_vec = r.normal(size=(n_groups, DIM))
+    group_quality = r.normal(size=n_groups)
+    group_attract = r.normal(size=n_groups)
+    self.group_c17 = r.choice(np.arange(400, 2800), n_groups, replace=False)
+    self.group_size = r.choice(len(BANNER_SIZES), n_groups, p=_zipf(len(BANNER_SIZES), 1.5))
+    self.group_c18 = r.choice(4, n_groups, p=[0.5, 0.1, 0.15, 0.25])
+    self.group_c19 = r.choice(np.arange(33, 1900), n_groups)
+    self.group_c20 = np.where(r.random(n_groups) < 0.5, -1, r.choice(np.arange(100000, 100250), n_groups))
+    self.group_c21 = r.choice(np.arange(1, 200), n_groups)
+    self.group_topic = r.integers(0, N_AD_CAT, n_groups)
+    self.group_price = r.integers(-1, 2, n_groups)
+    self.ad_group = r.integers(0, n_groups, num_ads)
+    self.ad_c14 = r.choice(np.arange(375, 24100), num_ads, replace=False)
+    self.ad_pop = _zipf(num_ads, 0.9)[r.permutation(num_ads)]
+    look = group_vec[self.ad_group] + 0.5 * r.normal(size=(num_ads, DIM))
+    self.ad_look = look
+    self.ad_fit = RHO * look + np.sqrt(1 - RHO ** 2) * r.normal(size=(num_ads, DIM))
+    self.ad_attract = 0.5 * group_attract[self.ad_group] + 0.4 * r.normal(size=num_ads)
+    self.ad_quality = (0.8 * group_quality[self.ad_group] + 0.4 * r.normal(size=num_ads)
+                       - 0.3 * self.ad_attract)
+
+    # Devices: most are anonymous in the logs; each has 1-3 ips and a model.
+    self.device_hex = _hex_ids(r, num_devices, taken)
+    self.device_anonymous = r.random(num_devices) < 0.7
+    n_ips = r.integers(1, 4, num_devices)
+    self.device_ips = [_hex_ids(r, k, taken) for k in n_ips]
+    n_models = 300
+    models = _hex_ids(r, n_models, taken)
+    self.device_model = models[r.choice(n_models, num_devices, p=_zipf(n_models, 1.0))]
+    self.device_type = _pick(r, [1, 0, 4, 5], [0.92, 0.05, 0.02, 0.01], num_devices)
+    self.conn_type = _pick(r, [0, 2, 3, 5], [0.85, 0.08, 0.06, 0.01], num_devices)
+    self.device_activity = r.gamma(0.7, 1.0, num_devices)
+    self.device_activity /= self.device_activity.sum()
+    self.app_share = r.beta(1.0, 2.0, num_devices)
+    self.taste = r.normal(size=(num_devices, DIM))
+    self.intent = RHO * self.taste + np.sqrt(1 - RHO ** 2) * r.normal(size=(num_devices, DIM))
+    self.budget = r.normal(size=num_devices)
+    self.b_click = None
+    self.b_cvr = None
+
+  def impressions(self, n: int, days: List[datetime.date]) -> Dict[str, np.ndarray]:
+    """``n`` impressions over ``days``, sorted by hour, with their true logits."""
+    r = self.rng
+    dev = r.choice(len(self.device_hex), n, p=self.device_activity)
+    in_app = r.random(n) < self.app_share[dev]
+    site = r.choice(len(self.site_hex), n, p=self.site_pop)
+    app = r.choice(len(self.app_hex), n, p=self.app_pop)
+    ad = r.choice(len(self.ad_c14), n, p=self.ad_pop)
+    group = self.ad_group[ad]
+    day = r.integers(0, len(days), n)
+    diurnal = 1 + 0.6 * np.sin(2 * np.pi * (np.arange(24) - 9) / 24)
+    hod = r.choice(24, n, p=diurnal / diurnal.sum())
+    order = np.lexsort((hod, day))
+    dev, in_app, site, app, ad, group, day, hod = (
+        x[order] for x in (dev, in_app, site, app, ad, group, day, hod))
+    banner = _pick(r, [0, 1, 2, 4, 5, 7], [0.70, 0.27, 0.01, 0.01, 0.005, 0.005], n)
+    place_vec = np.where(in_app[:, None], self.app_vec[app], self.site_vec[site])
+    place_appeal = np.where(in_app, self.app_appeal[app], self.site_appeal[site])
+    place_topic = np.where(in_app, self.app_cat_topic[self.app_cat[app]],
+                           self.site_cat_topic[self.site_cat[site]])
+    click = (self.ad_attract[ad] + place_appeal
+             + 0.6 * np.einsum("ij,ij->i", self.taste[dev], self.ad_look[ad]) / np.sqrt(DIM)
+             + 0.3 * np.einsum("ij,ij->i", self.taste[dev], place_vec) / np.sqrt(DIM)
+             + np.select([banner == 1, banner == 0], [0.25, 0.0], -0.2)
+             + 0.25 * np.sin(2 * np.pi * (hod - 14) / 24)
+             + np.select([self.conn_type[dev] == 0, self.conn_type[dev] == 2], [0.0, -0.2], -0.1))
+    cvr = (self.ad_quality[ad]
+           + 0.9 * np.einsum("ij,ij->i", self.intent[dev], self.ad_fit[ad]) / np.sqrt(DIM)
+           + 0.5 * (place_topic == self.group_topic[group])
+           + np.select([self.device_type[dev] >= 4, self.device_type[dev] == 0], [0.3, -0.3], 0.0)
+           + 0.3 * (hod >= 18) - 0.2 * (hod <= 6)
+           + 0.5 * self.budget[dev] * self.group_price[group])
+    return {"device": dev, "in_app": in_app, "site": site, "app": app, "ad": ad, "group": group,
+            "day": day, "hour_of_day": hod, "banner_pos": banner,
+            "click_logit": click, "cvr_logit": cvr}
+
+  def columns(self, imp: Dict[str, np.ndarray], days: List[datetime.date]) -> Dict[str, np.ndarray]:
+    """The categorical columns of impressions as the strings written to the CSV."""
+    r = self.rng
+    n = len(imp["device"])
+    dev, in_app, site, app = imp["device"], imp["in_app"], imp["site"], imp["app"]
+    group = imp["group"]
+    app_traffic = lambda app_value, site_placeholder: np.where(in_app, app_value, site_placeholder)
+    ip_pick = [ips[r.integers(0, len(ips))] for ips in (self.device_ips[d] for d in dev)]
+    day_str = np.array([d.strftime("%y%m%d") for d in days])[imp["day"]]
+    size = np.array(BANNER_SIZES)[self.group_size[group]]
+    cols = {
+        F.AVAZU_HOUR: np.char.add(day_str, np.char.zfill(imp["hour_of_day"].astype(str), 2)),
+        "C1": _pick(r, [1005, 1002, 1010, 1007, 1001, 1008, 1012],
+                    [0.90, 0.05, 0.03, 0.01, 0.005, 0.003, 0.002], n).astype(str),
+        "banner_pos": imp["banner_pos"].astype(str),
+        "site_id": app_traffic(APP_TRAFFIC_SITE[0], self.site_hex[site]),
+        "site_domain": app_traffic(APP_TRAFFIC_SITE[1], self.site_domain[site]),
+        "site_category": app_traffic(APP_TRAFFIC_SITE[2], self.site_cat_hex[self.site_cat[site]]),
+        "app_id": np.where(in_app, self.app_hex[app], SITE_TRAFFIC_APP[0]),
+        "app_domain": np.where(in_app, self.app_domain[app], SITE_TRAFFIC_APP[1]),
+        "app_category": np.where(in_app, self.app_cat_hex[self.app_cat[app]], SITE_TRAFFIC_APP[2]),
+        "device_id": np.where(self.device_anonymous[dev], ANONYMOUS_DEVICE, self.device_hex[dev]),
+        "device_ip": np.array(ip_pick),
+        "device_model": self.device_model[dev],
+        "device_type": self.device_type[dev].astype(str),
+        "device_conn_type": self.conn_type[dev].astype(str),
+        "C14": self.ad_c14[imp["ad"]].astype(str),
+        "C15": size[:, 0].astype(str),
+        "C16": size[:, 1].astype(str),
+        "C17": self.group_c17[group].astype(str),
+        "C18": self.group_c18[group].astype(str),
+        "C19": self.group_c19[group].astype(str),
+        "C20": self.group_c20[group].astype(str),
+        "C21": self.group_c21[group].astype(str),
+    }
+    # Any categorical value may be missing: leave a few empty.
+    for name, p in (("device_model", 0.01), ("site_category", 0.005), ("C20", 0.005)):
+      cols[name] = np.where(r.random(n) < p, "", cols[name].astype(object))
+    return {k: np.asarray(v, dtype=object) for k, v in cols.items()}
+
+
+def _bad_row(values: Dict[str, str], reason: str, k: int) -> Tuple[Dict[str, object], bool]:
+  """A copy of a good row's values broken for ``reason``; (values, drop the last column)."""
+  v = dict(values)
+  if reason == avazu_reader.BAD_SAMPLE_ID:
+    v[F.AVAZU_ID] = "" if k % 2 else v[F.AVAZU_ID][:6] + "x" + v[F.AVAZU_ID][7:]
+  elif reason == avazu_reader.BAD_CLICK:
+    v[F.CLICK] = ("2", "", "yes")[k % 3]
+  elif reason == avazu_reader.BAD_CONVERSION:
+    v[F.CONVERSION] = ("", "2")[k % 2]
+  elif reason == avazu_reader.CONVERSION_WITHOUT_CLICK:
+    v[F.CLICK], v[F.CONVERSION] = "0", "1"
+  elif reason == avazu_reader.BAD_HOUR:
+    v[F.AVAZU_HOUR] = (v[F.AVAZU_HOUR][:6] + "24", v[F.AVAZU_HOUR][:2] + "13" + v[F.AVAZU_HOUR][4:],
+                       v[F.AVAZU_HOUR][:7])[k % 3]
+  elif reason == avazu_reader.BAD_INTEGER:
+    v["C14"] = v["C14"][:2] + "x" + v["C14"][2:]
+  elif reason == avazu_reader.NOT_UTF8:
+    v["site_domain"] = b"\xff\xfe" + str(v["site_domain"]).encode()
+  elif reason != avazu_reader.WRONG_COLUMN_COUNT:
+    raise ValueError(reason)
+  return v, reason == avazu_reader.WRONG_COLUMN_COUNT
+
+
+def _csv_line(values: Dict[str, object], columns, drop_last: bool = False) -> bytes:
+  cells = [values[c] for c in columns]
+  if drop_last:
+    cells = cells[:-1]
+  return b",".join(c if isinstance(c, bytes) else str(c).encode() for c in cells) + b"\n"
+
+
+def write_avazu_split(world: AvazuWorld, rng: np.random.Generator, out_dir: str, split: str,
+                      num_impressions: int, days: List[datetime.date], ctr: float, cvr: float,
+                      with_conversion: bool, bad_rows: int) -> dict:
+  """Writes one split's CSV (and ground truth); returns summary counts."""
+  imp = world.impressions(num_impressions, days)
+  if world.b_click is None:   # calibrate once, on the first split written
+    world.b_click = _solve_bias(imp["click_logit"], ctr)
+    world.b_cvr = _solve_bias(imp["cvr_logit"], cvr)
+  p_ctr = 1 / (1 + np.exp(-(imp["click_logit"] + world.b_click)))
+  p_cvr = 1 / (1 + np.exp(-(imp["cvr_logit"] + world.b_cvr)))
+  click = (rng.random(num_impressions) < p_ctr).astype(int)
+  cf_conversion = (rng.random(num_impressions) < p_cvr).astype(int)
+  conversion = click * cf_conversion
+  cols = world.columns(imp, days)
+  ids = _sample_ids(rng, num_impressions + bad_rows, world.ids_taken)
+  cols[F.AVAZU_ID] = np.array(ids[:num_impressions], dtype=object)
+  cols[F.CLICK] = click.astype(str).astype(object)
+  if with_conversion:
+    cols[F.CONVERSION] = conversion.astype(str).astype(object)
+  cols[AVAZU_EXTRA_COLUMN] = np.array([f"{x:.3f}" for x in rng.gamma(2.0, 0.05, num_impressions)],
+                                      dtype=object)
+  columns = list(F.AVAZU_COLUMNS) + ([F.CONVERSION] if with_conversion else []) + [AVAZU_EXTRA_COLUMN]
+  columns = [columns[i] for i in rng.permutation(len(columns))]
+
+  reasons = [avazu_reader.WRONG_COLUMN_COUNT, avazu_reader.BAD_SAMPLE_ID, avazu_reader.BAD_CLICK,
+             avazu_reader.BAD_HOUR, avazu_reader.BAD_INTEGER, avazu_reader.NOT_UTF8]
+  if with_conversion:
+    reasons += [avazu_reader.BAD_CONVERSION, avazu_reader.CONVERSION_WITHOUT_CLICK]
+  bad_at = {}        # row position -> bad lines written before it
+  injected: Dict[str, int] = {}
+  for k in range(bad_rows):
+    reason = reasons[k % len(reasons)]
+    template = {c: cols[c][int(rng.integers(0, num_impressions))] for c in columns}
+    template[F.AVAZU_ID] = ids[num_impressions + k]
+    values, drop_last = _bad_row(template, reason, k // len(reasons))
+    bad_at.setdefault(int(rng.integers(0, num_impressions + 1)), []).append(
+        _csv_line(values, columns, drop_last))
+    injected[reason] = injected.get(reason, 0) + 1
+
+  os.makedirs(out_dir, exist_ok=True)
+  ordered = [cols[c] for c in columns]
+  with open(os.path.join(out_dir, f"{split}.csv"), "wb") as out, \
+       open(os.path.join(out_dir, f"ground_truth_{split}.csv"), "w", newline="\n") as truth:
+    out.write((",".join(columns) + "\n").encode())
+    truth.write("sample_id,true_pctr,true_pcvr,counterfactual_conversion\n")
+    for row in range(num_impressions):
+      for line in bad_at.get(row, ()):
+        out.write(line)
+      out.write((",".join(col[row] for col in ordered) + "\n").encode())
+      truth.write(f"{ids[row]},{p_ctr[row]:.6g},{p_cvr[row]:.6g},{cf_conversion[row]}\n")
+    for line in bad_at.get(num_impressions, ()):
+      out.write(line)
+  summary = {"split": split, "impressions": num_impressions, "clicks": int(click.sum()),
+             "conversions": int(conversion.sum()), "ctr": float(click.mean()),
+             "cvr_on_clicks": float(conversion.sum() / max(1, click.sum())),
+             "days": [d.strftime("%Y%m%d") for d in days], "columns": columns,
+             "with_conversion": with_conversion, "bad_rows": injected}
+  logging.info("wrote %s", summary)
+  return summary
+
+
+def generate_avazu(output_dir: str, num_train: int, num_test: int, num_days: int = 3,
+                   num_devices: int = 5_000, ctr: float = 0.165, cvr: float = 0.05,
+                   with_conversion: bool = True, bad_rows: int = 0, seed: int = 2014) -> List[dict]:
+  """Writes Avazu-style ``train.csv`` and ``test.csv`` with ground truth; a pure function
+  of its arguments. Train covers ``num_days`` days from 2014-10-21, test the day after;
+  ``bad_rows`` bad rows (every reason in turn) go into train."""
+  rng = np.random.default_rng(seed)
+  world = AvazuWorld(rng, num_devices)
+  train_days = [AVAZU_START + datetime.timedelta(days=d) for d in range(num_days)]
+  test_days = [AVAZU_START + datetime.timedelta(days=num_days)]
+  return [write_avazu_split(world, rng, output_dir, "train", num_train, train_days, ctr, cvr,
+                            with_conversion, bad_rows),
+          write_avazu_split(world, rng, output_dir, "test", num_test, test_days, ctr, cvr,
+                            with_conversion, 0)]
+
+
 def main(argv):
   del argv
+  if FLAGS.format == "avazu":
+    default = lambda name, value: FLAGS[name].value if FLAGS[name].present else value
+    for s in generate_avazu(FLAGS.output_dir, FLAGS.num_train, FLAGS.num_test, FLAGS.num_days,
+                            FLAGS.num_devices, default("ctr", 0.165), default("cvr", 0.05),
+                            FLAGS.with_conversion, FLAGS.bad_rows, default("seed", 2014)):
+      print(f"{s['split']}: {s['impressions']} impressions over days {','.join(s['days'])}, "
+            f"{s['clicks']} clicks (CTR {s['ctr']:.4f}), {s['conversions']} conversions "
+            f"(CVR on clicks {s['cvr_on_clicks']:.4f}), bad rows {s['bad_rows'] or 0}")
+    return
   for s in generate(FLAGS.output_dir, FLAGS.num_train, FLAGS.num_test, FLAGS.num_users,
                     FLAGS.num_items, FLAGS.impressions_per_common, FLAGS.ctr, FLAGS.cvr,
                     FLAGS.anomalies, FLAGS.seed):

@@ -1,13 +1,14 @@
 """TensorFlow Transform preprocessing_fn and the raw feature specs it reads.
 
-Everything here is stateless (hashing, weight alignment, label derivation), so the
-transform is identical for every day and every split; nothing is analysed that could
-drift between runs. The hash bucket count of each field is written into the
+Everything here is stateless (hashing, weight alignment, label derivation, the hour of
+day of Avazu's raw hour, feature crosses), so the transform is identical for every day
+and every split; nothing is analysed that could drift between runs. The hash bucket
+count of each field (crosses and the hour of day included) is written into the
 transformed schema (int domain), from where the model reads its table sizes, so
 preprocessing and training cannot disagree.
 """
 
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 import tensorflow as tf
 from tensorflow_transform import schema_inference
@@ -15,29 +16,40 @@ from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 
 from preprocessing import features as F
 
+_DTYPES = {F.INT64: tf.int64, F.STRING: tf.string}
 
-def raw_feature_spec(fmt: str, with_labels: bool = True, with_sample_id: bool = True) -> Dict:
+
+def raw_feature_spec(fmt: str, with_labels: bool = True, with_sample_id: bool = True,
+                     labels: Optional[Sequence[str]] = None) -> Dict:
   """tf.io feature spec of the raw (pre-hash) features of ``fmt``.
+
+  ``labels``: the raw labels the input has (default both ``click`` and ``conversion``;
+  Avazu logs may have ``click`` only). ``with_sample_id`` adds the passthrough keys:
+  ``sample_id`` (string for Avazu) and, for Avazu, ``day``.
 
   The serving receiver uses ``with_labels=False, with_sample_id=False``: a client
   sends only the raw categorical values, and every one of them may be missing.
   """
   spec = {}
   for f in F.fields(fmt):
-    spec[f.raw_ids] = tf.io.VarLenFeature(tf.int64)
+    spec[f.raw_ids] = tf.io.VarLenFeature(_DTYPES[f.raw_dtype])
     if f.weighted:
       spec[f.raw_weights] = tf.io.VarLenFeature(tf.float32)
   if with_labels:
-    for label in F.RAW_LABELS:
+    for label in (F.RAW_LABELS if labels is None else labels):
+      if label not in F.RAW_LABELS:
+        raise ValueError(f"unknown raw label {label!r}; known: {F.RAW_LABELS}")
       spec[label] = tf.io.FixedLenFeature([], tf.int64)
   if with_sample_id:
-    spec[F.SAMPLE_ID] = tf.io.FixedLenFeature([], tf.int64)
+    spec[F.SAMPLE_ID] = tf.io.FixedLenFeature([], _DTYPES[F.SAMPLE_ID_DTYPES[fmt]])
+    for name in F.PASSTHROUGH_INT64[fmt]:
+      spec[name] = tf.io.FixedLenFeature([], tf.int64)
   return spec
 
 
-def raw_metadata(fmt: str) -> dataset_metadata.DatasetMetadata:
+def raw_metadata(fmt: str, labels: Optional[Sequence[str]] = None) -> dataset_metadata.DatasetMetadata:
   return dataset_metadata.DatasetMetadata(
-      schema_utils.schema_from_feature_spec(raw_feature_spec(fmt)))
+      schema_utils.schema_from_feature_spec(raw_feature_spec(fmt, labels=labels)))
 
 
 def _aligned_weights(field: F.Field, ids: tf.SparseTensor, weights: tf.SparseTensor) -> tf.SparseTensor:
@@ -56,36 +68,78 @@ def _aligned_weights(field: F.Field, ids: tf.SparseTensor, weights: tf.SparseTen
   return tf.SparseTensor(ids.indices, values, ids.dense_shape)
 
 
+def _set_domain(ids: tf.Tensor, buckets: int) -> tf.Tensor:
+  """Records ``[0, buckets)`` as the int domain of ``ids`` in the transformed schema."""
+  schema_inference.set_tensor_schema_override(
+      ids, tf.constant(0, tf.int64), tf.constant(buckets - 1, tf.int64))
+  return ids
+
+
 def hash_ids(ids: tf.Tensor, buckets: int) -> tf.Tensor:
   """Stateless hash of raw ids (any dtype) into ``[0, buckets)``."""
   strings = ids if ids.dtype == tf.string else tf.strings.as_string(ids)
-  hashed = tf.strings.to_hash_bucket_fast(strings, buckets)
-  schema_inference.set_tensor_schema_override(
-      hashed, tf.constant(0, tf.int64), tf.constant(buckets - 1, tf.int64))
-  return hashed
+  return _set_domain(tf.strings.to_hash_bucket_fast(strings, buckets), buckets)
 
 
-def make_preprocessing_fn(fmt: str, max_hash_buckets: Optional[int] = None):
-  """Returns the TFT ``preprocessing_fn`` for input format ``fmt``."""
-  buckets = F.hash_buckets(fmt, max_hash_buckets)
+def hour_of_day_ids(hours: tf.Tensor, buckets: int) -> tf.Tensor:
+  """The hour of day (0-23) of raw ``YYMMDDHH`` hours, as ids in ``[0, buckets)``.
+
+  With 24 or more buckets the id is the hour itself (no collisions); a smaller cap
+  folds the hours modulo ``buckets``.
+  """
+  hour = tf.math.floormod(tf.cast(hours, tf.int64), 100)
+  return _set_domain(tf.math.floormod(hour, buckets), buckets)
+
+
+def cross_values(sides: Sequence[tf.SparseTensor]) -> tf.SparseTensor:
+  """Every pair of values of the crossed fields, joined with F.CROSS_SEPARATOR (strings).
+
+  Integer values are written in decimal; a row missing either side has no value.
+  """
+  return tf.sparse.cross(list(sides), separator=F.CROSS_SEPARATOR)
+
+
+def make_preprocessing_fn(fmt: str, max_hash_buckets: Optional[int] = None,
+                          crosses: Sequence[F.Field] = (), labels: Optional[Sequence[str]] = None):
+  """Returns the TFT ``preprocessing_fn`` for input format ``fmt``.
+
+  ``crosses``: cross fields (``F.parse_crosses``) hashed into ``id_<a>_x_<b>``.
+  ``labels``: the raw labels of the input (default click and conversion); ``ctcvr`` is
+  made only when both are there.
+  """
+  crosses = tuple(crosses)
+  buckets = F.hash_buckets(fmt, max_hash_buckets, crosses)
   schema = F.fields(fmt)
+  for cross in crosses:
+    if F.cross_field(fmt, *cross.crossed).name != cross.name:
+      raise ValueError(f"{cross.name} is not a cross of format {fmt!r}")
+  raw_labels = F.RAW_LABELS if labels is None else tuple(labels)
+  out_labels = F.transformed_labels(raw_labels)
+  passthrough = (F.SAMPLE_ID,) + F.PASSTHROUGH_INT64[fmt]
 
   def preprocessing_fn(inputs: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
     outputs = {}
     for field in schema:
       ids = inputs[field.raw_ids]
-      hashed = hash_ids(ids.values, buckets[field.name])
+      if field.transform == F.HOUR_OF_DAY:
+        hashed = hour_of_day_ids(ids.values, buckets[field.name])
+      else:
+        hashed = hash_ids(ids.values, buckets[field.name])
       outputs[field.ids] = tf.SparseTensor(ids.indices, hashed, ids.dense_shape)
       if field.weighted:
         outputs[field.weights] = _aligned_weights(field, ids, inputs[field.raw_weights])
-    if F.CLICK in inputs and F.CONVERSION in inputs:
-      click = inputs[F.CLICK]
-      conversion = inputs[F.CONVERSION]
-      outputs[F.CLICK] = click
-      outputs[F.CONVERSION] = conversion
-      outputs[F.CTCVR] = click * conversion
-    if F.SAMPLE_ID in inputs:
-      outputs[F.SAMPLE_ID] = tf.identity(inputs[F.SAMPLE_ID])
+    for cross in crosses:
+      pairs = cross_values([inputs[F.field(fmt, name).raw_ids] for name in cross.crossed])
+      outputs[cross.ids] = tf.SparseTensor(
+          pairs.indices, hash_ids(pairs.values, buckets[cross.name]), pairs.dense_shape)
+    if all(label in inputs for label in raw_labels):
+      outputs[F.CLICK] = inputs[F.CLICK]
+      if F.CTCVR in out_labels:
+        outputs[F.CONVERSION] = inputs[F.CONVERSION]
+        outputs[F.CTCVR] = inputs[F.CLICK] * inputs[F.CONVERSION]
+    for name in passthrough:
+      if name in inputs:
+        outputs[name] = tf.identity(inputs[name])
     return outputs
 
   return preprocessing_fn
@@ -106,7 +160,8 @@ def transformed_hash_buckets(tft_output) -> Dict[str, int]:
 def raw_example(instance: Mapping, fmt: str) -> tf.train.Example:
   """A raw instance dict (as the readers produce it) as the tf.Example a client would send.
 
-  Empty fields are left out, as a client would; labels and sample_id only if present.
+  Empty fields are left out, as a client would; labels and passthrough keys only if
+  present. String values (Avazu's hex ids, its sample id) become bytes.
   """
   feature = {}
   spec = raw_feature_spec(fmt)
@@ -119,6 +174,9 @@ def raw_example(instance: Mapping, fmt: str) -> tf.train.Example:
       continue
     if s.dtype == tf.int64:
       feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+    elif s.dtype == tf.string:
+      feature[name] = tf.train.Feature(bytes_list=tf.train.BytesList(
+          value=[v if isinstance(v, bytes) else str(v).encode("utf-8") for v in values]))
     else:
       feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
   return tf.train.Example(features=tf.train.Features(feature=feature))
