@@ -10,15 +10,16 @@ from typing import Any, Dict
 
 import tensorflow as tf
 
-from model_fn import esmm, export
+from model_fn import esmm, export, mmoe
 from model_fn import input_fn as I
+from model_fn.params import MMOE_MODELS, resolve_params
 
 PARAMS_FILE = "params.json"
 
 
 def model_fn_for(params) -> Any:
-  """The model_fn for ``params['model']``."""
-  return esmm.esmm_model_fn
+  """The model_fn for ``params['model']``: mmoe_model_fn for the MMoE family, else esmm_model_fn."""
+  return mmoe.mmoe_model_fn if params["model"] in MMOE_MODELS else esmm.esmm_model_fn
 
 
 def make_estimator(model_dir: str, params: Dict[str, Any], seed: int = 42,
@@ -57,7 +58,8 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
                        do_export: bool = True) -> Dict[str, Any]:
   """Trains to the step budget (resuming), evaluates, exports. Returns metrics and export path."""
   tft_output = I.load_transform_output(transform_dir)
-  params = esmm.resolve_params(params)
+  params = resolve_params(params)
+  I.require_labels(tft_output, params["model"], transform_dir)
   save_params(model_dir, params)
   if train_steps <= 0:
     train_steps = max(1, math.ceil(num_epochs * I.split_rows(transform_dir, "train") / batch_size))

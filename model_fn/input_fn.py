@@ -26,6 +26,32 @@ def load_transform_output(transform_dir: str) -> tft.TFTransformOutput:
   return tft.TFTransformOutput(transform_dir)
 
 
+class MissingLabelError(ValueError):
+  """The transform output lacks a label the model trains on."""
+
+
+def require_labels(tft_output: tft.TFTransformOutput, model: str, transform_dir: str = "") -> None:
+  """Stops before any training when a label the model needs is not in the transform output.
+
+  Every model of the project trains on click and conversion (ESMM and MMoE on the CTCVR
+  label click AND conversion, BASE on conversion over clicks).
+  """
+  spec = tft_output.transformed_feature_spec()
+  missing = [name for name in F.LABELS if name not in spec]
+  if missing:
+    raise MissingLabelError(
+        f"model {model!r} trains on the labels {list(F.LABELS)}, but the transform output "
+        f"{transform_dir or ''} has no {' / '.join(repr(m) for m in missing)} "
+        "(its raw input had no 'conversion' column, so it was preprocessed click-only); "
+        "preprocess logs that carry a conversion column to train this model")
+
+
+def transform_format(transform_dir: str) -> str:
+  """The raw input format a preprocessing run read (recorded in its reconciliation.json)."""
+  with tf.io.gfile.GFile(os.path.join(transform_dir, RECONCILIATION)) as f:
+    return json.load(f)["format"]
+
+
 def split_rows(transform_dir: str, split: str) -> int:
   """Rows written for ``split`` ('train' or 'eval') by the preprocessing run."""
   with tf.io.gfile.GFile(os.path.join(transform_dir, RECONCILIATION)) as f:

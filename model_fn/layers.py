@@ -1,10 +1,14 @@
-"""Composable pieces of the networks: field embeddings with weighted pooling, MLP towers."""
+"""Composable pieces of the networks: field embeddings with weighted pooling, MLP towers,
+MMoE experts and gates."""
 
 from typing import Dict, List, Sequence, Tuple
 
 import tensorflow as tf
 
 from preprocessing import features as F
+
+# Embedding tables get their own (sparse-update) optimizer, see model_fn/heads.py.
+EMBEDDING_COLLECTION = "esmm_embedding_tables"
 
 
 def embed_fields(features: Dict[str, tf.Tensor], schema: Sequence[F.Field],
@@ -30,14 +34,62 @@ def embed_fields(features: Dict[str, tf.Tensor], schema: Sequence[F.Field],
   return tf.concat(pooled, axis=1), tables
 
 
+def embedding_input(features: Dict[str, tf.Tensor], params, scope: str) -> tf.Tensor:
+  """The pooled embeddings of every field the transform output has (crosses included).
+
+  The fields are those of ``params['hash_buckets']`` (read back from the transformed
+  schema), so a preprocessing run with other crosses needs no code change here.
+  """
+  schema = F.fields_for_buckets(params["format"], params["hash_buckets"])
+  pooled, tables = embed_fields(features, schema, params["hash_buckets"], params["embedding_dim"],
+                                scope, params["embedding_init_stddev"])
+  for t in tables:
+    tf.compat.v1.add_to_collection(EMBEDDING_COLLECTION, t)
+  return pooled
+
+
 def mlp_logit(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
               training: bool = False) -> tf.Tensor:
   """ReLU MLP tower ending in one logit: [batch, n] -> [batch]."""
-  x = inputs
   with tf.compat.v1.variable_scope(name):
-    for i, units in enumerate(hidden_units):
-      x = tf.compat.v1.layers.dense(x, units, activation=tf.nn.relu, name=f"hidden_{i}")
-      if dropout > 0:
-        x = tf.compat.v1.layers.dropout(x, rate=dropout, training=training)
+    x = _relu_layers(inputs, hidden_units, dropout, training)
     logit = tf.compat.v1.layers.dense(x, 1, name="logit")
   return tf.squeeze(logit, axis=1)
+
+
+def _relu_layers(x: tf.Tensor, hidden_units: Sequence[int], dropout: float, training: bool) -> tf.Tensor:
+  for i, units in enumerate(hidden_units):
+    x = tf.compat.v1.layers.dense(x, units, activation=tf.nn.relu, name=f"hidden_{i}")
+    if dropout > 0:
+      x = tf.compat.v1.layers.dropout(x, rate=dropout, training=training)
+  return x
+
+
+def mlp(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
+        training: bool = False) -> tf.Tensor:
+  """ReLU MLP without an output layer: [batch, n] -> [batch, hidden_units[-1]]."""
+  with tf.compat.v1.variable_scope(name):
+    return _relu_layers(inputs, hidden_units, dropout, training)
+
+
+def mmoe(inputs: tf.Tensor, tasks: Sequence[str], num_experts: int, expert_units: Sequence[int],
+         name: str = "mmoe", dropout: float = 0.0,
+         training: bool = False) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+  """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018).
+
+  ``num_experts`` ReLU MLPs read the shared input; each task has a softmax gate (a linear
+  layer of the shared input) that mixes the expert outputs into that task's tower input.
+  Every expert has its own variables, initialised independently.
+
+  Returns ({task: [batch, expert_units[-1]]}, {task: gate weights [batch, num_experts]}).
+  """
+  with tf.compat.v1.variable_scope(name):
+    experts = tf.stack([mlp(inputs, expert_units, f"expert_{e}", dropout, training)
+                        for e in range(num_experts)], axis=1)          # [batch, E, d]
+    mixed, gates = {}, {}
+    for task in tasks:
+      logits = tf.compat.v1.layers.dense(inputs, num_experts, name=f"gate_{task}")
+      gate = tf.nn.softmax(logits, axis=-1)                             # [batch, E]
+      gates[task] = gate
+      mixed[task] = tf.reduce_sum(experts * gate[:, :, None], axis=1)
+  return mixed, gates

@@ -24,6 +24,18 @@ def ctcvr_logits(ctr_logits: tf.Tensor, cvr_logits: tf.Tensor) -> tf.Tensor:
   return log_p - log_1mp
 
 
+def division_cvr_logits(ctr_logits: tf.Tensor, ctcvr_logits: tf.Tensor,
+                        max_probability: float = 1.0 - 1e-6) -> tf.Tensor:
+  """The logit of pCVR = pCTCVR / pCTR, for models that predict CTCVR as a task of its own.
+
+  Computed in log space and clipped to ``max_probability`` (two separate networks do not
+  guarantee pCTCVR <= pCTR), so it is finite for every pair of logits.
+  """
+  log_p = tf.math.log_sigmoid(ctcvr_logits) - tf.math.log_sigmoid(ctr_logits)
+  log_p = tf.minimum(log_p, tf.math.log(tf.constant(max_probability, log_p.dtype)))
+  return log_p - tf.math.log(-tf.math.expm1(log_p))
+
+
 def sigmoid_log_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
   """Per-example binary log loss of sigmoid(logits)."""
   return tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)

@@ -84,6 +84,15 @@ def task_metrics(labels: Dict[str, tf.Tensor], heads: Dict[str, tf.Tensor],
   return ops
 
 
+def gate_metrics(gates: Dict[str, tf.Tensor]) -> Dict[str, tuple]:
+  """Mean gate weight of each expert per task over the eval set (MMoE's gate utilisation)."""
+  ops = {}
+  for task, g in gates.items():
+    for e in range(g.shape[-1]):
+      ops[f"gate/{task}/expert_{e}"] = tf.compat.v1.metrics.mean(g[:, e])
+  return ops
+
+
 def exact_auc(labels, scores, weights=None) -> float:
   """Exact ROC AUC (ties count one half) in numpy; NaN without both classes."""
   labels = np.asarray(labels, np.float64).ravel()

@@ -1,6 +1,13 @@
 """Training entry point: tf.estimator.train_and_evaluate on a preprocessing output.
 
-  python -m model_fn.train --transform_dir=PREPROCESSED --model_dir=MODEL [--model=esmm]
+  python -m model_fn.train --transform_dir=PREPROCESSED --model_dir=MODEL \
+      [--model=esmm|esmm_ns|base|mmoe|mmoe_esmm]
+
+--model picks the network (model_fn/params.py): esmm (the paper's), esmm_ns (no shared
+embeddings), base (CVR trained on clicked impressions only), mmoe (experts and gates,
+tasks CTR and CTCVR) or mmoe_esmm (MMoE's bottom with ESMM's pCTR x pCVR head).
+The input format and the table sizes are read from the preprocessing output; a model
+that needs the conversion label stops before training when the output has none.
 
 Resumes from the latest checkpoint in --model_dir: the step budget is a total
 (--num_epochs over the train split, or --train_steps), so a restarted run trains only
@@ -13,9 +20,9 @@ from typing import Any, Dict
 
 from absl import app, flags
 
-from model_fn import esmm
 from model_fn import estimator as E
 from model_fn import input_fn as I
+from model_fn.params import MODELS
 from preprocessing import transform as T
 
 FLAGS = flags.FLAGS
@@ -25,8 +32,11 @@ def define_flags():
   """The command-line flags (only when run as a program, so the module imports as a library)."""
   flags.DEFINE_string("transform_dir", None, "Output dir of pipeline.preprocess.")
   flags.DEFINE_string("model_dir", None, "Checkpoints, eval summaries and exports go here.")
-  flags.DEFINE_enum("model", "esmm", list(esmm.MODELS), "esmm (the paper's) or base (CVR on clicks only).")
-  flags.DEFINE_string("share_embeddings", "default", "true|false|default (esmm: true, base: false).")
+  flags.DEFINE_enum("model", "esmm", list(MODELS),
+                    "esmm (the paper's), esmm_ns (no shared embeddings), base (CVR on clicks only), "
+                    "mmoe (experts + gates; CTR and CTCVR tasks) or mmoe_esmm (MMoE with ESMM's head).")
+  flags.DEFINE_string("share_embeddings", "default",
+                      "true|false|default (false for esmm_ns and base, true otherwise).")
   flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
   flags.DEFINE_float("num_epochs", 1.0, "Passes over the train split (ignored if --train_steps > 0).")
   flags.DEFINE_integer("train_steps", 0, "Total training steps (0: derived from --num_epochs).")
@@ -38,7 +48,12 @@ def define_flags():
   flags.DEFINE_integer("embedding_dim", 18, "Embedding size per field.")
   flags.DEFINE_list("ctr_hidden_units", ["360", "200", "80"], "CTR tower layer sizes.")
   flags.DEFINE_list("cvr_hidden_units", ["360", "200", "80"], "CVR tower layer sizes.")
-  flags.DEFINE_float("dropout", 0.0, "Dropout rate in the towers.")
+  flags.DEFINE_integer("num_experts", 8, "MMoE: number of experts.")
+  flags.DEFINE_list("expert_hidden_units", ["256", "128"], "MMoE: layer sizes of each expert.")
+  flags.DEFINE_list("tower_hidden_units", ["128", "64"], "MMoE: layer sizes of each task tower.")
+  flags.DEFINE_float("dropout", 0.0, "Dropout rate in the towers (and experts).")
+  flags.DEFINE_boolean("uncertainty_weighting", False,
+                       "Weight the task losses by learned task uncertainty (Kendall et al. 2018).")
   flags.DEFINE_float("ctr_loss_weight", 1.0, "Weight of the CTR log loss.")
   flags.DEFINE_float("ctcvr_loss_weight", 1.0, "Weight of the CTCVR log loss (esmm).")
   flags.DEFINE_float("cvr_loss_weight", 1.0, "Weight of the clicked-only CVR log loss (base).")
@@ -46,14 +61,23 @@ def define_flags():
   flags.DEFINE_integer("seed", 42, "Graph-level random seed.")
   flags.DEFINE_boolean("export", True, "Export a SavedModel at the end.")
 
-def params_from_flags(tft_output) -> Dict[str, Any]:
-  share = {"default": None, "true": True, "false": False}[FLAGS.share_embeddings.lower()]
+
+def params_from_flags(tft_output, fmt: str) -> Dict[str, Any]:
+  share_flag = FLAGS.share_embeddings.lower()
+  if share_flag not in ("default", "true", "false"):
+    raise ValueError(f"--share_embeddings must be true, false or default, not {FLAGS.share_embeddings!r}")
+  share = {"default": None, "true": True, "false": False}[share_flag]
+  units = lambda values: [int(u) for u in values]
   return {
-      "model": FLAGS.model, "format": "aliccp",
+      "model": FLAGS.model, "format": fmt,
       "hash_buckets": T.transformed_hash_buckets(tft_output),
       "embedding_dim": FLAGS.embedding_dim,
-      "ctr_hidden_units": [int(u) for u in FLAGS.ctr_hidden_units],
-      "cvr_hidden_units": [int(u) for u in FLAGS.cvr_hidden_units],
+      "ctr_hidden_units": units(FLAGS.ctr_hidden_units),
+      "cvr_hidden_units": units(FLAGS.cvr_hidden_units),
+      "num_experts": FLAGS.num_experts,
+      "expert_hidden_units": units(FLAGS.expert_hidden_units),
+      "tower_hidden_units": units(FLAGS.tower_hidden_units),
+      "uncertainty_weighting": FLAGS.uncertainty_weighting,
       "dropout": FLAGS.dropout, "share_embeddings": share,
       "learning_rate": FLAGS.learning_rate,
       "embedding_optimizer": FLAGS.embedding_optimizer,
@@ -70,7 +94,7 @@ def main(argv):
     return 2
   try:
     tft_output = I.load_transform_output(FLAGS.transform_dir)
-    params = params_from_flags(tft_output)
+    params = params_from_flags(tft_output, I.transform_format(FLAGS.transform_dir))
     out = E.train_and_evaluate(FLAGS.transform_dir, FLAGS.model_dir, params, FLAGS.batch_size,
                              FLAGS.num_epochs, FLAGS.train_steps, FLAGS.eval_steps, FLAGS.seed,
                              FLAGS.save_checkpoints_steps, FLAGS.export)

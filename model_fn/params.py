@@ -1,0 +1,74 @@
+"""The hyper-parameters of every model_fn, with their defaults, in one place.
+
+``params['model']`` picks the network and its training objective:
+
+  esmm       the paper's ESMM: shared embeddings, CTR and CVR towers, pCTCVR = pCTR x pCVR,
+             loss = logloss(click, pCTR) + logloss(click AND conversion, pCTCVR)
+  esmm_ns    ESMM-NS: the same without shared embeddings (the CVR tower has its own tables)
+  base       BASE: CVR tower trained on clicked impressions only (own embeddings), CTR tower
+             over all impressions; the usual practice ESMM improves on
+  mmoe       MMoE (Ma et al., KDD 2018): shared embeddings -> N experts -> one softmax gate
+             and one tower per task; tasks CTR and CTCVR, both over the entire space, the
+             same summed CTR + CTCVR log loss as ESMM. pCVR = pCTCVR / pCTR (clipped to 1)
+  mmoe_esmm  MMoE's shared bottom with ESMM's head: tasks CTR and CVR on MMoE towers,
+             pCTCVR = pCTR x pCVR, ESMM's loss; pCVR is a network output as in ESMM
+"""
+
+import copy
+from typing import Any, Dict
+
+MODELS = ("esmm", "esmm_ns", "base", "mmoe", "mmoe_esmm")
+MMOE_MODELS = ("mmoe", "mmoe_esmm")
+
+DEFAULT_PARAMS: Dict[str, Any] = {
+    "model": "esmm",
+    "format": "aliccp",
+    "hash_buckets": None,            # {field: buckets}; read from the transformed schema
+    "embedding_dim": 18,
+    # ESMM / BASE towers (the paper's 360-200-80).
+    "ctr_hidden_units": [360, 200, 80],
+    "cvr_hidden_units": [360, 200, 80],
+    # MMoE: experts over the concatenated embeddings, one gate and one tower per task.
+    "num_experts": 8,
+    "expert_hidden_units": [256, 128],
+    "tower_hidden_units": [128, 64],
+    "dropout": 0.0,
+    "share_embeddings": None,        # None: False for esmm_ns and base, True otherwise
+    "optimizer": "adam",             # dense layers
+    "learning_rate": 1e-3,
+    "embedding_optimizer": "adagrad",
+    "embedding_learning_rate": 0.05,
+    "ctr_loss_weight": 1.0,
+    "ctcvr_loss_weight": 1.0,
+    "cvr_loss_weight": 1.0,          # base only
+    # Kendall et al. 2018: weight task i by exp(-s_i) and add s_i / 2, s_i = log sigma_i^2 learned.
+    "uncertainty_weighting": False,
+    "embedding_init_stddev": 0.05,
+    "objective": None,               # derived from model
+}
+
+
+def resolve_params(params) -> Dict[str, Any]:
+  """DEFAULT_PARAMS overridden by ``params``; unknown keys and contradictions are errors."""
+  unknown = set(params) - set(DEFAULT_PARAMS)
+  if unknown:
+    raise ValueError(f"unknown params {sorted(unknown)}")
+  p = copy.deepcopy(DEFAULT_PARAMS)
+  p.update(params)
+  model = p["model"]
+  if model not in MODELS:
+    raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+  separate = model in ("esmm_ns", "base")
+  if p["share_embeddings"] is None:
+    p["share_embeddings"] = not separate
+  elif p["share_embeddings"] and separate:
+    raise ValueError(f"model {model} has separate embeddings by definition; "
+                     "share_embeddings=True contradicts it")
+  if model in MMOE_MODELS and not p["share_embeddings"]:
+    raise ValueError(f"{model} shares its embeddings and experts between tasks by design")
+  if model in MMOE_MODELS and int(p["num_experts"]) < 1:
+    raise ValueError("num_experts must be at least 1")
+  if not p["hash_buckets"]:
+    raise ValueError("params['hash_buckets'] is required (read it from the transform output)")
+  p["objective"] = "base" if model == "base" else "esmm"
+  return p
