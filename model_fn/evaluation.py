@@ -17,6 +17,8 @@ from model_fn import estimator as E
 from model_fn import input_fn as I
 from model_fn import metrics as M
 
+GATE_PREFIX = "gate_"
+
 
 def predict(model_dir: str, transform_dir: str, batch_size: int = 4096) -> Dict[str, np.ndarray]:
   """Predictions on the eval split with labels and sample ids passed through."""
@@ -28,15 +30,25 @@ def predict(model_dir: str, transform_dir: str, batch_size: int = 4096) -> Dict[
   chunks: Dict[str, List[np.ndarray]] = {}
   for batch in estimator.predict(input_fn, yield_single_examples=False):
     for k, v in batch.items():
-      chunks.setdefault(k, []).append(np.asarray(v).reshape(-1))
+      v = np.asarray(v)
+      # Gate weights stay [batch, experts]; every other prediction is one value per example.
+      chunks.setdefault(k, []).append(v if k.startswith(GATE_PREFIX) else v.reshape(-1))
   return {k: np.concatenate(v) for k, v in chunks.items()}
+
+
+def sample_id_strings(ids: np.ndarray) -> np.ndarray:
+  """Sample ids as str (Ali-CCP's are int64, Avazu's are strings that overflow int64)."""
+  ids = np.asarray(ids)
+  if ids.dtype.kind in "SO":
+    return np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids])
+  return ids.astype(np.int64).astype(str)
 
 
 def read_ground_truth(path: str) -> Dict[str, np.ndarray]:
   with tf.io.gfile.GFile(path) as f:
     rows = list(csv.DictReader(f))
   return {
-      "sample_id": np.array([int(r["sample_id"]) for r in rows], np.int64),
+      "sample_id": np.array([r["sample_id"] for r in rows], dtype=str),
       "true_pctr": np.array([float(r["true_pctr"]) for r in rows]),
       "true_pcvr": np.array([float(r["true_pcvr"]) for r in rows]),
       "counterfactual_conversion": np.array([int(r["counterfactual_conversion"]) for r in rows]),
@@ -45,6 +57,7 @@ def read_ground_truth(path: str) -> Dict[str, np.ndarray]:
 
 def align_truth(sample_ids: np.ndarray, truth: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   """Ground-truth columns in the order of ``sample_ids``; every id must be present."""
+  sample_ids = sample_id_strings(sample_ids)
   order = np.argsort(truth["sample_id"])
   sorted_ids = truth["sample_id"][order]
   pos = np.searchsorted(sorted_ids, sample_ids)
@@ -55,11 +68,16 @@ def align_truth(sample_ids: np.ndarray, truth: Dict[str, np.ndarray]) -> Dict[st
   return {k: v[order][pos] for k, v in truth.items()}
 
 
-def score(click, conversion, ctr, cvr, truth: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, float]:
-  """The protocol's metrics from labels and predicted probabilities."""
+def score(click, conversion, ctr, cvr, ctcvr=None,
+          truth: Optional[Dict[str, np.ndarray]] = None) -> Dict[str, float]:
+  """The protocol's metrics from labels and predicted probabilities.
+
+  ``ctcvr`` defaults to ctr * cvr (ESMM's structure); MMoE predicts it as a task of its own.
+  """
   click = np.asarray(click, np.float64)
   ctcvr_label = click * np.asarray(conversion, np.float64)
-  ctcvr = np.asarray(ctr, np.float64) * np.asarray(cvr, np.float64)
+  if ctcvr is None:
+    ctcvr = np.asarray(ctr, np.float64) * np.asarray(cvr, np.float64)
   out = {
       "auc/ctr": M.exact_auc(click, ctr),
       "auc/ctcvr": M.exact_auc(ctcvr_label, ctcvr),
@@ -79,19 +97,44 @@ def score(click, conversion, ctr, cvr, truth: Optional[Dict[str, np.ndarray]] = 
   return out
 
 
+def gate_means(p: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  """MMoE: the mean gate weight of each expert per task over the eval split ({} otherwise)."""
+  return {k[len(GATE_PREFIX):]: p[k].mean(axis=0) for k in sorted(p) if k.startswith(GATE_PREFIX)}
+
+
 def evaluate(models: List[Tuple[str, str]], transform_dir: str, ground_truth: Optional[str] = None,
-             batch_size: int = 4096) -> Dict[str, Dict[str, float]]:
+             batch_size: int = 4096):
+  """Scores each (name, model_dir) on the eval split.
+
+  Returns (report, curves): ``report[name]`` the metrics (plus ``gate/<task>/expert_<i>``
+  for MMoE), ``curves[name]`` the aligned labels and predictions the charts of
+  ``model_fn.report`` are drawn from. With ``ground_truth`` an ``oracle`` row is added.
+  """
   truth_all = read_ground_truth(ground_truth) if ground_truth else None
-  report = {}
+  report, curves = {}, {}
   for name, model_dir in models:
     p = predict(model_dir, transform_dir, batch_size)
     truth = align_truth(p["sample_id"], truth_all) if truth_all else None
-    report[name] = score(p["label_click"], p["label_conversion"], p["ctr"], p["cvr"], truth)
+    report[name] = score(p["label_click"], p["label_conversion"], p["ctr"], p["cvr"], p["ctcvr"], truth)
+    curves[name] = {k: p[k] for k in ("label_click", "label_conversion", "ctr", "cvr", "ctcvr")}
+    gates = gate_means(p)
+    if gates:
+      curves[name]["gates"] = gates
+      for task, weights in gates.items():
+        for e, w in enumerate(weights):
+          report[name][f"gate/{task}/expert_{e}"] = float(w)
+    if truth is not None:
+      curves[name]["counterfactual_conversion"] = truth["counterfactual_conversion"]
     report[name]["model_dir"] = model_dir
   if truth_all is not None:
     # The ceiling: the true probabilities scored the same way.
-    report["oracle"] = score(p["label_click"], p["label_conversion"], truth["true_pctr"], truth["true_pcvr"], truth)
-  return report
+    report["oracle"] = score(p["label_click"], p["label_conversion"], truth["true_pctr"],
+                             truth["true_pcvr"], None, truth)
+    curves["oracle"] = {"label_click": p["label_click"], "label_conversion": p["label_conversion"],
+                        "ctr": truth["true_pctr"], "cvr": truth["true_pcvr"],
+                        "ctcvr": truth["true_pctr"] * truth["true_pcvr"],
+                        "counterfactual_conversion": truth["counterfactual_conversion"]}
+  return report, curves
 
 
 COLUMNS = (("CTR AUC", "auc/ctr"), ("CTCVR AUC", "auc/ctcvr"), ("CVR AUC clicked", "auc/cvr_clicked"),
@@ -106,6 +149,23 @@ def format_table(report: Dict[str, Dict[str, float]]) -> str:
            "|---|" + "---:|" * len(cols)]
   for name, r in report.items():
     lines.append(f"| {name} | " + " | ".join(f"{r[k]:.4f}" if k in r else "" for _, k in cols) + " |")
+  return "\n".join(lines)
+
+
+def format_gates(report: Dict[str, Dict[str, float]]) -> str:
+  """MMoE gate utilisation: mean gate weight per task (rows) and expert (columns)."""
+  lines = []
+  for name, r in report.items():
+    keys = [k for k in r if k.startswith("gate/")]
+    if not keys:
+      continue
+    tasks = sorted({k.split("/")[1] for k in keys})
+    experts = sorted({int(k.split("_")[-1]) for k in keys})
+    lines.append(f"gate utilisation of {name} (mean gate weight per task and expert):")
+    lines.append("| task | " + " | ".join(f"e{e}" for e in experts) + " |")
+    lines.append("|---|" + "---:|" * len(experts))
+    for task in tasks:
+      lines.append(f"| {task} | " + " | ".join(f"{r[f'gate/{task}/expert_{e}']:.3f}" for e in experts) + " |")
   return "\n".join(lines)
 
 

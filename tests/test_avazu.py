@@ -482,3 +482,58 @@ def test_click_only_run_on_the_real_sample(tmp_path):
   for sid, r in train.items():
     for name in ("id_site_id", "id_C20", "id_hour_of_day", "id_site_id_x_device_ip"):
       assert r[name] == evals[sid][name], name
+
+
+# The model side on Avazu-style output: crosses and hour of day are embedded, string
+# sample ids align with the ground truth, and a click-only output is refused up front.
+
+def test_esmm_trains_on_avazu_output_and_serves_raw_examples(conv_run, tmp_path):
+  from model_fn import estimator as E
+  from model_fn import evaluation
+  out = conv_run["out"]
+  buckets = T.transformed_hash_buckets(conv_run["tft_output"])
+  assert {"hour_of_day", "app_id_x_device_id", "site_id_x_device_id"} <= set(buckets)
+  params = {"model": "mmoe_esmm", "format": "avazu", "hash_buckets": buckets, "embedding_dim": 4,
+            "num_experts": 2, "expert_hidden_units": [8], "tower_hidden_units": [4]}
+  model_dir = str(tmp_path / "model")
+  result = E.train_and_evaluate(out, model_dir, params, batch_size=128, train_steps=20,
+                                save_checkpoints_steps=20)
+  assert np.isfinite(result["metrics"]["auc/ctr"])
+  report, curves = evaluation.evaluate([("mmoe_esmm", model_dir)], out,
+                                       os.path.join(conv_run["raw"], "ground_truth_test.csv"))
+  assert report["mmoe_esmm"]["examples"] == conv_run["rec"]["eval"]["rows_written"]
+  assert 0.5 < report["oracle"]["auc/cvr_all_vs_truth"] <= 1
+  p = evaluation.predict(model_dir, out)
+  rows = _csv_rows(conv_run["raw"], ["test.csv"])
+  ids = [i.decode() for i in p["sample_id"][:50]]
+  assert any(int(i) >= 2 ** 63 for i in rows)       # ids past int64 exist and are served
+  client = lambda inst: {k: v for k, v in inst.items() if k.startswith(F.RAW_ID_PREFIX)}
+  serialized = [T.raw_example(client(rows[i]), "avazu").SerializeToString() for i in ids]
+  loaded = tf.saved_model.load(result["saved_model"])
+  got = loaded.signatures["regression"](inputs=tf.constant(serialized))["outputs"].numpy().reshape(-1)
+  np.testing.assert_allclose(got, p["cvr"][:50], rtol=1e-5, atol=1e-7)
+
+
+def test_training_on_a_click_only_output_stops_naming_the_missing_label(tmp_path):
+  import subprocess
+  import sys
+  from model_fn import estimator as E
+  from model_fn import input_fn as I
+  shutil.copyfile(SAMPLE, tmp_path / "train.csv")
+  shutil.copyfile(SAMPLE, tmp_path / "test.csv")
+  out = str(tmp_path / "out")
+  preprocess.run("avazu", preprocess._input_patterns(str(tmp_path), {}, "avazu"), out, [],
+                 max_hash_buckets=BUCKETS)
+  buckets = T.transformed_hash_buckets(tft.TFTransformOutput(out))
+  for model in ("esmm", "mmoe"):
+    model_dir = tmp_path / model
+    with pytest.raises(I.MissingLabelError, match="'conversion'"):
+      E.train_and_evaluate(out, str(model_dir), {"model": model, "format": "avazu", "hash_buckets": buckets},
+                           batch_size=32, train_steps=5)
+    assert not model_dir.exists()        # stopped before anything was written
+  cli = subprocess.run([sys.executable, "-m", "model_fn.train", f"--transform_dir={out}",
+                        f"--model_dir={tmp_path / 'cli'}", "--model=mmoe"],
+                       capture_output=True, text=True, timeout=120)
+  assert cli.returncode == 2
+  assert "no 'conversion' / 'ctcvr'" in cli.stderr and "click-only" in cli.stderr
+  assert not (tmp_path / "cli").exists()

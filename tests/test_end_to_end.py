@@ -191,3 +191,55 @@ def test_training_resumes_from_the_checkpoint(run, tmp_path):
 def test_trainer_refuses_an_unfinished_preprocessing_output(tmp_path):
   with pytest.raises(I.IncompleteTransformOutput):
     I.load_transform_output(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def mmoe_run(run, tmp_path_factory):
+  params = dict(run["params"], model="mmoe", num_experts=3, expert_hidden_units=[16],
+                tower_hidden_units=[8])
+  model_dir = str(tmp_path_factory.mktemp("mmoe") / "model")
+  result = E.train_and_evaluate(run["out"], model_dir, params, batch_size=256, train_steps=40,
+                                save_checkpoints_steps=40)
+  return {"model_dir": model_dir, "result": result}
+
+
+def test_mmoe_trains_exports_and_serves_pcvr(run, mmoe_run):
+  m = mmoe_run["result"]["metrics"]
+  for task in ("ctr", "ctcvr"):
+    gate = [m[f"gate/{task}/expert_{e}"] for e in range(3)]
+    assert abs(sum(gate) - 1) < 1e-4, gate
+  assert np.isfinite(m["auc/cvr"]) and np.isfinite(m["auc/ctcvr"])
+  saved = mmoe_run["result"]["saved_model"]
+  sigs = _signature_defs(saved)
+  assert sigs["regression"].method_name == "tensorflow/serving/regress"
+  assert set(sigs["predict"].outputs) == {"ctr", "cvr", "ctcvr"}
+  rows = _raw_rows(run["raw"], "test")
+  p = evaluation.predict(mmoe_run["model_dir"], run["out"])
+  assert p["gate_ctr"].shape == (len(p["ctr"]), 3)
+  ids = p["sample_id"][:200]
+  serialized = [T.raw_example({k: v for k, v in rows[int(i)].items()
+                               if k not in F.RAW_LABELS and k != F.SAMPLE_ID}, "aliccp")
+                .SerializeToString() for i in ids]
+  loaded = tf.saved_model.load(saved)
+  got = loaded.signatures["regression"](inputs=tf.constant(serialized))["outputs"].numpy().reshape(-1)
+  np.testing.assert_allclose(got, p["cvr"][:200], rtol=1e-5, atol=1e-7)
+  pred = loaded.signatures["predict"](examples=tf.constant(serialized))
+  np.testing.assert_allclose(pred["ctcvr"].numpy().reshape(-1), p["ctcvr"][:200], rtol=1e-5, atol=1e-7)
+
+
+def test_evaluation_reports_every_model_with_gates_and_the_oracle(run, mmoe_run):
+  truth = os.path.join(run["raw"], "ground_truth_test.csv")
+  report, curves = evaluation.evaluate([("esmm", run["model_dir"]), ("mmoe", mmoe_run["model_dir"])],
+                                       run["out"], truth)
+  assert set(report) == {"esmm", "mmoe", "oracle"}
+  assert report["esmm"]["examples"] == 2000 - 3
+  assert abs(report["mmoe"]["auc/ctr"] - mmoe_run["result"]["metrics"]["auc/ctr"]) < 0.002
+  assert 0.5 < report["oracle"]["auc/cvr_all_vs_truth"] <= 1
+  gates = curves["mmoe"]["gates"]
+  assert set(gates) == {"ctr", "ctcvr"} and "gates" not in curves["esmm"]
+  np.testing.assert_allclose(gates["ctr"].sum(), 1.0, rtol=1e-5)
+  assert report["mmoe"]["gate/ctcvr/expert_2"] == pytest.approx(gates["ctcvr"][2])
+  assert "gate utilisation of mmoe" in evaluation.format_gates(report)
+  # MMoE's pCTCVR is its own head; its pCVR is pCTCVR / pCTR, clipped below 1.
+  p = curves["mmoe"]
+  np.testing.assert_allclose(p["cvr"], np.minimum(p["ctcvr"] / p["ctr"], 1 - 1e-6), rtol=1e-4)
