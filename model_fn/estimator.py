@@ -72,7 +72,10 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   eval_spec = tf.estimator.EvalSpec(eval_input, steps=eval_steps or None, throttle_secs=0,
                                     start_delay_secs=0)
   result = tf.estimator.train_and_evaluate(estimator, train_spec, eval_spec)
-  eval_metrics = result[0] if result else estimator.evaluate(eval_input, steps=eval_steps or None)
+  # train_and_evaluate returns (None, None) when the budget was already spent (a rerun of a
+  # finished model_dir): evaluate the final checkpoint then.
+  eval_metrics = result[0] if result and result[0] is not None else estimator.evaluate(
+      eval_input, steps=eval_steps or None)
   metrics = {k: float(v) for k, v in eval_metrics.items()}
   out = {"model_dir": model_dir, "train_steps": train_steps, "metrics": metrics}
   if do_export:

@@ -183,6 +183,11 @@ def test_training_resumes_from_the_checkpoint(run, tmp_path):
   result = E.train_and_evaluate(run["out"], run["model_dir"], run["params"], batch_size=256,
                                 train_steps=80, save_checkpoints_steps=30, do_export=False)
   assert result["metrics"]["global_step"] == 80
+  # Rerunning a finished run trains nothing and still reports the final metrics.
+  again = E.train_and_evaluate(run["out"], run["model_dir"], run["params"], batch_size=256,
+                               train_steps=80, save_checkpoints_steps=30, do_export=False)
+  assert again["metrics"]["global_step"] == 80
+  assert again["metrics"]["auc/ctr"] == pytest.approx(result["metrics"]["auc/ctr"], abs=1e-6)
   other = dict(run["params"], embedding_dim=4)
   with pytest.raises(ValueError, match="other params"):
     E.train_and_evaluate(run["out"], run["model_dir"], other, batch_size=256, train_steps=90)
