@@ -1,0 +1,173 @@
+"""The ESMM paper's Table 2 on synthetic data with ground truth: BASE, ESMM-NS, ESMM, MMoE
+and MMoE with ESMM's head, several seeds each, on the same rows.
+
+  .venv/bin/python benchmarks/compare_models.py [--num_train=300000] [--num_test=150000] \
+      [--seeds=1,2,3] [--num_epochs=3] [--models=base,esmm_ns,esmm,mmoe,mmoe_esmm]
+
+Generates synthetic Ali-CCP-layout data (pipeline.synthetic, data seed --data_seed),
+preprocesses it once with the Beam/TFT job, then trains every model with every seed
+(model seeds, same data; models alternate within a seed) and scores the test split by
+the paper's protocol: CVR AUC on clicked impressions, CTCVR and CTR AUC over all
+impressions; plus the CVR AUC over *all* impressions against the true counterfactual
+conversions, which only synthetic data can give, and calibration. Writes mean +- std
+per model to benchmarks/results/compare_models.{json,md,png}. All models share the
+paper's settings (embedding 18, towers 360-200-80; MMoE 8 experts 256-128, towers
+128-64), batch 1024, Adam 1e-3 on dense layers, Adagrad 0.05 on the tables.
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from model_fn import estimator as E  # noqa: E402
+from model_fn import evaluation  # noqa: E402
+from model_fn import input_fn as I  # noqa: E402
+from pipeline import preprocess, synthetic  # noqa: E402
+from preprocessing import transform as T  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_train", 300_000, "Train impressions.")
+flags.DEFINE_integer("num_test", 150_000, "Test impressions.")
+flags.DEFINE_integer("data_seed", 2018, "Seed of the synthetic data (one data set for every run).")
+flags.DEFINE_list("seeds", ["1", "2", "3"], "Model seeds; every model is trained once per seed.")
+flags.DEFINE_float("num_epochs", 3.0, "Epochs over the train split, the same for every model.")
+flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
+flags.DEFINE_list("models", ["base", "esmm_ns", "esmm", "mmoe", "mmoe_esmm"], "Models to compare.")
+flags.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on the hash buckets of every field.")
+flags.DEFINE_string("work_dir", "/tmp/esmm_compare", "Data and models; data is reused when present.")
+flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                    "Where to write compare_models.{json,md,png}.")
+
+METRICS = (("CVR AUC (clicked)", "auc/cvr_clicked"), ("CTCVR AUC", "auc/ctcvr"), ("CTR AUC", "auc/ctr"),
+           ("CVR AUC all vs truth", "auc/cvr_all_vs_truth"), ("calib CVR clicked", "calibration/cvr_clicked"),
+           ("calib CTCVR", "calibration/ctcvr"))
+LABELS = {"base": "BASE", "esmm_ns": "ESMM-NS", "esmm": "ESMM", "mmoe": "MMoE",
+          "mmoe_esmm": "MMoE+ESMM head", "oracle": "oracle (true probabilities)"}
+
+
+def _data(work_dir: str):
+  """Synthetic raw data and its preprocessing output, made once per data configuration."""
+  key = f"n{FLAGS.num_train}_{FLAGS.num_test}_s{FLAGS.data_seed}_h{FLAGS.max_hash_buckets}"
+  root = os.path.join(work_dir, key)
+  raw, out = os.path.join(root, "raw"), os.path.join(root, "preprocessed")
+  if not os.path.exists(os.path.join(out, I.RECONCILIATION)):
+    start = time.perf_counter()
+    synthetic.generate(raw, FLAGS.num_train, FLAGS.num_test, seed=FLAGS.data_seed)
+    preprocess.run("aliccp", preprocess._input_patterns(raw, {}), out, [],
+                   max_hash_buckets=FLAGS.max_hash_buckets, overwrite=True)
+    logging.info("data ready in %.0f s", time.perf_counter() - start)
+  return root, raw, out
+
+
+def _summary(runs):
+  out = {}
+  for name in dict.fromkeys(r["model"] for r in runs):
+    rows = [r for r in runs if r["model"] == name]
+    out[name] = {"runs": len(rows)}
+    for _, key in METRICS:
+      values = np.array([r["metrics"][key] for r in rows], np.float64)
+      out[name][key] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0}
+  return out
+
+
+def _markdown(summary, meta) -> str:
+  lines = [f"Command: `{meta['command']}`", "",
+           f"Machine: {meta['machine']}. Data: {meta['data']}. Wall time {meta['seconds']:.0f} s.", "",
+           "AUC and calibration on the test split, mean ± std over model seeds "
+           f"({', '.join(meta['seeds'])}); the oracle row scores the generator's true probabilities.", "",
+           "| model | " + " | ".join(h for h, _ in METRICS) + " |",
+           "|---|" + "---:|" * len(METRICS)]
+  for name, s in summary.items():
+    cells = [f"{100 * s[k]['mean']:.2f} ± {100 * s[k]['std']:.2f}" if k.startswith("auc")
+             else f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for _, k in METRICS]
+    lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+  lines += ["", "AUC in %. CVR AUC (clicked): conversion label on clicked test impressions (the paper's "
+            "CVR AUC). CVR AUC all vs truth: pCVR of every test impression against its counterfactual "
+            "conversion (would it have converted had it been clicked), the entire-space quantity ESMM "
+            "targets. Calibration: mean prediction / observed rate."]
+  return "\n".join(lines) + "\n"
+
+
+def _chart(summary, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  aucs = [(h, k) for h, k in METRICS if k.startswith("auc")]
+  models = [m for m in summary if m != "oracle"]
+  fig, axes = plt.subplots(1, len(aucs), figsize=(4.2 * len(aucs), 4.2))
+  colors = plt.get_cmap("tab10")
+  for ax, (title, key) in zip(axes, aucs):
+    means = [100 * summary[m][key]["mean"] for m in models]
+    stds = [100 * summary[m][key]["std"] for m in models]
+    ax.bar(range(len(models)), means, yerr=stds, capsize=4, color=[colors(i) for i in range(len(models))])
+    if "oracle" in summary:
+      ax.axhline(100 * summary["oracle"][key]["mean"], color="black", ls="--", lw=1, label="oracle")
+      ax.legend(loc="lower right", fontsize=8)
+    low = min(m - s for m, s in zip(means, stds))
+    ax.set_ylim(max(0.0, low - 3), max(means + [100 * summary.get("oracle", {}).get(key, {"mean": 0})["mean"]]) + 2)
+    ax.set_xticks(range(len(models)), [LABELS.get(m, m) for m in models], rotation=30, ha="right", fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("AUC (%)")
+    ax.grid(axis="y", alpha=0.3)
+  fig.suptitle("Test AUC, mean ± std over seeds (synthetic Ali-CCP layout with ground truth)", fontsize=11)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  start = time.perf_counter()
+  root, raw, out = _data(FLAGS.work_dir)
+  tft_output = I.load_transform_output(out)
+  buckets = T.transformed_hash_buckets(tft_output)
+  truth_all = evaluation.read_ground_truth(os.path.join(raw, "ground_truth_test.csv"))
+  runs = []
+  for seed in FLAGS.seeds:
+    for model in FLAGS.models:
+      model_dir = os.path.join(root, "models", f"{model}_seed{seed}")
+      t0 = time.perf_counter()
+      E.train_and_evaluate(out, model_dir, {"model": model, "hash_buckets": buckets}, FLAGS.batch_size,
+                           num_epochs=FLAGS.num_epochs, seed=int(seed), save_checkpoints_steps=100_000,
+                           do_export=False)
+      p = evaluation.predict(model_dir, out)
+      truth = evaluation.align_truth(p["sample_id"], truth_all)
+      metrics = evaluation.score(p["label_click"], p["label_conversion"], p["ctr"], p["cvr"], p["ctcvr"], truth)
+      runs.append({"model": model, "seed": int(seed), "seconds": round(time.perf_counter() - t0, 1),
+                   "metrics": metrics})
+      print(f"{model:10s} seed {seed}: " + "  ".join(f"{k}={metrics[k]:.4f}" for _, k in METRICS), flush=True)
+  oracle = evaluation.score(p["label_click"], p["label_conversion"], truth["true_pctr"], truth["true_pcvr"],
+                            None, truth)
+  runs.append({"model": "oracle", "seed": 0, "seconds": 0.0, "metrics": oracle})
+  summary = _summary(runs)
+  rec = json.load(open(os.path.join(out, I.RECONCILIATION)))["splits"]
+  meta = {
+      "command": "python benchmarks/compare_models.py " + " ".join(
+          f"--{k}={v}" for k, v in (("num_train", FLAGS.num_train), ("num_test", FLAGS.num_test),
+                                    ("data_seed", FLAGS.data_seed), ("seeds", ",".join(FLAGS.seeds)),
+                                    ("num_epochs", FLAGS.num_epochs), ("models", ",".join(FLAGS.models)),
+                                    ("max_hash_buckets", FLAGS.max_hash_buckets))),
+      "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+      "data": (f"{rec['train']['rows_written']:,} train / {rec['eval']['rows_written']:,} test impressions, "
+               f"{int(oracle['clicks']):,} test clicks, {int(oracle['conversions']):,} test conversions"),
+      "seeds": FLAGS.seeds, "seconds": time.perf_counter() - start,
+  }
+  os.makedirs(FLAGS.results_dir, exist_ok=True)
+  base = os.path.join(FLAGS.results_dir, "compare_models")
+  with open(base + ".json", "w") as f:
+    json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=2, sort_keys=True)
+  with open(base + ".md", "w") as f:
+    f.write(_markdown(summary, meta))
+  _chart(summary, base + ".png")
+  print(_markdown(summary, meta))
+
+
+if __name__ == "__main__":
+  app.run(main)
