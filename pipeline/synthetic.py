@@ -393,6 +393,21 @@ def _pick(rng: np.random.Generator, values, probs, n: int) -> np.ndarray:
   return np.asarray(values)[rng.choice(len(values), n, p=np.asarray(probs) / np.sum(probs))]
 
 
+def _placements(r: np.random.Generator, n: int, num_domains: int, cat_vec: np.ndarray, taken: set):
+  """Sites or apps: (hex ids, domains, categories, popularity, appeal, latent vectors).
+
+  ``num_domains`` domains are shared among the ``n`` placements; categories follow a
+  Zipf law over the rows of ``cat_vec``, and each vector is its category's plus noise.
+  """
+  hex_ids = _hex_ids(r, n, taken)
+  domains = _hex_ids(r, num_domains, taken)[r.integers(0, num_domains, n)]
+  cat = r.choice(len(cat_vec), n, p=_zipf(len(cat_vec), 1.0))
+  pop = _zipf(n, 1.1)[r.permutation(n)]
+  appeal = 0.5 * r.normal(size=n)
+  vec = cat_vec[cat] + 0.5 * r.normal(size=(n, DIM))
+  return hex_ids, domains, cat, pop, appeal, vec
+
+
 class AvazuWorld:
   """Devices, placements (sites and apps), ads and the true click/conversion model."""
 
@@ -408,18 +423,10 @@ class AvazuWorld:
     self.app_cat_hex = _hex_ids(r, N_APP_CAT, taken)
     self.site_cat_topic = r.integers(0, N_AD_CAT, N_SITE_CAT)
     self.app_cat_topic = r.integers(0, N_AD_CAT, N_APP_CAT)
-    self.site_hex = _hex_ids(r, num_sites, taken)
-    self.site_domain = _hex_ids(r, num_sites // 2, taken)[r.integers(0, num_sites // 2, num_sites)]
-    self.site_cat = r.choice(N_SITE_CAT, num_sites, p=_zipf(N_SITE_CAT, 1.0))
-    self.site_pop = _zipf(num_sites, 1.1)[r.permutation(num_sites)]
-    self.site_appeal = 0.5 * r.normal(size=num_sites)
-    self.site_vec = site_cat_vec[self.site_cat] + 0.5 * r.normal(size=(num_sites, DIM))
-    self.app_hex = _hex_ids(r, num_apps, taken)
-    self.app_domain = _hex_ids(r, num_apps // 4, taken)[r.integers(0, num_apps // 4, num_apps)]
-    self.app_cat = r.choice(N_APP_CAT, num_apps, p=_zipf(N_APP_CAT, 1.0))
-    self.app_pop = _zipf(num_apps, 1.1)[r.permutation(num_apps)]
-    self.app_appeal = 0.5 * r.normal(size=num_apps)
-    self.app_vec = app_cat_vec[self.app_cat] + 0.5 * r.normal(size=(num_apps, DIM))
+    (self.site_hex, self.site_domain, self.site_cat, self.site_pop, self.site_appeal,
+     self.site_vec) = _placements(r, num_sites, num_sites // 2, site_cat_vec, taken)
+    (self.app_hex, self.app_domain, self.app_cat, self.app_pop, self.app_appeal,
+     self.app_vec) = _placements(r, num_apps, num_apps // 4, app_cat_vec, taken)
 
     # Ads: creatives (C14) in ad groups (C17) sharing size, topic and the other C columns.
     n_groups = max(1, num_ads // 4)
