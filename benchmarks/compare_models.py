@@ -6,7 +6,8 @@ and MMoE with ESMM's head, several seeds each, on the same rows.
 
 Generates synthetic Ali-CCP-layout data (pipeline.synthetic, data seed --data_seed),
 preprocesses it once with the Beam/TFT job, then trains every model with every seed
-(model seeds, same data; models alternate within a seed) and scores the test split by
+(model seeds, same data; models alternate within a seed) and scores the test split
+(model_fn.evaluation.evaluate) by
 the paper's protocol: CVR AUC on clicked impressions, CTCVR and CTR AUC over all
 impressions; plus the CVR AUC over *all* impressions against the true counterfactual
 conversions, which only synthetic data can give, and calibration. Writes mean +- std
@@ -64,6 +65,10 @@ def _data(work_dir: str):
                    max_hash_buckets=FLAGS.max_hash_buckets, overwrite=True)
     logging.info("data ready in %.0f s", time.perf_counter() - start)
   return root, raw, out
+
+
+def _model_dir(root: str, model: str, seed) -> str:
+  return os.path.join(root, "models", f"{model}_seed{seed}")
 
 
 def _summary(runs):
@@ -128,23 +133,21 @@ def main(argv):
   root, raw, out = _data(FLAGS.work_dir)
   tft_output = I.load_transform_output(out)
   buckets = T.transformed_hash_buckets(tft_output)
-  truth_all = evaluation.read_ground_truth(os.path.join(raw, "ground_truth_test.csv"))
+  truth_file = os.path.join(raw, "ground_truth_test.csv")
   runs = []
   for seed in FLAGS.seeds:
+    seconds = {}
     for model in FLAGS.models:
-      model_dir = os.path.join(root, "models", f"{model}_seed{seed}")
       t0 = time.perf_counter()
-      E.train_and_evaluate(out, model_dir, {"model": model, "hash_buckets": buckets}, FLAGS.batch_size,
-                           num_epochs=FLAGS.num_epochs, seed=int(seed), save_checkpoints_steps=100_000,
-                           do_export=False)
-      p = evaluation.predict(model_dir, out)
-      truth = evaluation.align_truth(p["sample_id"], truth_all)
-      metrics = evaluation.score(p["label_click"], p["label_conversion"], p["ctr"], p["cvr"], p["ctcvr"], truth)
-      runs.append({"model": model, "seed": int(seed), "seconds": round(time.perf_counter() - t0, 1),
-                   "metrics": metrics})
-      print(f"{model:10s} seed {seed}: " + "  ".join(f"{k}={metrics[k]:.4f}" for _, k in METRICS), flush=True)
-  oracle = evaluation.score(p["label_click"], p["label_conversion"], truth["true_pctr"], truth["true_pcvr"],
-                            None, truth)
+      E.train_and_evaluate(out, _model_dir(root, model, seed), {"model": model, "hash_buckets": buckets},
+                           FLAGS.batch_size, num_epochs=FLAGS.num_epochs, seed=int(seed),
+                           save_checkpoints_steps=100_000, do_export=False)
+      seconds[model] = round(time.perf_counter() - t0, 1)
+    report, _ = evaluation.evaluate([(m, _model_dir(root, m, seed)) for m in FLAGS.models], out, truth_file)
+    for model in FLAGS.models:
+      runs.append({"model": model, "seed": int(seed), "seconds": seconds[model], "metrics": report[model]})
+      print(f"{model:10s} seed {seed}: " + "  ".join(f"{k}={report[model][k]:.4f}" for _, k in METRICS), flush=True)
+  oracle = report["oracle"]
   runs.append({"model": "oracle", "seed": 0, "seconds": 0.0, "metrics": oracle})
   summary = _summary(runs)
   rec = json.load(open(os.path.join(out, I.RECONCILIATION)))["splits"]

@@ -19,7 +19,6 @@ import tensorflow as tf
 from absl import app, flags
 
 from model_fn import estimator as E
-from model_fn import input_fn as I
 from model_fn import report as R
 from model_fn.evaluation import evaluate, format_gates, format_table
 
@@ -64,9 +63,8 @@ def main(argv):
     if not FLAGS.transform_dir:
       raise ValueError("--data (the preprocessing output) is required")
     models = _models()
-    I.load_transform_output(FLAGS.transform_dir)
     report, curves = evaluate(models, FLAGS.transform_dir, FLAGS.ground_truth, FLAGS.batch_size)
-  except ValueError as e:     # includes IncompleteTransformOutput
+  except ValueError as e:     # includes IncompleteTransformOutput, raised by evaluate()
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(format_table(report))

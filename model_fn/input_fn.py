@@ -46,16 +46,19 @@ def require_labels(tft_output: tft.TFTransformOutput, model: str, transform_dir:
         "preprocess logs that carry a conversion column to train this model")
 
 
+def _reconciliation(transform_dir: str) -> dict:
+  with tf.io.gfile.GFile(os.path.join(transform_dir, RECONCILIATION)) as f:
+    return json.load(f)
+
+
 def transform_format(transform_dir: str) -> str:
   """The raw input format a preprocessing run read (recorded in its reconciliation.json)."""
-  with tf.io.gfile.GFile(os.path.join(transform_dir, RECONCILIATION)) as f:
-    return json.load(f)["format"]
+  return _reconciliation(transform_dir)["format"]
 
 
 def split_rows(transform_dir: str, split: str) -> int:
   """Rows written for ``split`` ('train' or 'eval') by the preprocessing run."""
-  with tf.io.gfile.GFile(os.path.join(transform_dir, RECONCILIATION)) as f:
-    return int(json.load(f)["splits"][split]["rows_written"])
+  return int(_reconciliation(transform_dir)["splits"][split]["rows_written"])
 
 
 def split_files(transform_dir: str, split: str) -> str:
