@@ -21,6 +21,7 @@ import os
 import platform
 import sys
 import time
+from typing import Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,6 +43,8 @@ flags.DEFINE_float("num_epochs", 3.0, "Epochs over the train split, the same for
 flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
 flags.DEFINE_list("models", ["base", "esmm_ns", "esmm", "mmoe", "mmoe_esmm"], "Models to compare.")
 flags.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on the hash buckets of every field.")
+flags.DEFINE_float("click_selection", 0.0, "pipeline.synthetic's click_selection: weight of the "
+                   "conversion logit in the click logit (0: clicks do not select on pCVR).")
 flags.DEFINE_string("work_dir", "/tmp/esmm_compare", "Data and models; data is reused when present.")
 flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     "Where to write compare_models.{json,md,png}.")
@@ -53,14 +56,37 @@ LABELS = {"base": "BASE", "esmm_ns": "ESMM-NS", "esmm": "ESMM", "mmoe": "MMoE",
           "mmoe_esmm": "MMoE+ESMM head", "oracle": "oracle (true probabilities)"}
 
 
-def _data(work_dir: str):
-  """Synthetic raw data and its preprocessing output, made once per data configuration."""
+def data_root() -> Tuple[str, str, str]:
+  """(root, raw dir, preprocessed dir) of the data configuration the flags name."""
   key = f"n{FLAGS.num_train}_{FLAGS.num_test}_s{FLAGS.data_seed}_h{FLAGS.max_hash_buckets}"
-  root = os.path.join(work_dir, key)
-  raw, out = os.path.join(root, "raw"), os.path.join(root, "preprocessed")
+  if FLAGS.click_selection:
+    key += f"_c{FLAGS.click_selection:g}"
+  root = os.path.join(FLAGS.work_dir, key)
+  return root, os.path.join(root, "raw"), os.path.join(root, "preprocessed")
+
+
+def results_base(name: str) -> str:
+  """Results path without extension; data with click selection get files of their own."""
+  suffix = f"_selection{FLAGS.click_selection:g}" if FLAGS.click_selection else ""
+  os.makedirs(FLAGS.results_dir, exist_ok=True)
+  return os.path.join(FLAGS.results_dir, name + suffix)
+
+
+def command(script: str, names) -> str:
+  """The command line that reproduces a result, from the flags that matter."""
+  values = {"seeds": ",".join(FLAGS.seeds), "models": ",".join(FLAGS.models)}
+  return f"python benchmarks/{script} " + " ".join(
+      f"--{n}={values.get(n, FLAGS[n].value)}" for n in names
+      if n != "click_selection" or FLAGS.click_selection)
+
+
+def _data():
+  """Synthetic raw data and its preprocessing output, made once per data configuration."""
+  root, raw, out = data_root()
   if not os.path.exists(os.path.join(out, I.RECONCILIATION)):
     start = time.perf_counter()
-    synthetic.generate(raw, FLAGS.num_train, FLAGS.num_test, seed=FLAGS.data_seed)
+    synthetic.generate(raw, FLAGS.num_train, FLAGS.num_test, seed=FLAGS.data_seed,
+                       click_selection=FLAGS.click_selection)
     preprocess.run("aliccp", preprocess._input_patterns(raw, {}), out, [],
                    max_hash_buckets=FLAGS.max_hash_buckets, overwrite=True)
     logging.info("data ready in %.0f s", time.perf_counter() - start)
@@ -130,7 +156,7 @@ def _chart(summary, path: str) -> None:
 def main(argv):
   del argv
   start = time.perf_counter()
-  root, raw, out = _data(FLAGS.work_dir)
+  root, raw, out = _data()
   tft_output = I.load_transform_output(out)
   buckets = T.transformed_hash_buckets(tft_output)
   truth_file = os.path.join(raw, "ground_truth_test.csv")
@@ -152,18 +178,14 @@ def main(argv):
   summary = _summary(runs)
   rec = json.load(open(os.path.join(out, I.RECONCILIATION)))["splits"]
   meta = {
-      "command": "python benchmarks/compare_models.py " + " ".join(
-          f"--{k}={v}" for k, v in (("num_train", FLAGS.num_train), ("num_test", FLAGS.num_test),
-                                    ("data_seed", FLAGS.data_seed), ("seeds", ",".join(FLAGS.seeds)),
-                                    ("num_epochs", FLAGS.num_epochs), ("models", ",".join(FLAGS.models)),
-                                    ("max_hash_buckets", FLAGS.max_hash_buckets))),
+      "command": command("compare_models.py", ("num_train", "num_test", "data_seed", "click_selection",
+                                                "seeds", "num_epochs", "models", "max_hash_buckets")),
       "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
       "data": (f"{rec['train']['rows_written']:,} train / {rec['eval']['rows_written']:,} test impressions, "
                f"{int(oracle['clicks']):,} test clicks, {int(oracle['conversions']):,} test conversions"),
       "seeds": FLAGS.seeds, "seconds": time.perf_counter() - start,
   }
-  os.makedirs(FLAGS.results_dir, exist_ok=True)
-  base = os.path.join(FLAGS.results_dir, "compare_models")
+  base = results_base("compare_models")
   with open(base + ".json", "w") as f:
     json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=2, sort_keys=True)
   with open(base + ".md", "w") as f:

@@ -9,13 +9,15 @@ The data come from a known model. Users and items have latent factors; what driv
 click and what drives a conversion are related but not the same:
 
   click logit = b_c + attractiveness(item) + <taste(user), look(item)> + interest match
-                + position effect
+                + position effect [+ click_selection * cvr logit, 0 by default]
   cvr logit   = b_v + quality(item) + <intent(user), fit(item)> + price-level fit
                 + brand loyalty
 
 ``fit`` and ``intent`` are correlated with ``look`` and ``taste`` (rho), and
 attractiveness is slightly anti-correlated with quality (an unattractive item can convert
-well once clicked). Every impression also gets a counterfactual conversion drawn from
+well once clicked); the two logits are nearly uncorrelated, so by default clicks do not
+select on conversion propensity. ``click_selection`` > 0 makes users click what they would
+buy, the sample selection bias ESMM is built for. Every impression also gets a counterfactual conversion drawn from
 the true pCVR whether or not it was clicked; the observed conversion is
 click AND counterfactual conversion, so the funnel holds. A few click=0,conversion=1
 rows are injected as in the real release (they must be dropped by the reader).
@@ -74,6 +76,11 @@ def define_flags():
   flags.DEFINE_float("cvr", 0.05, "Target mean post-click conversion rate over all impressions "
                      "(avazu default: 0.05).")
   flags.DEFINE_integer("anomalies", 5, "click=0,conversion=1 rows injected per split.")
+  flags.DEFINE_float("click_selection", 0.0,
+                     "Ali-CCP: weight of the conversion logit inside the click logit (users "
+                     "click what they would buy). 0 (default): clicks do not select on "
+                     "conversion propensity, so the clicked space has no selection bias on pCVR; "
+                     "larger values give ESMM's entire-space setting something to correct.")
   flags.DEFINE_integer("seed", 2018, "Random seed; the output is a pure function of the flags "
                        "(avazu default: 2014).")
   flags.DEFINE_integer("num_days", 3, "Avazu: days of the train split (test is the day after).")
@@ -190,8 +197,12 @@ class World:
     self.b_click = None
     self.b_cvr = None
 
-  def logits(self, users, items, positions):
-    """Click and conversion logits (without the calibration biases)."""
+  def logits(self, users, items, positions, click_selection: float = 0.0):
+    """Click and conversion logits (without the calibration biases).
+
+    ``click_selection`` adds that multiple of the conversion logit to the click logit, so
+    clicks select on conversion propensity (sample selection bias for a clicked-only model).
+    """
     interest = self.likes_cat[users, self.item_cat[items]]
     click = (self.item_attract[items]
              + 0.6 * np.einsum("ij,ij->i", self.taste[users], self.item_look[items]) / np.sqrt(DIM)
@@ -200,7 +211,7 @@ class World:
            + 0.9 * np.einsum("ij,ij->i", self.intent[users], self.item_fit[items]) / np.sqrt(DIM)
            - 0.7 * np.abs(self.cons1[users] - self.item_tier[items])
            + 0.6 * self.likes_brand[users, self.item_brand[items]])
-    return click, cvr
+    return click + click_selection * cvr, cvr
 
   def sample_items(self, users):
     """Candidate items: half from the user's favourite categories, half from the catalogue."""
@@ -268,7 +279,7 @@ def _cross_items(world: World, u: int, i: int) -> List[str]:
 
 def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str,
                 num_impressions: int, per_common: float, anomalies: int,
-                ctr: float, cvr: float) -> dict:
+                ctr: float, cvr: float, click_selection: float = 0.0) -> dict:
   """Writes one split's three files; returns summary counts."""
   # Sessions (common rows): a user in a context, several impressions each.
   sizes = []
@@ -288,7 +299,7 @@ def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str
   users = np.repeat(session_user, sizes)
   items = world.sample_items(users)
   positions = np.concatenate([rng.permutation(s) % 10 for s in sizes])
-  click_logit, cvr_logit = world.logits(users, items, positions)
+  click_logit, cvr_logit = world.logits(users, items, positions, click_selection)
   if world.b_click is None:   # calibrate once, on the first split written
     world.b_click = _solve_bias(click_logit, ctr)
     world.b_cvr = _solve_bias(cvr_logit, cvr)
@@ -339,11 +350,13 @@ def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str
 
 def generate(output_dir: str, num_train: int, num_test: int, num_users: int = 20_000,
              num_items: int = 30_000, impressions_per_common: float = 20.0, ctr: float = 0.04,
-             cvr: float = 0.05, anomalies: int = 5, seed: int = 2018) -> List[dict]:
+             cvr: float = 0.05, anomalies: int = 5, seed: int = 2018,
+             click_selection: float = 0.0) -> List[dict]:
   """Writes the train and test splits; a pure function of its arguments."""
   rng = np.random.default_rng(seed)
   world = World(rng, num_users, num_items)
-  return [write_split(world, rng, output_dir, split, n, impressions_per_common, anomalies, ctr, cvr)
+  return [write_split(world, rng, output_dir, split, n, impressions_per_common, anomalies, ctr, cvr,
+                      click_selection)
           for split, n in (("train", num_train), ("test", num_test))]
 
 
@@ -667,7 +680,7 @@ def main(argv):
     return
   for s in generate(FLAGS.output_dir, FLAGS.num_train, FLAGS.num_test, FLAGS.num_users,
                     FLAGS.num_items, FLAGS.impressions_per_common, FLAGS.ctr, FLAGS.cvr,
-                    FLAGS.anomalies, FLAGS.seed):
+                    FLAGS.anomalies, FLAGS.seed, FLAGS.click_selection):
     print(f"{s['split']}: {s['impressions']} impressions, {s['common_rows']} common rows, "
           f"{s['clicks']} clicks (CTR {s['ctr']:.4f}), {s['conversions']} conversions "
           f"(CVR on clicks {s['cvr_on_clicks']:.4f}), {s['anomalies']} anomaly rows")
