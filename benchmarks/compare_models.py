@@ -32,6 +32,7 @@ from model_fn import estimator as E  # noqa: E402
 from model_fn import evaluation  # noqa: E402
 from model_fn import input_fn as I  # noqa: E402
 from pipeline import preprocess, synthetic  # noqa: E402
+from preprocessing import features as F  # noqa: E402
 from preprocessing import transform as T  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -83,7 +84,7 @@ def command(script: str, names) -> str:
 def _data():
   """Synthetic raw data and its preprocessing output, made once per data configuration."""
   root, raw, out = data_root()
-  if not os.path.exists(os.path.join(out, I.RECONCILIATION)):
+  if not os.path.exists(os.path.join(out, F.RECONCILIATION)):
     start = time.perf_counter()
     synthetic.generate(raw, FLAGS.num_train, FLAGS.num_test, seed=FLAGS.data_seed,
                        click_selection=FLAGS.click_selection)
@@ -176,7 +177,7 @@ def main(argv):
   oracle = report["oracle"]
   runs.append({"model": "oracle", "seed": 0, "seconds": 0.0, "metrics": oracle})
   summary = _summary(runs)
-  rec = json.load(open(os.path.join(out, I.RECONCILIATION)))["splits"]
+  rec = json.load(open(os.path.join(out, F.RECONCILIATION)))["splits"]
   meta = {
       "command": command("compare_models.py", ("num_train", "num_test", "data_seed", "click_selection",
                                                 "seeds", "num_epochs", "models", "max_hash_buckets")),

@@ -9,7 +9,6 @@ import tensorflow_transform as tft
 
 from preprocessing import features as F
 
-RECONCILIATION = "reconciliation.json"   # written last by pipeline.preprocess
 
 
 class IncompleteTransformOutput(ValueError):
@@ -18,10 +17,10 @@ class IncompleteTransformOutput(ValueError):
 
 def load_transform_output(transform_dir: str) -> tft.TFTransformOutput:
   """The TFT output of a finished preprocessing run (refuses a partial one)."""
-  marker = os.path.join(transform_dir, RECONCILIATION)
+  marker = os.path.join(transform_dir, F.RECONCILIATION)
   if not tf.io.gfile.exists(marker):
     raise IncompleteTransformOutput(
-        f"{transform_dir} has no {RECONCILIATION}: it is not the output of a finished "
+        f"{transform_dir} has no {F.RECONCILIATION}: it is not the output of a finished "
         "pipeline.preprocess run (still running, killed, or the wrong directory)")
   return tft.TFTransformOutput(transform_dir)
 
@@ -47,7 +46,7 @@ def require_labels(tft_output: tft.TFTransformOutput, model: str, transform_dir:
 
 
 def _reconciliation(transform_dir: str) -> dict:
-  with tf.io.gfile.GFile(os.path.join(transform_dir, RECONCILIATION)) as f:
+  with tf.io.gfile.GFile(os.path.join(transform_dir, F.RECONCILIATION)) as f:
     return json.load(f)
 
 

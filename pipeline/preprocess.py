@@ -74,7 +74,6 @@ def define_flags():
   flags.DEFINE_boolean("overwrite", False, "Delete an existing --output_dir first.")
   flags.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
 
-RECONCILIATION = "reconciliation.json"
 SPLITS = (("train", "train"), ("eval", "test"))   # (output split, release file suffix)
 # Avazu-style files of a split under --input_dir ({} = the release file suffix).
 AVAZU_RELEASE_PATTERNS = ("{}", "{}.gz", "{}*.csv", "{}*.csv.gz")
@@ -277,7 +276,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     raise RuntimeError("row counts do not reconcile; output left incomplete:\n"
                        + format_reconciliation(rec, fmt))
   # Written last: its presence marks the output as complete for the trainer.
-  with tf.io.gfile.GFile(os.path.join(output_dir, RECONCILIATION), "w") as f:
+  with tf.io.gfile.GFile(os.path.join(output_dir, F.RECONCILIATION), "w") as f:
     json.dump(rec_all, f, indent=2, sort_keys=True)
   return rec
 

@@ -34,6 +34,9 @@ RAW_LABELS = (CLICK, CONVERSION)
 LABELS = (CLICK, CONVERSION, CTCVR)
 SAMPLE_ID = "sample_id"
 DAY = "day"
+# The run marker pipeline.preprocess writes last (row counts per split, format, labels);
+# the trainer refuses a directory without it.
+RECONCILIATION = "reconciliation.json"
 
 RAW_ID_PREFIX = "f_"
 RAW_WEIGHT_PREFIX = "w_"
