@@ -21,7 +21,7 @@ import os
 import platform
 import sys
 import time
-from typing import Tuple
+from typing import Dict, List, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -31,6 +31,7 @@ from absl import app, flags, logging  # noqa: E402
 from model_fn import estimator as E  # noqa: E402
 from model_fn import evaluation  # noqa: E402
 from model_fn import input_fn as I  # noqa: E402
+from model_fn.params import MODELS  # noqa: E402
 from pipeline import preprocess, synthetic  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 from preprocessing import transform as T  # noqa: E402
@@ -42,10 +43,13 @@ flags.DEFINE_integer("data_seed", 2018, "Seed of the synthetic data (one data se
 flags.DEFINE_list("seeds", ["1", "2", "3"], "Model seeds; every model is trained once per seed.")
 flags.DEFINE_float("num_epochs", 3.0, "Epochs over the train split, the same for every model.")
 flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
-flags.DEFINE_list("models", ["base", "esmm_ns", "esmm", "mmoe", "mmoe_esmm"], "Models to compare.")
+flags.DEFINE_list("models", ["base", "esmm_ns", "esmm", "mmoe", "mmoe_esmm"],
+                  "Models to compare: MODEL, or a variant NAME=MODEL:KEY=VALUE[;KEY=VALUE] with "
+                  "params overridden (e.g. esmm_w25=esmm:ctcvr_loss_weight=25).")
 flags.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on the hash buckets of every field.")
 flags.DEFINE_float("click_selection", 0.0, "pipeline.synthetic's click_selection: weight of the "
                    "conversion logit in the click logit (0: clicks do not select on pCVR).")
+flags.DEFINE_string("tag", "", "Suffix of the results files (for runs of other models than the default set).")
 flags.DEFINE_string("work_dir", "/tmp/esmm_compare", "Data and models; data is reused when present.")
 flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     "Where to write compare_models.{json,md,png}.")
@@ -55,6 +59,29 @@ METRICS = (("CVR AUC (clicked)", "auc/cvr_clicked"), ("CTCVR AUC", "auc/ctcvr"),
            ("calib CTCVR", "calibration/ctcvr"))
 LABELS = {"base": "BASE", "esmm_ns": "ESMM-NS", "esmm": "ESMM", "mmoe": "MMoE",
           "mmoe_esmm": "MMoE+ESMM head", "oracle": "oracle (true probabilities)"}
+
+
+def parse_models(specs) -> List[Tuple[str, str, Dict[str, object]]]:
+  """(name, model, params overrides) per --models entry; see the flag's help."""
+  out = []
+  for spec in specs:
+    name, sep, rest = spec.partition("=")
+    model, _, overrides = rest.partition(":") if sep else (name, "", "")
+    params = {}
+    for item in filter(None, overrides.split(";")):
+      key, eq, value = item.partition("=")
+      if not eq:
+        raise ValueError(f"--models entry {spec!r}: {item!r} is not KEY=VALUE")
+      try:
+        params[key] = json.loads(value)
+      except json.JSONDecodeError:
+        params[key] = value
+    if model not in MODELS:
+      raise ValueError(f"--models entry {spec!r}: model must be one of {MODELS}")
+    out.append((name, model, params))
+  if len({n for n, _, _ in out}) != len(out):
+    raise ValueError("--models names must be distinct")
+  return out
 
 
 def data_root() -> Tuple[str, str, str]:
@@ -69,6 +96,7 @@ def data_root() -> Tuple[str, str, str]:
 def results_base(name: str) -> str:
   """Results path without extension; data with click selection get files of their own."""
   suffix = f"_selection{FLAGS.click_selection:g}" if FLAGS.click_selection else ""
+  suffix += f"_{FLAGS.tag}" if FLAGS.tag else ""
   os.makedirs(FLAGS.results_dir, exist_ok=True)
   return os.path.join(FLAGS.results_dir, name + suffix)
 
@@ -78,7 +106,7 @@ def command(script: str, names) -> str:
   values = {"seeds": ",".join(FLAGS.seeds), "models": ",".join(FLAGS.models)}
   return f"python benchmarks/{script} " + " ".join(
       f"--{n}={values.get(n, FLAGS[n].value)}" for n in names
-      if n != "click_selection" or FLAGS.click_selection)
+      if n not in ("click_selection", "tag") or FLAGS[n].value)
 
 
 def _data():
@@ -157,6 +185,7 @@ def _chart(summary, path: str) -> None:
 def main(argv):
   del argv
   start = time.perf_counter()
+  models = parse_models(FLAGS.models)
   root, raw, out = _data()
   tft_output = I.load_transform_output(out)
   buckets = T.transformed_hash_buckets(tft_output)
@@ -164,23 +193,24 @@ def main(argv):
   runs = []
   for seed in FLAGS.seeds:
     seconds = {}
-    for model in FLAGS.models:
+    for name, model, overrides in models:
       t0 = time.perf_counter()
-      E.train_and_evaluate(out, _model_dir(root, model, seed), {"model": model, "hash_buckets": buckets},
+      E.train_and_evaluate(out, _model_dir(root, name, seed),
+                           {"model": model, "hash_buckets": buckets, **overrides},
                            FLAGS.batch_size, num_epochs=FLAGS.num_epochs, seed=int(seed),
                            save_checkpoints_steps=100_000, do_export=False)
-      seconds[model] = round(time.perf_counter() - t0, 1)
-    report, _ = evaluation.evaluate([(m, _model_dir(root, m, seed)) for m in FLAGS.models], out, truth_file)
-    for model in FLAGS.models:
-      runs.append({"model": model, "seed": int(seed), "seconds": seconds[model], "metrics": report[model]})
-      print(f"{model:10s} seed {seed}: " + "  ".join(f"{k}={report[model][k]:.4f}" for _, k in METRICS), flush=True)
+      seconds[name] = round(time.perf_counter() - t0, 1)
+    report, _ = evaluation.evaluate([(n, _model_dir(root, n, seed)) for n, _, _ in models], out, truth_file)
+    for name, _, _ in models:
+      runs.append({"model": name, "seed": int(seed), "seconds": seconds[name], "metrics": report[name]})
+      print(f"{name:10s} seed {seed}: " + "  ".join(f"{k}={report[name][k]:.4f}" for _, k in METRICS), flush=True)
   oracle = report["oracle"]
   runs.append({"model": "oracle", "seed": 0, "seconds": 0.0, "metrics": oracle})
   summary = _summary(runs)
   rec = json.load(open(os.path.join(out, F.RECONCILIATION)))["splits"]
   meta = {
       "command": command("compare_models.py", ("num_train", "num_test", "data_seed", "click_selection",
-                                                "seeds", "num_epochs", "models", "max_hash_buckets")),
+                                                "seeds", "num_epochs", "models", "max_hash_buckets", "tag")),
       "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
       "data": (f"{rec['train']['rows_written']:,} train / {rec['eval']['rows_written']:,} test impressions, "
                f"{int(oracle['clicks']):,} test clicks, {int(oracle['conversions']):,} test conversions"),

@@ -47,7 +47,6 @@ from pipeline.sources import aliccp  # noqa: E402
 
 FLAGS = flags.FLAGS   # compare_models.py's flags: the same flags name the same data and models
 
-LABELS = {"base": "BASE", "esmm_ns": "ESMM-NS", "esmm": "ESMM", "mmoe": "MMoE", "mmoe_esmm": "MMoE+ESMM head"}
 MODEL_COLUMNS = (
     ("CVR AUC all vs truth: pCVR", "auc_pcvr"),
     ("... of pCTCVR / true pCTR", "auc_ctcvr_over_true_ctr"),
@@ -148,7 +147,7 @@ def _markdown(data: dict, summary: dict, meta: dict) -> str:
   for name, s in summary.items():
     cells = [(f"{100 * s[k]['mean']:.2f} ± {100 * s[k]['std']:.2f}" if k.startswith("auc")
               else f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}") for _, k in MODEL_COLUMNS]
-    lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + " |")
+    lines.append(f"| {C.LABELS.get(name, name)} | " + " | ".join(cells) + " |")
   lines += ["", "AUC in %."]
   return "\n".join(lines) + "\n"
 
@@ -156,6 +155,7 @@ def _markdown(data: dict, summary: dict, meta: dict) -> str:
 def main(argv):
   del argv
   start = time.perf_counter()
+  names = [name for name, _, _ in C.parse_models(FLAGS.models)]
   root, raw, out = C.data_root()
   if not os.path.isdir(os.path.join(root, "models")):
     raise SystemExit(f"error: no models under {root}; run benchmarks/compare_models.py with the same flags first")
@@ -163,20 +163,20 @@ def main(argv):
   truth_all = evaluation.read_ground_truth(os.path.join(raw, "ground_truth_test.csv"))
   runs = []
   for seed in FLAGS.seeds:
-    for model in FLAGS.models:
+    for model in names:
       model_dir = os.path.join(root, "models", f"{model}_seed{seed}")
       r = model_diagnostics(model_dir, out, truth_all)
       runs.append({"model": model, "seed": int(seed), **r})
       print(f"{model:10s} seed {seed}: " + "  ".join(f"{k}={r[k]:.4f}" for _, k in MODEL_COLUMNS), flush=True)
   summary = {}
-  for model in FLAGS.models:
+  for model in names:
     rows = [r for r in runs if r["model"] == model]
     summary[model] = {k: {"mean": float(np.mean([r[k] for r in rows])),
                           "std": float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0}
                       for _, k in MODEL_COLUMNS}
   meta = {
       "command": C.command("esmm_diagnostics.py", ("num_train", "num_test", "data_seed", "click_selection",
-                                                    "seeds", "models", "max_hash_buckets")),
+                                                    "seeds", "models", "max_hash_buckets", "tag")),
       "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
       "data": (f"{FLAGS.num_train:,} train / {FLAGS.num_test:,} test impressions (data seed {FLAGS.data_seed}, "
                f"click_selection {FLAGS.click_selection:g})"),
