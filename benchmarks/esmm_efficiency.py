@@ -25,13 +25,14 @@ through what the shared parameters learn from clicks. Writes
 benchmarks/results/esmm_efficiency.{json,md}.
 """
 
-import json
 import os
 import platform
 import time
 
 import numpy as np
 from absl import app, flags
+
+import results_io  # benchmarks/ is this script's directory
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["20000", "80000"], "Train impressions per fit.")
@@ -169,13 +170,7 @@ def main(argv):
                  f"{f('ESMM/auc_all_vs_truth')} | {100 * t['oracle_auc']:.2f} | {f('BASE/rmse_logit', 1)} | "
                  f"{f('ESMM/rmse_logit', 1)} |")
   lines += ["", "AUC in %: pCVR of every test impression against its counterfactual conversion."]
-  os.makedirs(FLAGS.results_dir, exist_ok=True)
-  base = os.path.join(FLAGS.results_dir, "esmm_efficiency")
-  with open(base + ".json", "w") as f:
-    json.dump({"command": command, "table": table, "runs": rows}, f, indent=2, sort_keys=True)
-  with open(base + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  results_io.write(FLAGS.results_dir, "esmm_efficiency", {"command": command, "table": table, "runs": rows}, "\n".join(lines))
 
 
 if __name__ == "__main__":
