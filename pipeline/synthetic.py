@@ -83,10 +83,15 @@ def define_flags():
                      "larger values give ESMM's entire-space setting something to correct.")
   flags.DEFINE_integer("seed", 2018, "Random seed; the output is a pure function of the flags "
                        "(avazu default: 2014).")
-  flags.DEFINE_integer("num_days", 3, "Avazu: days of the train split (test is the day after).")
+  flags.DEFINE_integer("num_days", 3, "Avazu: days of the train split (test is the day after); "
+                       "daily: days of impression logs.")
   flags.DEFINE_integer("num_devices", 5_000, "Avazu: distinct devices (users).")
   flags.DEFINE_boolean("with_conversion", True, "Avazu: write the conversion column.")
-  flags.DEFINE_integer("bad_rows", 0, "Avazu: bad rows of every reason injected into train.")
+  flags.DEFINE_integer("bad_rows", 0, "Avazu: bad rows of every reason injected into train; daily: "
+                       "malformed and unknown-impression conversion rows per day.")
+  flags.DEFINE_boolean("daily", False, "Ali-CCP daily logs for pipeline.daily: --num_days days of "
+                       "impressions (conversion 0) and the conversion logs their late conversions land in.")
+  flags.DEFINE_integer("impressions_per_day", 20_000, "Daily logs: impressions per day.")
 
 DIM = 8
 N_CAT, N_SHOP_PER_CAT, N_BRAND, N_NODE = 200, 10, 1000, 500
@@ -279,8 +284,17 @@ def _cross_items(world: World, u: int, i: int) -> List[str]:
 
 def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str,
                 num_impressions: int, per_common: float, anomalies: int,
-                ctr: float, cvr: float, click_selection: float = 0.0) -> dict:
-  """Writes one split's three files; returns summary counts."""
+                ctr: float, cvr: float, click_selection: float = 0.0, names: Dict[str, str] = None,
+                first_sample_id: int = 1, log_conversions: bool = True) -> dict:
+  """Writes one split's three files; returns summary counts.
+
+  ``names``: file names {"skeleton", "common", "truth"} (default: the release's names with
+  the split suffix). ``log_conversions=False`` writes conversion 0 in the skeleton, as an
+  impression log written at serving time does (conversions arrive later in their own log);
+  the summary then also carries the arrays the conversion log is made from.
+  """
+  names = names or {"skeleton": f"sample_skeleton_{split}.csv", "common": f"common_features_{split}.csv",
+                    "truth": f"ground_truth_{split}.csv"}
   # Sessions (common rows): a user in a context, several impressions each.
   sizes = []
   total = 0
@@ -312,11 +326,13 @@ def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str
   anomalous = rng.choice(non_clicks, min(anomalies, len(non_clicks)), replace=False)
   conversion_written = conversion.copy()
   conversion_written[anomalous] = 1
+  if not log_conversions:
+    conversion_written[:] = 0
 
   os.makedirs(out_dir, exist_ok=True)
   item_strs = {}
-  with open(os.path.join(out_dir, f"sample_skeleton_{split}.csv"), "w", newline="\n") as skel, \
-       open(os.path.join(out_dir, f"ground_truth_{split}.csv"), "w", newline="\n") as truth:
+  with open(os.path.join(out_dir, names["skeleton"]), "w", newline="\n") as skel, \
+       open(os.path.join(out_dir, names["truth"]), "w", newline="\n") as truth:
     truth.write("sample_id,true_pctr,true_pcvr,counterfactual_conversion\n")
     row = 0
     for s_idx, size in enumerate(sizes):
@@ -330,13 +346,13 @@ def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str
                           + _items_str("210", world.item_nodes[i])
                           + _items_str("216", [world.item_brand[i]]))
         its = item_strs[i] + _items_str("301", [positions[row]]) + _cross_items(world, u, i)
-        sid = row + 1
+        sid = row + first_sample_id
         skel.write(f"{sid},{click[row]},{conversion_written[row]},{index},{len(its)},"
                    f"{chr(1).join(its)}\n")
         truth.write(f"{sid},{p_ctr[row]:.6g},{p_cvr[row]:.6g},{cf_conversion[row]}\n")
         row += 1
   # The common file is in another order than the skeleton, as in the real release.
-  with open(os.path.join(out_dir, f"common_features_{split}.csv"), "w", newline="\n") as common:
+  with open(os.path.join(out_dir, names["common"]), "w", newline="\n") as common:
     for s_idx in rng.permutation(n_common):
       its = _drop_some(rng, _user_common_items(world, session_user[s_idx]))
       common.write(f"{session_index[s_idx]},{len(its)},{chr(1).join(its)}\n")
@@ -345,6 +361,9 @@ def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str
              "anomalies": len(anomalous), "ctr": float(click.mean()),
              "cvr_on_clicks": float(conversion.sum() / max(1, click.sum()))}
   logging.info("wrote %s", summary)
+  if not log_conversions:
+    summary["arrays"] = {"sample_id": np.arange(num_impressions) + first_sample_id, "click": click,
+                         "conversion": conversion, "anomalous": anomalous}
   return summary
 
 
@@ -358,6 +377,89 @@ def generate(output_dir: str, num_train: int, num_test: int, num_users: int = 20
   return [write_split(world, rng, output_dir, split, n, impressions_per_common, anomalies, ctr, cvr,
                       click_selection)
           for split, n in (("train", num_train), ("test", num_test))]
+
+
+# Daily logs: impressions per day, conversions arriving days later in a log of their own.
+
+DAILY_START = datetime.date(2014, 10, 21)
+MAX_DELAY_DAYS = 14.0
+CONVERSION_LOG_HEADER = "sample_id,conversion_timestamp"
+
+
+def daily_paths(root: str, date: str) -> Dict[str, str]:
+  """The layout of daily logs under ``root`` for ``date`` (YYYYMMDD)."""
+  return {"impressions": os.path.join(root, "impressions", f"date={date}"),
+          "conversions": os.path.join(root, "conversions", f"date={date}", "conversions.csv"),
+          "truth": os.path.join(root, "ground_truth", f"date={date}.csv")}
+
+
+def conversion_delays(rng: np.random.Generator, n: int) -> np.ndarray:
+  """Days from impression to conversion: log-normal, median 0.8 days (about 80% within two
+  days), a long tail (about 1.5% after a week), capped at 14 days."""
+  return np.minimum(np.exp(np.log(0.8) + rng.normal(size=n)), MAX_DELAY_DAYS)
+
+
+def generate_daily(output_dir: str, num_days: int, impressions_per_day: int,
+                   start: datetime.date = DAILY_START, num_users: int = 20_000, num_items: int = 30_000,
+                   impressions_per_common: float = 20.0, ctr: float = 0.04, cvr: float = 0.05,
+                   duplicate_rate: float = 0.01, bad_rows: int = 0, seed: int = 2018) -> List[dict]:
+  """Writes ``num_days`` days of impression logs and the conversion logs they cause.
+
+  impressions/date=D/sample_skeleton.csv   Ali-CCP skeleton; conversion is always 0 (unknown
+  impressions/date=D/common_features.csv   when the impression is logged)
+  conversions/date=C/conversions.csv       sample_id,conversion_timestamp (UTC seconds): the
+                                           conversions that happened on day C, for impressions of
+                                           day C or earlier; written up to 14 days past the last
+                                           impression day (later days exist only when reached)
+  ground_truth/date=D.csv                  sample_id,true_pctr,true_pcvr,counterfactual_conversion
+
+  Sample ids are unique over all days (D * 10^7 + row). The conversion log also carries what
+  real postback logs do: duplicates (``duplicate_rate``), the click=0 anomalies of the release
+  (5 a day), and with ``bad_rows`` that many malformed lines and conversions of unknown
+  impressions per day.
+  """
+  if impressions_per_day >= 10 ** 7:
+    raise ValueError("impressions_per_day must be below 10^7 (sample ids are D * 10^7 + row)")
+  rng = np.random.default_rng(seed)
+  world = World(rng, num_users, num_items)
+  epoch = datetime.datetime(1970, 1, 1)
+  events: Dict[str, List[str]] = {}
+  summaries = []
+  for d in range(num_days):
+    day = start + datetime.timedelta(days=d)
+    date = day.strftime("%Y%m%d")
+    paths = daily_paths(output_dir, date)
+    os.makedirs(paths["impressions"], exist_ok=True)
+    os.makedirs(os.path.dirname(paths["truth"]), exist_ok=True)
+    names = {"skeleton": "sample_skeleton.csv", "common": "common_features.csv",
+             "truth": os.path.relpath(paths["truth"], paths["impressions"])}
+    summary = write_split(world, rng, paths["impressions"], date, impressions_per_day, impressions_per_common,
+                          5, ctr, cvr, names=names, first_sample_id=int(date) * 10 ** 7 + 1,
+                          log_conversions=False)
+    arrays = summary.pop("arrays")
+    converted = np.concatenate([np.flatnonzero(arrays["conversion"]), arrays["anomalous"]])
+    day_start = (datetime.datetime.combine(day, datetime.time()) - epoch).total_seconds()
+    times = (day_start + rng.uniform(0, 86400, len(converted))
+             + 86400 * conversion_delays(rng, len(converted))).astype(np.int64)
+    dup = rng.random(len(converted)) < duplicate_rate
+    for sid, t in list(zip(arrays["sample_id"][converted], times)) + list(
+        zip(arrays["sample_id"][converted][dup], times[dup] + 60)):
+      c_date = (epoch + datetime.timedelta(seconds=int(t))).strftime("%Y%m%d")
+      events.setdefault(c_date, []).append(f"{sid},{t}")
+    for k in range(bad_rows):
+      events.setdefault(date, []).extend([f"not-a-number,{int(day_start)}",
+                                          f"{int(date) * 10 ** 7 + 9_999_000 + k},{int(day_start) + 10}"])
+    summary.update(date=date, duplicates=int(dup.sum()), converted=int(arrays["conversion"].sum()))
+    summaries.append(summary)
+  for c_date, lines in events.items():
+    path = daily_paths(output_dir, c_date)["conversions"]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    order = np.argsort([int(line.split(",")[1]) if line.split(",")[0].isdigit() else 0 for line in lines],
+                       kind="stable")
+    with open(path, "w", newline="\n") as f:
+      f.write(CONVERSION_LOG_HEADER + "\n")
+      f.writelines(lines[i] + "\n" for i in order)
+  return summaries
 
 
 # Avazu-style CSV.
@@ -669,6 +771,15 @@ def generate_avazu(output_dir: str, num_train: int, num_test: int, num_days: int
 
 def main(argv):
   del argv
+  if FLAGS.daily:
+    if FLAGS.format != "aliccp":
+      raise app.UsageError("--daily writes the Ali-CCP layout")
+    for s in generate_daily(FLAGS.output_dir, FLAGS.num_days, FLAGS.impressions_per_day,
+                            num_users=FLAGS.num_users, num_items=FLAGS.num_items, ctr=FLAGS.ctr,
+                            cvr=FLAGS.cvr, bad_rows=FLAGS.bad_rows, seed=FLAGS.seed):
+      print(f"{s['date']}: {s['impressions']} impressions, {s['clicks']} clicks, {s['converted']} "
+            f"conversions to arrive (+{s['duplicates']} duplicate log rows)")
+    return
   if FLAGS.format == "avazu":
     default = lambda name, value: FLAGS[name].value if FLAGS[name].present else value
     for s in generate_avazu(FLAGS.output_dir, FLAGS.num_train, FLAGS.num_test, FLAGS.num_days,
