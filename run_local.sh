@@ -9,6 +9,8 @@
 #   NUM_TRAIN=20000 NUM_TEST=10000 EPOCHS=1 ./run_local.sh    # a quicker run
 #   ./run_local.sh --direct_num_workers=2 --direct_running_mode=multi_processing
 #                                       # extra arguments go to the Beam job unchanged
+#   MODE=daily ./run_local.sh           # the daily rolling retrain over DAYS simulated days:
+#                                       # late conversions, warm start, gate, publish to TF Serving
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
@@ -26,6 +28,7 @@ MAX_HASH_BUCKETS="${MAX_HASH_BUCKETS:-32768}"
 LOG="$OUT/logs"
 mkdir -p "$LOG"
 step() { echo "[run_local] $(date +%H:%M:%S) $*"; }
+MODE="${MODE:-batch}"
 run_logged() {  # run_logged NAME CMD...: full log to $LOG/NAME.log, shown on failure
   local name="$1"; shift
   if ! "$@" >"$LOG/$name.log" 2>&1; then
@@ -34,6 +37,41 @@ run_logged() {  # run_logged NAME CMD...: full log to $LOG/NAME.log, shown on fa
     exit 1
   fi
 }
+
+if [ "$MODE" = daily ]; then
+  DAYS="${DAYS:-8}"
+  PER_DAY="${IMPRESSIONS_PER_DAY:-20000}"
+  MODEL="${MODEL:-esmm}"
+  WINDOW_DAYS="${WINDOW_DAYS:-5}"
+  MATURITY_DAYS="${MATURITY_DAYS:-2}"
+  LABEL_STRATEGY="${LABEL_STRATEGY:-wait}"
+  step "generating $DAYS days of impression and conversion logs ($PER_DAY impressions a day) -> $OUT/logs_daily"
+  rm -rf "$OUT/logs_daily" "$OUT/daily" "$OUT/serving"
+  run_logged synthetic python -m pipeline.synthetic --daily --output_dir="$OUT/logs_daily" \
+    --num_days="$DAYS" --impressions_per_day="$PER_DAY" --seed="$SEED" --bad_rows=2
+  cat "$LOG/synthetic.log" | grep -E '^[0-9]{8}:' || true
+  first_day=$(ls "$OUT/logs_daily/impressions" | head -n 1 | cut -d= -f2)
+  for k in $(seq $((MATURITY_DAYS + 1)) $((DAYS - 1))); do
+    date=$(python -c "import datetime,sys; d=datetime.datetime.strptime(sys.argv[1],'%Y%m%d')+datetime.timedelta(days=int(sys.argv[2])); print(d.strftime('%Y%m%d'))" "$first_day" "$k")
+    step "daily run for $date"
+    rc=0
+    python -m pipeline.daily --date="$date" --logs_dir="$OUT/logs_daily" --work_dir="$OUT/daily" \
+      --serving_root="$OUT/serving" --model="$MODEL" --window_days="$WINDOW_DAYS" \
+      --maturity_days="$MATURITY_DAYS" --label_strategy="$LABEL_STRATEGY" --num_epochs="$EPOCHS" \
+      --max_hash_buckets="$MAX_HASH_BUCKETS" --ground_truth_dir="$OUT/logs_daily/ground_truth" "$@" \
+      >"$LOG/daily_$date.log" 2>&1 || rc=$?
+    sed -n '/^daily run/,$p' "$LOG/daily_$date.log"
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then
+      tail -n 40 "$LOG/daily_$date.log" >&2
+      echo "[run_local] daily run $date failed (exit $rc); full log: $LOG/daily_$date.log" >&2
+      exit 1
+    fi
+  done
+  echo
+  echo "TF Serving: tensorflow_model_server --model_config_file=$(cd "$OUT/serving" && pwd)/models.config"
+  ls "$OUT/serving/$MODEL"
+  exit 0
+fi
 
 case "$FORMAT" in
   aliccp|avazu) ;;

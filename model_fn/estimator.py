@@ -6,7 +6,7 @@ No flags here: ``model_fn.train`` and ``model_fn.evaluate`` both import it.
 import json
 import math
 import os
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
@@ -23,13 +23,17 @@ def model_fn_for(params) -> Any:
 
 
 def make_estimator(model_dir: str, params: Dict[str, Any], seed: int = 42,
-                   save_checkpoints_steps: int = 1000) -> tf.estimator.Estimator:
+                   save_checkpoints_steps: int = 1000,
+                   warm_start_from: Optional[str] = None) -> tf.estimator.Estimator:
+  """``warm_start_from``: a model dir (or checkpoint) whose trainable variables initialise a
+  model dir without checkpoints (the daily retrain starts from yesterday's model)."""
   config = tf.estimator.RunConfig(
       model_dir=model_dir, tf_random_seed=seed, save_checkpoints_steps=save_checkpoints_steps,
       keep_checkpoint_max=3, log_step_count_steps=100,
       session_config=tf.compat.v1.ConfigProto(intra_op_parallelism_threads=0,
                                               inter_op_parallelism_threads=0))
-  return tf.estimator.Estimator(model_fn_for(params), config=config, params=params)
+  warm = tf.estimator.WarmStartSettings(ckpt_to_initialize_from=warm_start_from) if warm_start_from else None
+  return tf.estimator.Estimator(model_fn_for(params), config=config, params=params, warm_start_from=warm)
 
 
 def save_params(model_dir: str, params: Dict[str, Any]) -> None:
@@ -55,7 +59,7 @@ def load_params(model_dir: str) -> Dict[str, Any]:
 def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any], batch_size: int,
                        num_epochs: float = 1.0, train_steps: int = 0, eval_steps: int = 0,
                        seed: int = 42, save_checkpoints_steps: int = 1000,
-                       do_export: bool = True) -> Dict[str, Any]:
+                       do_export: bool = True, warm_start_from: Optional[str] = None) -> Dict[str, Any]:
   """Trains to the step budget (resuming), evaluates, exports. Returns metrics and export path."""
   tft_output = I.load_transform_output(transform_dir)
   params = resolve_params(params)
@@ -63,7 +67,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   save_params(model_dir, params)
   if train_steps <= 0:
     train_steps = max(1, math.ceil(num_epochs * I.split_rows(transform_dir, "train") / batch_size))
-  estimator = make_estimator(model_dir, params, seed, save_checkpoints_steps)
+  estimator = make_estimator(model_dir, params, seed, save_checkpoints_steps, warm_start_from)
   train_input = I.make_input_fn(I.split_files(transform_dir, "train"), tft_output, batch_size,
                                 training=True, num_epochs=None, seed=seed)
   eval_input = I.make_input_fn(I.split_files(transform_dir, "eval"), tft_output, batch_size,

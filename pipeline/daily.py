@@ -1,0 +1,408 @@
+r"""The daily rolling retrain: late conversions in, a checked model out to TF Serving.
+
+  python -m pipeline.daily --date=YYYYMMDD --logs_dir=LOGS --work_dir=WORK \
+      --serving_root=SERVING [--model=esmm] [--window_days=7] [--attribution_days=7] \
+      [--maturity_days=3] [--label_strategy=wait|naive] [--max_metric_drop=0.01] [beam options]
+
+Log layout (``pipeline.synthetic --daily`` writes it, with ground truth):
+  LOGS/impressions/date=D/sample_skeleton.csv, common_features.csv   Ali-CCP layout, one day
+  LOGS/conversions/date=C/conversions.csv     sample_id,conversion_timestamp: conversions of day C
+
+A run for date T:
+  1. Plan. The eval day is E = T - maturity_days, the newest day whose labels are mature.
+     Train days: the window T-window_days+1 .. T without E; with --label_strategy=wait
+     (default) only the mature days before E, with naive also the immature days after E,
+     whose not-yet-converted clicks count as negatives for now (later runs correct them).
+  2. Re-label (Beam, pipeline.relabel): every impression of the train and eval days gets
+     the conversions logged up to T inside the attribution window; labels are recomputed
+     from the logs each run, so re-running a date never counts a conversion twice.
+  3. Transform (pipeline.preprocess, the same TFT job). The first run's transform is the
+     reference; every later transform must give the same output on probe examples, or the
+     run stops (the hashing is stateless, so a change means the code or flags changed).
+  4. Train, warm-started from the model currently served (trainable variables).
+  5. Evaluate candidate and served model on day E; if a key metric (--gate_metrics) of the
+     candidate is lower by more than --max_metric_drop, the candidate is not published,
+     the run says so and exits 3; the served model stays.
+  6. Publish to SERVING/<model_name>/<T as integer version>/ atomically with warmup
+     requests, keep the newest --keep_versions, update SERVING/models.config (pipeline.publish).
+
+Every step's output has a completion marker; a rerun skips finished steps and redoes an
+unfinished one, so a run killed anywhere can be rerun and completes, and rerunning a finished
+date changes nothing. Exit codes: 0 published (or already), 3 refused, 2 usage error.
+"""
+
+import datetime
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline import preprocess, publish, relabel
+from pipeline.sources import aliccp
+from pipeline.sources.deadletter import DEAD
+from preprocessing import features as F
+from preprocessing import transform as T
+
+FLAGS = flags.FLAGS
+STRATEGIES = ("wait", "naive")
+DEFAULT_GATE_METRICS = ("auc/ctcvr", "auc/cvr_clicked")
+RELABEL_MARKER = "relabel.json"
+RESULT = "result.json"
+TRAINING_RUN = "training_run.json"     # in the published version's assets.extra
+EXIT_REFUSED = 3
+
+
+def define_flags():
+  """The command-line flags (only when run as a program, so the module imports as a library)."""
+  flags.DEFINE_string("date", None, "Run date YYYYMMDD: conversions logged up to this day are known.")
+  flags.DEFINE_string("logs_dir", None, "Root of impressions/date=D/ and conversions/date=D/.")
+  flags.DEFINE_string("work_dir", None, "Runs, models and the reference transform live here.")
+  flags.DEFINE_string("serving_root", None, "TF Serving's model base dir (models.config goes here).")
+  flags.DEFINE_string("model", "esmm", "Model to train (model_fn.params.MODELS).")
+  flags.DEFINE_string("model_name", None, "Name under which TF Serving serves it (default: --model).")
+  flags.DEFINE_integer("window_days", 7, "Rolling window of impression days.")
+  flags.DEFINE_integer("attribution_days", 7, "A conversion counts up to this many days after the impression day.")
+  flags.DEFINE_integer("maturity_days", 3, "Labels of a day are mature this many days later.")
+  flags.DEFINE_enum("label_strategy", "wait", list(STRATEGIES),
+                    "wait: train only on mature days; naive: also on immature days, open clicks as negatives.")
+  flags.DEFINE_list("gate_metrics", list(DEFAULT_GATE_METRICS), "Metrics that must not fall.")
+  flags.DEFINE_float("max_metric_drop", 0.01, "Largest allowed fall of a gate metric (absolute).")
+  flags.DEFINE_integer("keep_versions", 3, "Published versions to keep.")
+  flags.DEFINE_float("num_epochs", 1.0, "Epochs over the train days per run.")
+  flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
+  flags.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on every field's hash buckets (fixed across days).")
+  flags.DEFINE_string("ground_truth_dir", None,
+                      "Optional LOGS/ground_truth of synthetic logs: report label completeness per day.")
+  flags.DEFINE_integer("seed", 42, "Model seed.")
+
+
+class UsageError(Exception):
+  pass
+
+
+class TransformDrift(RuntimeError):
+  pass
+
+
+def _day(date: str) -> datetime.date:
+  try:
+    return datetime.datetime.strptime(date, "%Y%m%d").date()
+  except (TypeError, ValueError):
+    raise UsageError(f"--date must be YYYYMMDD, got {date!r}") from None
+
+
+def _fmt(day: datetime.date) -> str:
+  return day.strftime("%Y%m%d")
+
+
+def impression_dir(logs_dir: str, date: str) -> str:
+  return os.path.join(logs_dir, "impressions", f"date={date}")
+
+
+def conversion_log(logs_dir: str, date: str) -> str:
+  return os.path.join(logs_dir, "conversions", f"date={date}", "conversions.csv")
+
+
+def plan(date: str, logs_dir: str, window_days: int, maturity_days: int, strategy: str) -> Dict:
+  """Which days train, which day evaluates, which conversion logs are read."""
+  if strategy not in STRATEGIES:
+    raise UsageError(f"--label_strategy must be one of {STRATEGIES}")
+  if window_days < 2 or maturity_days < 0 or maturity_days >= window_days:
+    raise UsageError("need window_days >= 2 and 0 <= maturity_days < window_days")
+  t = _day(date)
+  window = [_fmt(t - datetime.timedelta(days=k)) for k in range(window_days - 1, -1, -1)]
+  present = [d for d in window if tf.io.gfile.exists(os.path.join(impression_dir(logs_dir, d), "sample_skeleton.csv"))]
+  eval_day = _fmt(t - datetime.timedelta(days=maturity_days))
+  if eval_day not in present:
+    raise UsageError(f"no impression log for the eval day {eval_day} under {logs_dir}/impressions")
+  train = [d for d in present if d < eval_day or (strategy == "naive" and d > eval_day)]
+  if not train:
+    raise UsageError(f"no train day in the window {window[0]}..{window[-1]} before the eval day {eval_day}")
+  conversions = {d: conversion_log(logs_dir, d) for d in window if tf.io.gfile.exists(conversion_log(logs_dir, d))}
+  return {"date": date, "eval_day": eval_day, "train_days": train, "window": window,
+          "immature_days": [d for d in present if d > eval_day], "conversion_logs": conversions,
+          "strategy": strategy}
+
+
+def _done(path: str) -> Optional[dict]:
+  if tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path) as f:
+      return json.load(f)
+  return None
+
+
+def _write_json(path: str, obj) -> None:
+  tmp = path + ".tmp"
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, beam_args: Sequence[str]) -> Dict:
+  """Step 2: relabeled skeleton files per split + the split's common files; the marker last."""
+  done = _done(os.path.join(out_dir, RELABEL_MARKER))
+  if done:
+    return done
+  if tf.io.gfile.exists(out_dir):
+    tf.io.gfile.rmtree(out_dir)
+  splits = {"train": p["train_days"], "eval": [p["eval_day"]]}
+  split_of = {d: s for s, days in splits.items() for d in days}
+  impressions = {d: os.path.join(impression_dir(logs_dir, d), "sample_skeleton.csv") for d in split_of}
+  pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args), save_main_session=False))
+  out = pipeline | "Relabel" >> relabel.Relabel(impressions, p["conversion_logs"], attribution_days)
+  for split in splits:
+    _ = (out["lines"]
+         | f"Only_{split}" >> beam.Filter(lambda x, s=split: split_of[x[0]] == s)
+         | f"Line_{split}" >> beam.Map(lambda x: x[1])
+         | f"Write_{split}" >> beam.io.WriteToText(os.path.join(out_dir, split, "sample_skeleton"),
+                                                    file_name_suffix=".csv", coder=beam.coders.BytesCoder()))
+  _ = out[DEAD] | "WriteDeadLetters" >> beam.io.WriteToText(
+      os.path.join(out_dir, "dead_letter", "relabel"), file_name_suffix=".jsonl")
+  result = pipeline.run()
+  result.wait_until_finish()
+  rec = relabel.reconcile(preprocess._counters(result), sorted(split_of))
+  if not (rec["impressions_balanced"] and rec["conversions_balanced"]):
+    raise RuntimeError(f"relabel row counts do not reconcile: {json.dumps(rec, sort_keys=True)}")
+  for split, days in splits.items():
+    for d in days:
+      tf.io.gfile.copy(os.path.join(impression_dir(logs_dir, d), "common_features.csv"),
+                       os.path.join(out_dir, split, f"common_features_{d}.csv"), overwrite=True)
+  _write_json(os.path.join(out_dir, RELABEL_MARKER), rec)
+  return rec
+
+
+def run_transform(relabeled: str, out_dir: str, max_hash_buckets: int, beam_args: Sequence[str]) -> None:
+  """Step 3: the preprocessing job on the relabeled files (skipped when finished)."""
+  if tf.io.gfile.exists(os.path.join(out_dir, F.RECONCILIATION)):
+    return
+  patterns = {split: {"skeleton": os.path.join(relabeled, split, "sample_skeleton*.csv"),
+                      "common": os.path.join(relabeled, split, "common_features_*.csv")}
+              for split in ("train", "eval")}
+  preprocess.run("aliccp", patterns, out_dir, list(beam_args), max_hash_buckets=max_hash_buckets,
+                 overwrite=True)
+
+
+def probe_examples(logs_dir: str, date: str, n: int = 32) -> List[bytes]:
+  """Up to ``n`` raw serialized tf.Examples of day ``date`` as a client would send them
+  (labels and sample id left out): warmup requests and the transform drift probe."""
+  known = frozenset(f.name for f in F.fields("aliccp"))
+  rows = []
+  with tf.io.gfile.GFile(os.path.join(impression_dir(logs_dir, date), "sample_skeleton.csv"), "rb") as f:
+    for line in f:
+      try:
+        rows.append(aliccp.parse_skeleton_line(line, known)[0])
+      except aliccp.BadRecord:
+        continue
+      if len(rows) == n:
+        break
+  wanted = {r["index"] for r in rows}
+  common = {}
+  with tf.io.gfile.GFile(os.path.join(impression_dir(logs_dir, date), "common_features.csv"), "rb") as f:
+    for line in f:
+      if len(common) == len(wanted):
+        break
+      try:
+        row = aliccp.parse_common_line(line, known)[0]
+      except aliccp.BadRecord:
+        continue
+      if row["index"] in wanted:
+        common[row["index"]] = row["features"]
+  drop = set(F.RAW_LABELS) | {F.SAMPLE_ID}
+  return [T.raw_example({k: v for k, v in aliccp.to_raw_instance(r, common.get(r["index"], {})).items()
+                         if k not in drop}, "aliccp").SerializeToString() for r in rows]
+
+
+def _transform(transform_dir: str, serialized: Sequence[bytes]) -> Dict[str, np.ndarray]:
+  import tensorflow_transform as tft
+  # The transform_fn is a TF1 graph (tft_beam.Context(force_tf_compat_v1=True)): apply it in one.
+  with tf.Graph().as_default() as graph:
+    raw = tf.io.parse_example(tf.constant(list(serialized)),
+                              T.raw_feature_spec("aliccp", with_labels=False, with_sample_id=False))
+    got = tft.TFTransformOutput(transform_dir).transform_raw_features(raw, drop_unused_features=True)
+    dense = {k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v for k, v in got.items()}
+    with tf.compat.v1.Session(graph=graph) as session:
+      session.run(tf.compat.v1.tables_initializer())
+      return session.run(dense)
+
+
+def check_transform(reference: str, transform_dir: str, serialized: Sequence[bytes]) -> str:
+  """Step 3's guard: the first transform becomes the reference; later ones must agree on
+  the schema's bucket counts and on every output for the probe examples."""
+  if not tf.io.gfile.exists(os.path.join(reference, "transform_fn")):
+    staging = reference + ".tmp"
+    if tf.io.gfile.exists(staging):
+      tf.io.gfile.rmtree(staging)
+    for sub in ("transform_fn", "transformed_metadata"):
+      publish._copy_tree(os.path.join(transform_dir, sub), os.path.join(staging, sub))
+    tf.io.gfile.rename(staging, reference, overwrite=True)
+    return "reference set"
+  import tensorflow_transform as tft
+  want = T.transformed_hash_buckets(tft.TFTransformOutput(reference))
+  got = T.transformed_hash_buckets(tft.TFTransformOutput(transform_dir))
+  if want != got:
+    diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    raise TransformDrift(f"hash bucket counts differ from the reference transform for {diff}")
+  a, b = _transform(reference, serialized), _transform(transform_dir, serialized)
+  if set(a) != set(b):
+    raise TransformDrift(f"transform outputs differ: {sorted(set(a) ^ set(b))}")
+  for k in a:
+    if a[k].shape != b[k].shape or not np.array_equal(a[k], b[k]):
+      raise TransformDrift(f"transform output {k!r} differs from the reference on the same raw examples")
+  return "same as reference"
+
+
+def label_completeness(logs_dir: str, truth_dir: str, rec: Dict) -> Dict[str, Dict[str, float]]:
+  """Per day: conversions known to this run / conversions that will eventually happen
+  (ground truth: clicked impressions whose counterfactual conversion is 1)."""
+  out = {}
+  for date, counts in sorted(rec["days"].items()):
+    with tf.io.gfile.GFile(os.path.join(impression_dir(logs_dir, date), "sample_skeleton.csv")) as f:
+      clicks = np.array([int(line.split(",", 2)[1]) for line in f])
+    with tf.io.gfile.GFile(os.path.join(truth_dir, f"date={date}.csv")) as f:
+      next(f)
+      cf = np.array([int(line.rstrip("\n").rsplit(",", 1)[1]) for line in f])
+    eventual = int((clicks * cf).sum())
+    known = int(counts["conversions_attributed"])
+    out[date] = {"known": known, "eventual": eventual, "completeness": known / eventual if eventual else 1.0}
+  return out
+
+
+def served_run(serving_root: str, model_name: str) -> Optional[Dict]:
+  """The training run of the newest published version (from its assets.extra), or None."""
+  path = publish.newest(serving_root, model_name)
+  if not path:
+    return None
+  info = _done(os.path.join(path, "assets.extra", TRAINING_RUN)) or {}
+  info["path"] = path
+  info["version"] = int(os.path.basename(path))
+  return info
+
+
+def gate(candidate: Dict[str, float], served: Optional[Dict[str, float]], metrics: Sequence[str],
+         max_drop: float) -> List[str]:
+  """The reasons not to publish (empty: publish)."""
+  if not served:
+    return []
+  reasons = []
+  for m in metrics:
+    if m not in candidate or m not in served:
+      raise UsageError(f"gate metric {m!r} is not reported (have {sorted(candidate)})")
+    if candidate[m] < served[m] - max_drop:
+      reasons.append(f"{m} {candidate[m]:.4f} < served {served[m]:.4f} - {max_drop:g}")
+  return reasons
+
+
+def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str = "esmm",
+        model_name: Optional[str] = None, window_days: int = 7, attribution_days: int = 7,
+        maturity_days: int = 3, label_strategy: str = "wait",
+        gate_metrics: Sequence[str] = DEFAULT_GATE_METRICS, max_metric_drop: float = 0.01,
+        keep_versions: int = 3, num_epochs: float = 1.0, batch_size: int = 1024,
+        max_hash_buckets: int = 1 << 17, ground_truth_dir: Optional[str] = None, seed: int = 42,
+        beam_args: Sequence[str] = ()) -> Dict:
+  """One day's run (see the module doc). Returns the run's result (also RUN/result.json)."""
+  from model_fn import estimator as E
+  from model_fn import evaluation
+  from model_fn import input_fn as I
+  model_name = model_name or model
+  run_dir = os.path.join(work_dir, "runs", date)
+  done = _done(os.path.join(run_dir, RESULT))
+  if done:
+    done["rerun"] = True
+    return done
+  p = plan(date, logs_dir, window_days, maturity_days, label_strategy)
+  tf.io.gfile.makedirs(run_dir)
+  _write_json(os.path.join(run_dir, "plan.json"), p)
+  rec = run_relabel(p, logs_dir, os.path.join(run_dir, "relabeled"), attribution_days, beam_args)
+  transform_dir = os.path.join(run_dir, "transformed")
+  run_transform(os.path.join(run_dir, "relabeled"), transform_dir, max_hash_buckets, beam_args)
+  probes = probe_examples(logs_dir, p["eval_day"])
+  transform_check = check_transform(os.path.join(work_dir, "transform_reference"), transform_dir, probes)
+  served = served_run(serving_root, model_name)
+  warm = served.get("model_dir") if served else None
+  if warm and not tf.io.gfile.exists(warm):
+    warm = None
+  model_dir = os.path.join(run_dir, "model")
+  buckets = T.transformed_hash_buckets(I.load_transform_output(transform_dir))
+  trained = _done(os.path.join(model_dir, "train_result.json"))
+  if not trained or not tf.io.gfile.exists(trained.get("saved_model", "")):
+    trained = E.train_and_evaluate(transform_dir, model_dir, {"model": model, "hash_buckets": buckets},
+                                   batch_size, num_epochs=num_epochs, seed=seed,
+                                   warm_start_from=warm)
+  to_score = [("candidate", model_dir)] + ([("served", served["model_dir"])] if warm else [])
+  report, _ = evaluation.evaluate(to_score, transform_dir)
+  candidate = {k: v for k, v in report["candidate"].items() if isinstance(v, float)}
+  served_metrics = ({k: v for k, v in report["served"].items() if isinstance(v, float)}
+                    if "served" in report else None)
+  reasons = gate(candidate, served_metrics, gate_metrics, max_metric_drop)
+  result = {"date": date, "plan": p, "relabel": rec, "transform": transform_check,
+            "warm_start_from": warm, "served_before": served and served["version"],
+            "candidate": candidate, "served": served_metrics, "model_dir": model_dir,
+            "saved_model": trained["saved_model"]}
+  if ground_truth_dir:
+    result["label_completeness"] = label_completeness(logs_dir, ground_truth_dir, rec)
+  if reasons:
+    result.update(published=False, refused=reasons)
+  else:
+    extra = {"model_dir": model_dir, "date": date, "metrics": candidate}
+    pub = publish.publish(trained["saved_model"], serving_root, model_name, int(date), probes,
+                          keep=keep_versions, extra_files={TRAINING_RUN: json.dumps(extra, indent=2)})
+    result.update(published=pub["published"], version=pub["version"], versions=pub["versions"],
+                  publish=pub["reason"])
+  _write_json(os.path.join(run_dir, RESULT), result)
+  return result
+
+
+def format_result(r: Dict) -> str:
+  lines = [f"daily run {r['date']}{' (already done; nothing changed)' if r.get('rerun') else ''}: "
+           f"train days {','.join(r['plan']['train_days'])}, eval day {r['plan']['eval_day']}, "
+           f"strategy {r['plan']['strategy']}"]
+  rel = r["relabel"]
+  lines.append(f"  relabel: impressions {rel['impressions_read']:,} read = {rel['impressions_written']:,} written"
+               f" + {sum(rel['impressions_set_aside'].values()):,} set aside; conversions "
+               f"{rel['conversions_read']:,} read = {rel['conversions_attributed']:,} attributed + "
+               f"{sum(rel['conversions_set_aside'].values()):,} set aside "
+               + str({k: v for k, v in rel["conversions_set_aside"].items() if v}))
+  for date, c in sorted(r.get("label_completeness", {}).items()):
+    lines.append(f"  labels of {date}: {c['known']}/{c['eventual']} conversions known ({100 * c['completeness']:.0f}%)")
+  lines.append(f"  transform: {r['transform']}; warm start: {r['warm_start_from'] or 'none (cold start)'}")
+  keys = ("auc/ctr", "auc/ctcvr", "auc/cvr_clicked", "calibration/ctcvr")
+  lines.append("  candidate: " + "  ".join(f"{k}={r['candidate'][k]:.4f}" for k in keys if k in r["candidate"]))
+  if r.get("served"):
+    lines.append(f"  served v{r['served_before']}: "
+                 + "  ".join(f"{k}={r['served'][k]:.4f}" for k in keys if k in r["served"]))
+  if r.get("refused"):
+    lines.append("  NOT PUBLISHED, the served model stays: " + "; ".join(r["refused"]))
+  else:
+    lines.append(f"  {r['publish']}: version {r['version']}; versions now {r['versions']}")
+  return "\n".join(lines)
+
+
+def main(argv):
+  beam_args = argv[1:]
+  try:
+    for name in ("date", "logs_dir", "work_dir", "serving_root"):
+      if not FLAGS[name].value:
+        raise UsageError(f"--{name} is required")
+    r = run(FLAGS.date, FLAGS.logs_dir, FLAGS.work_dir, FLAGS.serving_root, FLAGS.model, FLAGS.model_name,
+            FLAGS.window_days, FLAGS.attribution_days, FLAGS.maturity_days, FLAGS.label_strategy,
+            FLAGS.gate_metrics, FLAGS.max_metric_drop, FLAGS.keep_versions, FLAGS.num_epochs,
+            FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args)
+  except (UsageError, preprocess.UsageError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except TransformDrift as e:
+    print(f"error: the transform changed: {e}; nothing was trained or published", file=sys.stderr)
+    return 4
+  print(format_result(r))
+  return EXIT_REFUSED if r.get("refused") else 0
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,202 @@
+"""The daily rolling retrain, simulated over consecutive days of small synthetic logs.
+
+One module-scoped simulation: six days of impressions and the conversion logs they cause
+(log-normal delays, duplicates, malformed rows); daily runs for four consecutive dates with a
+4-day window, 1 day to maturity, keeping 2 versions. The tests read what the runs left.
+"""
+
+import datetime
+import glob
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import prediction_log_pb2
+
+from pipeline import daily, publish, relabel, synthetic
+
+DAYS = [(synthetic.DAILY_START + datetime.timedelta(days=k)).strftime("%Y%m%d") for k in range(6)]
+RUN_DATES = DAYS[2:]                     # 4 consecutive runs
+# Models trained on a few thousand rows have noise-level AUCs; the simulation publishes every
+# day (a drop of up to 1.0 passes) and the gate is tested on its own below.
+SETTINGS = dict(window_days=4, maturity_days=1, attribution_days=7, keep_versions=2, batch_size=256,
+                max_hash_buckets=4096, num_epochs=1.0, max_metric_drop=1.0)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+  root = tmp_path_factory.mktemp("daily")
+  logs, work, serving = str(root / "logs"), str(root / "work"), str(root / "serving")
+  synthetic.generate_daily(logs, num_days=6, impressions_per_day=2500, num_users=400, num_items=600,
+                           bad_rows=1, duplicate_rate=0.3)
+  results = {d: daily.run(d, logs, work, serving, ground_truth_dir=os.path.join(logs, "ground_truth"),
+                          **SETTINGS) for d in RUN_DATES}
+  return {"logs": logs, "work": work, "serving": serving, "results": results}
+
+
+def _relabeled(sim, run_date):
+  """{sample_id: conversion} of every impression line a run wrote."""
+  out = {}
+  for path in glob.glob(os.path.join(sim["work"], "runs", run_date, "relabeled", "*", "sample_skeleton*.csv")):
+    with open(path) as f:
+      for line in f:
+        sid, _, conv, _ = line.split(",", 3)
+        out[int(sid)] = int(conv)
+  return out
+
+
+def _conversions(sim):
+  """[(sample_id, conversion date)] over every conversion log, parseable rows only."""
+  rows = []
+  for path in sorted(glob.glob(os.path.join(sim["logs"], "conversions", "date=*", "conversions.csv"))):
+    with open(path) as f:
+      next(f)
+      for line in f:
+        try:
+          sid, ts = relabel.parse_conversion(line)
+        except relabel.BadRecord:
+          continue
+        rows.append((sid, relabel.conversion_date(ts)))
+  return rows
+
+
+def test_a_late_conversion_flips_the_label_in_the_run_that_first_sees_it(sim):
+  clicked = {}
+  for d in DAYS:
+    with open(os.path.join(daily.impression_dir(sim["logs"], d), "sample_skeleton.csv")) as f:
+      for line in f:
+        sid, click, _ = line.split(",", 2)
+        clicked[int(sid)] = click == "1"
+  first_conversion = {}
+  for sid, c_date in _conversions(sim):
+    first_conversion[sid] = min(c_date, first_conversion.get(sid, c_date))
+  runs = {d: _relabeled(sim, d) for d in RUN_DATES}
+  flips = 0
+  for before, after in zip(RUN_DATES, RUN_DATES[1:]):
+    for sid, c_date in first_conversion.items():
+      if c_date == after and clicked.get(sid) and sid in runs[before] and sid in runs[after]:
+        # Negative in the run before its conversion arrived, positive in the run of that day.
+        assert (runs[before][sid], runs[after][sid]) == (0, 1), (sid, before, after)
+        flips += 1
+  assert flips >= 2
+
+
+def test_every_impression_and_conversion_is_accounted_for(sim):
+  for d, r in sim["results"].items():
+    rel = r["relabel"]
+    assert rel["impressions_balanced"] and rel["conversions_balanced"], d
+    assert rel["conversions_set_aside"]["malformed_conversion"] >= 1
+    assert rel["conversions_set_aside"]["conversion_without_click"] >= 1
+    days = r["plan"]["train_days"] + [r["plan"]["eval_day"]]
+    assert rel["impressions_read"] == 2500 * len(days)
+    # Dead letters carry the reasons: one JSON line per conversion set aside.
+    lines = [line for p in glob.glob(os.path.join(sim["work"], "runs", d, "relabeled", "dead_letter", "*"))
+             for line in open(p)]
+    assert len(lines) == sum(rel["conversions_set_aside"].values()) + sum(rel["impressions_set_aside"].values())
+  aside = [r["relabel"]["conversions_set_aside"] for r in sim["results"].values()]
+  assert sum(a["duplicate_conversion"] for a in aside) >= 1
+  assert sum(a["no_impression_in_window"] for a in aside) >= 1
+
+
+def test_labels_grow_more_complete_as_days_pass_and_are_never_double_counted(sim):
+  history = {}
+  for d in RUN_DATES:
+    for day, c in sim["results"][d]["label_completeness"].items():
+      history.setdefault(day, []).append(c)
+      assert 0 <= c["known"] <= c["eventual"]   # duplicates (30% of conversions here) not counted twice
+  seen_twice = [day for day, cs in history.items() if len(cs) > 1]
+  assert len(seen_twice) >= 2
+  for day in seen_twice:
+    known = [c["known"] for c in history[day]]
+    assert known == sorted(known) and len({c["eventual"] for c in history[day]}) == 1
+
+
+def test_wait_strategy_trains_only_on_mature_days_before_the_eval_day(sim):
+  for d, r in sim["results"].items():
+    p = r["plan"]
+    assert p["eval_day"] == (datetime.datetime.strptime(d, "%Y%m%d") - datetime.timedelta(days=1)).strftime("%Y%m%d")
+    assert all(t < p["eval_day"] for t in p["train_days"])
+  naive = daily.plan(RUN_DATES[-1], sim["logs"], 4, 1, "naive")
+  assert naive["train_days"][-1] == RUN_DATES[-1] and naive["eval_day"] not in naive["train_days"]
+
+
+def test_versions_increase_warm_start_and_old_versions_are_pruned(sim):
+  results = [sim["results"][d] for d in RUN_DATES]
+  published = [r["version"] for r in results if r["published"]]
+  assert published == sorted(published) and len(published) >= 3
+  assert publish.versions(os.path.join(sim["serving"], "esmm")) == published[-2:]
+  assert results[0]["warm_start_from"] is None
+  assert all(r["warm_start_from"] for r in results[1:])
+  assert all(r["transform"] == "same as reference" for r in results[1:])
+
+
+def test_warmup_file_parses_and_runs_against_the_published_signatures(sim):
+  path = publish.newest(sim["serving"], "esmm")
+  records = list(tf.data.TFRecordDataset(os.path.join(path, publish.WARMUP_FILE)))
+  logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in records]
+  assert {log.WhichOneof("log_type") for log in logs} == {"regress_log", "predict_log"}
+  scored = publish.replay_warmup(path)
+  assert scored == {"regression": 32, "serving_default": 32, "predict": 32}
+
+
+def test_rerunning_a_day_changes_nothing(sim):
+  serving = sorted(os.path.relpath(p, sim["serving"]) for p in glob.glob(sim["serving"] + "/**", recursive=True))
+  mtimes = {p: os.path.getmtime(p) for p in glob.glob(sim["serving"] + "/**", recursive=True)}
+  again = daily.run(RUN_DATES[-1], sim["logs"], sim["work"], sim["serving"], **SETTINGS)
+  assert again["rerun"] and again["version"] == sim["results"][RUN_DATES[-1]]["version"]
+  assert sorted(os.path.relpath(p, sim["serving"])
+                for p in glob.glob(sim["serving"] + "/**", recursive=True)) == serving
+  assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
+
+
+def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
+  # The gate itself, on numbers.
+  assert daily.gate({"auc/ctcvr": 0.70}, {"auc/ctcvr": 0.72}, ["auc/ctcvr"], 0.01) != []
+  assert daily.gate({"auc/ctcvr": 0.715}, {"auc/ctcvr": 0.72}, ["auc/ctcvr"], 0.01) == []
+  assert daily.gate({"auc/ctcvr": 0.5}, None, ["auc/ctcvr"], 0.01) == []
+  # A whole run whose candidate cannot pass (it would have to beat the served model by a
+  # full AUC point on every gate metric): refused, exit 3, the served version stays.
+  serving = str(tmp_path / "serving")
+  publish._copy_tree(sim["serving"], serving)
+  work = str(tmp_path / "work")
+  publish._copy_tree(os.path.join(sim["work"], "transform_reference"), os.path.join(work, "transform_reference"))
+  before = publish.versions(os.path.join(serving, "esmm"))
+  cmd = [sys.executable, "-m", "pipeline.daily", f"--date={DAYS[-1]}", f"--logs_dir={sim['logs']}",
+         f"--work_dir={work}", f"--serving_root={serving}", "--max_metric_drop=-1",
+         "--window_days=4", "--maturity_days=1", "--max_hash_buckets=4096", "--batch_size=256",
+         "--keep_versions=2"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(daily.__file__)))
+  assert proc.returncode == daily.EXIT_REFUSED, proc.stderr[-3000:]
+  assert "NOT PUBLISHED, the served model stays" in proc.stdout
+  assert publish.versions(os.path.join(serving, "esmm")) == before
+
+
+def test_a_run_killed_midway_completes_when_rerun(sim, tmp_path):
+  work = str(tmp_path / "work")
+  serving = str(tmp_path / "serving")
+  date = DAYS[3]
+  p = daily.plan(date, sim["logs"], 4, 1, "wait")
+  run_dir = os.path.join(work, "runs", date)
+  daily.run_relabel(p, sim["logs"], os.path.join(run_dir, "relabeled"), 7, [])
+  # Killed during the transform: a partial output without its marker.
+  os.makedirs(os.path.join(run_dir, "transformed", "train"))
+  open(os.path.join(run_dir, "transformed", "train", "part-00000-of-00002.tfrecord.gz"), "wb").close()
+  r = daily.run(date, sim["logs"], work, serving, **SETTINGS)
+  assert r["published"] and publish.versions(os.path.join(serving, "esmm")) == [int(date)]
+  assert r["relabel"] == sim["results"][date]["relabel"]
+
+
+def test_a_changed_transform_stops_the_run(sim, tmp_path):
+  date = RUN_DATES[-1]
+  relabeled = os.path.join(sim["work"], "runs", date, "relabeled")
+  other = str(tmp_path / "transformed")
+  daily.run_transform(relabeled, other, 2048, [])        # other hash bucket counts
+  probes = daily.probe_examples(sim["logs"], date)
+  with pytest.raises(daily.TransformDrift, match="hash bucket counts"):
+    daily.check_transform(os.path.join(sim["work"], "transform_reference"), other, probes)
+  assert len(probes) == 32 and all(isinstance(p, bytes) for p in probes)
+  same = daily._transform(os.path.join(sim["work"], "runs", date, "transformed"), probes)
+  assert all(np.asarray(v).shape[0] == 32 for v in same.values())
