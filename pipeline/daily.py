@@ -376,6 +376,8 @@ def format_result(r: Dict) -> str:
   if r.get("served"):
     lines.append(f"  served v{r['served_before']}: "
                  + "  ".join(f"{k}={r['served'][k]:.4f}" for k in keys if k in r["served"]))
+  else:
+    lines.append("  gate: no served model with a known training run to compare with")
   if r.get("refused"):
     lines.append("  NOT PUBLISHED, the served model stays: " + "; ".join(r["refused"]))
   else:
