@@ -20,7 +20,9 @@ A run for date T:
      reference; every later transform must give the same output on probe examples, or the
      run stops (the hashing is stateless, so a change means the code or flags changed).
   4. Train, warm-started from the model currently served (trainable variables).
-  5. Evaluate candidate and served model on day E; if a key metric (--gate_metrics) of the
+  5. Evaluate candidate and served model on day E's holdout: --holdout_percent of every
+     day's impressions (by sample id hash) that no run ever trains on, so neither model has
+     seen them, even when yesterday's run trained on day E (naive strategy). If a key metric (--gate_metrics) of the
      candidate is lower by more than --max_metric_drop, the candidate is not published,
      the run says so and exits 3; the served model stays.
   6. Publish to SERVING/<model_name>/<T as integer version>/ atomically with warmup
@@ -74,6 +76,9 @@ def define_flags():
   flags.DEFINE_list("gate_metrics", list(DEFAULT_GATE_METRICS), "Metrics that must not fall.")
   flags.DEFINE_float("max_metric_drop", 0.01, "Largest allowed fall of a gate metric (absolute).")
   flags.DEFINE_integer("keep_versions", 3, "Published versions to keep.")
+  flags.DEFINE_integer("holdout_percent", 20,
+                       "Share of every day's impressions (by sample id hash) that no run trains on; the "
+                       "gate evaluates on the eval day's share (0: the whole eval day, no holdout).")
   flags.DEFINE_float("num_epochs", 1.0, "Epochs over the train days per run.")
   flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
   flags.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on every field's hash buckets (fixed across days).")
@@ -144,30 +149,64 @@ def _write_json(path: str, obj) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-def run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, beam_args: Sequence[str]) -> Dict:
-  """Step 2: relabeled skeleton files per split + the split's common files; the marker last."""
+class _Route(beam.DoFn):
+  """Relabeled lines to their split: the eval split is the holdout slice of the eval day,
+  the train split the rest of the train days. With holdout 0 the whole eval day evaluates."""
+
+  def __init__(self, train_days, eval_day: str, holdout_percent: int):
+    self._train = frozenset(train_days)
+    self._eval = eval_day
+    self._pct = holdout_percent
+
+  def process(self, element):
+    date, sample_id, line = element
+    held = sample_id is not None and relabel.held_out(sample_id, self._pct)
+    if date == self._eval:
+      split = "eval" if held or not self._pct or sample_id is None else None
+    else:
+      split = None if held else "train"
+    if split is None:
+      reason = "holdout_of_train_day" if held else "eval_day_outside_holdout"
+      beam.metrics.Metrics.counter(relabel.NS, f"not_used_this_run/{reason}").inc()
+      return
+    beam.metrics.Metrics.counter(relabel.NS, f"routed/{split}").inc()
+    yield beam.pvalue.TaggedOutput(split, line)
+
+
+def run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, beam_args: Sequence[str],
+                holdout_percent: int = 0) -> Dict:
+  """Step 2: relabeled skeleton files per split + the split's common files; the marker last.
+
+  ``holdout_percent``: the share of every day's impressions (by sample id) kept out of
+  training in every run; the eval split is that slice of the eval day.
+  """
   done = _done(os.path.join(out_dir, RELABEL_MARKER))
   if done:
     return done
   if tf.io.gfile.exists(out_dir):
     tf.io.gfile.rmtree(out_dir)
   splits = {"train": p["train_days"], "eval": [p["eval_day"]]}
-  split_of = {d: s for s, days in splits.items() for d in days}
-  impressions = {d: os.path.join(impression_dir(logs_dir, d), "sample_skeleton.csv") for d in split_of}
+  dates = sorted(d for days in splits.values() for d in days)
+  impressions = {d: os.path.join(impression_dir(logs_dir, d), "sample_skeleton.csv") for d in dates}
   pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args), save_main_session=False))
   out = pipeline | "Relabel" >> relabel.Relabel(impressions, p["conversion_logs"], attribution_days)
+  routed = out["lines"] | "Route" >> beam.ParDo(_Route(splits["train"], p["eval_day"], holdout_percent)).with_outputs(
+      *splits)
   for split in splits:
-    _ = (out["lines"]
-         | f"Only_{split}" >> beam.Filter(lambda x, s=split: split_of[x[0]] == s)
-         | f"Line_{split}" >> beam.Map(lambda x: x[1])
-         | f"Write_{split}" >> beam.io.WriteToText(os.path.join(out_dir, split, "sample_skeleton"),
-                                                    file_name_suffix=".csv", coder=beam.coders.BytesCoder()))
+    _ = routed[split] | f"Write_{split}" >> beam.io.WriteToText(
+        os.path.join(out_dir, split, "sample_skeleton"), file_name_suffix=".csv", coder=beam.coders.BytesCoder())
   _ = out[DEAD] | "WriteDeadLetters" >> beam.io.WriteToText(
       os.path.join(out_dir, "dead_letter", "relabel"), file_name_suffix=".jsonl")
   result = pipeline.run()
   result.wait_until_finish()
-  rec = relabel.reconcile(preprocess._counters(result), sorted(split_of))
-  if not (rec["impressions_balanced"] and rec["conversions_balanced"]):
+  counters = preprocess._counters(result)
+  rec = relabel.reconcile(counters, dates)
+  rec["holdout_percent"] = holdout_percent
+  for key in ("routed", "not_used_this_run"):
+    prefix = f"{relabel.NS}/{key}/"
+    rec[key] = {k[len(prefix):]: v for k, v in counters.items() if k.startswith(prefix)}
+  routed_all = sum(rec["routed"].values()) + sum(rec["not_used_this_run"].values())
+  if not (rec["impressions_balanced"] and rec["conversions_balanced"]) or routed_all != rec["impressions_written"]:
     raise RuntimeError(f"relabel row counts do not reconcile: {json.dumps(rec, sort_keys=True)}")
   for split, days in splits.items():
     for d in days:
@@ -293,7 +332,10 @@ def gate(candidate: Dict[str, float], served: Optional[Dict[str, float]], metric
   for m in metrics:
     if m not in candidate or m not in served:
       raise UsageError(f"gate metric {m!r} is not reported (have {sorted(candidate)})")
-    if candidate[m] < served[m] - max_drop:
+    if not (np.isfinite(candidate[m]) and np.isfinite(served[m])):
+      reasons.append(f"{m} is undefined on the eval set (no positive or no negative label), so the "
+                     "candidate cannot be shown not to be worse")
+    elif candidate[m] < served[m] - max_drop:
       reasons.append(f"{m} {candidate[m]:.4f} < served {served[m]:.4f} - {max_drop:g}")
   return reasons
 
@@ -304,7 +346,7 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
         gate_metrics: Sequence[str] = DEFAULT_GATE_METRICS, max_metric_drop: float = 0.01,
         keep_versions: int = 3, num_epochs: float = 1.0, batch_size: int = 1024,
         max_hash_buckets: int = 1 << 17, ground_truth_dir: Optional[str] = None, seed: int = 42,
-        beam_args: Sequence[str] = ()) -> Dict:
+        beam_args: Sequence[str] = (), holdout_percent: int = 20) -> Dict:
   """One day's run (see the module doc). Returns the run's result (also RUN/result.json)."""
   from model_fn import estimator as E
   from model_fn import evaluation
@@ -316,9 +358,12 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
     done["rerun"] = True
     return done
   p = plan(date, logs_dir, window_days, maturity_days, label_strategy)
+  if not 0 <= holdout_percent < 100:
+    raise UsageError("--holdout_percent must be in [0, 100)")
+  p["holdout_percent"] = holdout_percent
   tf.io.gfile.makedirs(run_dir)
   _write_json(os.path.join(run_dir, "plan.json"), p)
-  rec = run_relabel(p, logs_dir, os.path.join(run_dir, "relabeled"), attribution_days, beam_args)
+  rec = run_relabel(p, logs_dir, os.path.join(run_dir, "relabeled"), attribution_days, beam_args, holdout_percent)
   transform_dir = os.path.join(run_dir, "transformed")
   run_transform(os.path.join(run_dir, "relabeled"), transform_dir, max_hash_buckets, beam_args)
   probes = probe_examples(logs_dir, p["eval_day"])
@@ -394,7 +439,8 @@ def main(argv):
     r = run(FLAGS.date, FLAGS.logs_dir, FLAGS.work_dir, FLAGS.serving_root, FLAGS.model, FLAGS.model_name,
             FLAGS.window_days, FLAGS.attribution_days, FLAGS.maturity_days, FLAGS.label_strategy,
             FLAGS.gate_metrics, FLAGS.max_metric_drop, FLAGS.keep_versions, FLAGS.num_epochs,
-            FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args)
+            FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args,
+            FLAGS.holdout_percent)
   except (UsageError, preprocess.UsageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

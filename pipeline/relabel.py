@@ -24,6 +24,7 @@ duplicate_impression. The counts must reconcile, as in pipeline.preprocess.
 """
 
 import datetime
+import zlib
 from typing import Dict, Iterable, Mapping
 
 import apache_beam as beam
@@ -43,6 +44,13 @@ def _date(yyyymmdd: str) -> datetime.date:
 
 def conversion_date(timestamp: int) -> str:
   return (_EPOCH + datetime.timedelta(seconds=int(timestamp))).strftime("%Y%m%d")
+
+
+def held_out(sample_id: int, percent: int) -> bool:
+  """Whether an impression belongs to the evaluation holdout: a fixed slice of every day
+  (by a hash of its sample id) that no run ever trains on, so a model warm-started from
+  yesterday's has never seen the rows it is evaluated on."""
+  return zlib.crc32(str(sample_id).encode()) % 100 < percent
 
 
 def parse_conversion(line) -> tuple:
@@ -151,13 +159,14 @@ class _Relabel(beam.DoFn):
         self._attributed.inc()
         counter(NS, f"attributed/{date}").inc()
     counter(NS, f"impressions_written/{date}").inc()
-    yield date, with_conversion(line, attributed)
+    yield date, sample_id, with_conversion(line, attributed)
 
 
 class Relabel(beam.PTransform):
   """{date: skeleton pattern} + {log date: conversion log pattern} -> relabeled lines per date.
 
-  Returns {"lines": PCollection of (impression date, line bytes), DEAD: JSON lines}.
+  Returns {"lines": PCollection of (impression date, sample id or None if unreadable, line
+  bytes), DEAD: JSON lines}.
   """
 
   def __init__(self, impressions: Mapping[str, str], conversions: Mapping[str, str], attribution_days: int):
@@ -198,7 +207,7 @@ class Relabel(beam.PTransform):
 def _count_passthrough(element):
   counter(NS, f"impressions_written/{element[0]}").inc()
   counter(NS, "impressions_passed_through_unreadable").inc()
-  return element
+  return element[0], None, element[1]
 
 
 def reconcile(counters: Mapping[str, int], dates: Iterable[str]) -> Dict[str, object]:

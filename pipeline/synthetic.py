@@ -402,7 +402,8 @@ def conversion_delays(rng: np.random.Generator, n: int) -> np.ndarray:
 def generate_daily(output_dir: str, num_days: int, impressions_per_day: int,
                    start: datetime.date = DAILY_START, num_users: int = 20_000, num_items: int = 30_000,
                    impressions_per_common: float = 20.0, ctr: float = 0.04, cvr: float = 0.05,
-                   duplicate_rate: float = 0.01, bad_rows: int = 0, seed: int = 2018) -> List[dict]:
+                   duplicate_rate: float = 0.01, bad_rows: int = 0, seed: int = 2018,
+                   test_impressions: int = 0) -> List[dict]:
   """Writes ``num_days`` days of impression logs and the conversion logs they cause.
 
   impressions/date=D/sample_skeleton.csv   Ali-CCP skeleton; conversion is always 0 (unknown
@@ -412,6 +413,10 @@ def generate_daily(output_dir: str, num_days: int, impressions_per_day: int,
                                            day C or earlier; written up to 14 days past the last
                                            impression day (later days exist only when reached)
   ground_truth/date=D.csv                  sample_id,true_pctr,true_pcvr,counterfactual_conversion
+  test/                                    with ``test_impressions``: a split of the same world in
+                                           the batch layout (sample_skeleton_test.csv, ... with
+                                           every conversion known, ground_truth_test.csv), a
+                                           common yardstick for models of different days
 
   Sample ids are unique over all days (D * 10^7 + row). The conversion log also carries what
   real postback logs do: duplicates (``duplicate_rate``), the click=0 anomalies of the release
@@ -451,6 +456,11 @@ def generate_daily(output_dir: str, num_days: int, impressions_per_day: int,
                                           f"{int(date) * 10 ** 7 + 9_999_000 + k},{int(day_start) + 10}"])
     summary.update(date=date, duplicates=int(dup.sum()), converted=int(arrays["conversion"].sum()))
     summaries.append(summary)
+  if test_impressions:
+    test = os.path.join(output_dir, "test")
+    os.makedirs(test, exist_ok=True)
+    summaries.append(write_split(world, rng, test, "test", test_impressions, impressions_per_common, 0, ctr, cvr,
+                                 first_sample_id=9 * 10 ** 15 + 1))
   for c_date, lines in events.items():
     path = daily_paths(output_dir, c_date)["conversions"]
     os.makedirs(os.path.dirname(path), exist_ok=True)

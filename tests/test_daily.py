@@ -20,10 +20,13 @@ from pipeline import daily, publish, relabel, synthetic
 
 DAYS = [(synthetic.DAILY_START + datetime.timedelta(days=k)).strftime("%Y%m%d") for k in range(6)]
 RUN_DATES = DAYS[2:]                     # 4 consecutive runs
-# Models trained on a few thousand rows have noise-level AUCs; the simulation publishes every
-# day (a drop of up to 1.0 passes) and the gate is tested on its own below.
+# Models trained on a few thousand rows have noise-level AUCs and an eval day may have no
+# conversion: the simulation gates on CTR AUC only with a tolerance of 1.0, so it publishes
+# every day; the gate is tested on its own below. Holdout 0: the whole eval day evaluates,
+# so an impression is seen by consecutive runs (the holdout routing is tested in test_relabel).
 SETTINGS = dict(window_days=4, maturity_days=1, attribution_days=7, keep_versions=2, batch_size=256,
-                max_hash_buckets=4096, num_epochs=1.0, max_metric_drop=1.0)
+                max_hash_buckets=4096, num_epochs=1.0, max_metric_drop=1.0, gate_metrics=("auc/ctr",),
+                holdout_percent=0)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +160,8 @@ def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
   assert daily.gate({"auc/ctcvr": 0.70}, {"auc/ctcvr": 0.72}, ["auc/ctcvr"], 0.01) != []
   assert daily.gate({"auc/ctcvr": 0.715}, {"auc/ctcvr": 0.72}, ["auc/ctcvr"], 0.01) == []
   assert daily.gate({"auc/ctcvr": 0.5}, None, ["auc/ctcvr"], 0.01) == []
+  undefined = daily.gate({"auc/ctcvr": float("nan")}, {"auc/ctcvr": 0.7}, ["auc/ctcvr"], 0.01)
+  assert len(undefined) == 1 and "undefined" in undefined[0]
   # A whole run whose candidate cannot pass (it would have to beat the served model by a
   # full AUC point on every gate metric): refused, exit 3, the served version stays.
   serving = str(tmp_path / "serving")
@@ -166,6 +171,7 @@ def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
   before = publish.versions(os.path.join(serving, "esmm"))
   cmd = [sys.executable, "-m", "pipeline.daily", f"--date={DAYS[-1]}", f"--logs_dir={sim['logs']}",
          f"--work_dir={work}", f"--serving_root={serving}", "--max_metric_drop=-1",
+         "--gate_metrics=auc/ctr", "--holdout_percent=0",
          "--window_days=4", "--maturity_days=1", "--max_hash_buckets=4096", "--batch_size=256",
          "--keep_versions=2"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(daily.__file__)))
@@ -180,7 +186,7 @@ def test_a_run_killed_midway_completes_when_rerun(sim, tmp_path):
   date = DAYS[3]
   p = daily.plan(date, sim["logs"], 4, 1, "wait")
   run_dir = os.path.join(work, "runs", date)
-  daily.run_relabel(p, sim["logs"], os.path.join(run_dir, "relabeled"), 7, [])
+  daily.run_relabel(p, sim["logs"], os.path.join(run_dir, "relabeled"), 7, [], holdout_percent=0)
   # Killed during the transform: a partial output without its marker.
   os.makedirs(os.path.join(run_dir, "transformed", "train"))
   open(os.path.join(run_dir, "transformed", "train", "part-00000-of-00002.tfrecord.gz"), "wb").close()

@@ -55,7 +55,7 @@ def out(tmp_path_factory):
     for p in glob.glob(os.path.join(work, split, "sample_skeleton*.csv")):
       lines.setdefault(split, []).extend(open(p).read().splitlines())
   dead = [json.loads(x) for p in glob.glob(os.path.join(work, "dead_letter", "*")) for x in open(p)]
-  return {"rec": rec, "lines": lines, "dead": dead, "work": work}
+  return {"rec": rec, "lines": lines, "dead": dead, "work": work, "logs": logs}
 
 
 def _labels(lines):
@@ -110,3 +110,19 @@ def test_parse_conversion_rejects_what_is_not_an_id_and_a_timestamp():
   for bad in (b"12", b"a,1", b"12,1.5", b"12,1,2", b"\xff,1", b"1234567890123456789,1"):
     with pytest.raises(relabel.BadRecord):
       relabel.parse_conversion(bad)
+
+
+def test_the_holdout_slice_is_never_trained_on_and_is_the_eval_split(out, tmp_path):
+  logs = os.path.dirname(os.path.dirname(daily.impression_dir(out["logs"], D1)))
+  plan = {"train_days": [D1], "eval_day": D2, "conversion_logs": {}}
+  work = str(tmp_path / "relabeled")
+  rec = daily.run_relabel(plan, logs, work, attribution_days=4, beam_args=[], holdout_percent=50)
+  got = {split: _labels(line for p in glob.glob(os.path.join(work, split, "sample_skeleton*.csv"))
+                        for line in open(p).read().splitlines())
+         for split in ("train", "eval")}
+  d1, d2 = [1, 2, 3, 4, 5, 8], [6, 7]
+  assert sorted(got["train"]) == [s for s in d1 if not relabel.held_out(s, 50)]
+  assert sorted(got["eval"]) == [s for s in d2 if relabel.held_out(s, 50)]
+  # Every written line is routed to a split or counted as not used in this run.
+  assert sum(rec["routed"].values()) + sum(rec["not_used_this_run"].values()) == rec["impressions_written"]
+  assert rec["not_used_this_run"].get("holdout_of_train_day", 0) == sum(relabel.held_out(s, 50) for s in d1)
