@@ -79,7 +79,10 @@ def define_flags():
   flags.DEFINE_integer("holdout_percent", 20,
                        "Share of every day's impressions (by sample id hash) that no run trains on; the "
                        "gate evaluates on the eval day's share (0: the whole eval day, no holdout).")
-  flags.DEFINE_float("num_epochs", 1.0, "Epochs over the train days per run.")
+  flags.DEFINE_float("num_epochs", 1.0, "Epochs over the train days of a cold-started run, and passes "
+                     "each row gets over all the warm-started runs it is trained in.")
+  flags.DEFINE_float("warm_epochs", 0.0, "Epochs of a warm-started run (0: num_epochs / number of "
+                     "train days, since a row stays a train day in about that many runs).")
   flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
   flags.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on every field's hash buckets (fixed across days).")
   flags.DEFINE_string("ground_truth_dir", None,
@@ -312,6 +315,16 @@ def label_completeness(logs_dir: str, truth_dir: str, rec: Dict) -> Dict[str, Di
   return out
 
 
+def epochs_for_run(num_epochs: float, warm_epochs: float, warm: bool, num_train_days: int) -> float:
+  """A cold start trains ``num_epochs``. A warm start continues a model that has already
+  trained on most of the window: a row stays a train day for about ``num_train_days``
+  consecutive runs, so each warm run trains num_epochs / num_train_days and a row gets about
+  ``num_epochs`` passes in all (``warm_epochs`` > 0 sets it instead)."""
+  if not warm:
+    return num_epochs
+  return warm_epochs if warm_epochs > 0 else num_epochs / max(1, num_train_days)
+
+
 def served_run(serving_root: str, model_name: str) -> Optional[Dict]:
   """The training run of the newest published version (from its assets.extra), or None."""
   path = publish.newest(serving_root, model_name)
@@ -346,7 +359,7 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
         gate_metrics: Sequence[str] = DEFAULT_GATE_METRICS, max_metric_drop: float = 0.01,
         keep_versions: int = 3, num_epochs: float = 1.0, batch_size: int = 1024,
         max_hash_buckets: int = 1 << 17, ground_truth_dir: Optional[str] = None, seed: int = 42,
-        beam_args: Sequence[str] = (), holdout_percent: int = 20) -> Dict:
+        beam_args: Sequence[str] = (), holdout_percent: int = 20, warm_epochs: float = 0.0) -> Dict:
   """One day's run (see the module doc). Returns the run's result (also RUN/result.json)."""
   from model_fn import estimator as E
   from model_fn import evaluation
@@ -374,10 +387,11 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
     warm = None
   model_dir = os.path.join(run_dir, "model")
   buckets = T.transformed_hash_buckets(I.load_transform_output(transform_dir))
+  epochs = epochs_for_run(num_epochs, warm_epochs, bool(warm), len(p["train_days"]))
   trained = _done(os.path.join(model_dir, "train_result.json"))
   if not trained or not tf.io.gfile.exists(trained.get("saved_model", "")):
     trained = E.train_and_evaluate(transform_dir, model_dir, {"model": model, "hash_buckets": buckets},
-                                   batch_size, num_epochs=num_epochs, seed=seed,
+                                   batch_size, num_epochs=epochs, seed=seed,
                                    warm_start_from=warm)
   to_score = [("candidate", model_dir)] + ([("served", served["model_dir"])] if warm else [])
   report, _ = evaluation.evaluate(to_score, transform_dir)
@@ -386,7 +400,7 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
                     if "served" in report else None)
   reasons = gate(candidate, served_metrics, gate_metrics, max_metric_drop)
   result = {"date": date, "plan": p, "relabel": rec, "transform": transform_check,
-            "warm_start_from": warm, "served_before": served and served["version"],
+            "warm_start_from": warm, "epochs": epochs, "served_before": served and served["version"],
             "candidate": candidate, "served": served_metrics, "model_dir": model_dir,
             "saved_model": trained["saved_model"]}
   if ground_truth_dir:
@@ -415,7 +429,8 @@ def format_result(r: Dict) -> str:
                + str({k: v for k, v in rel["conversions_set_aside"].items() if v}))
   for date, c in sorted(r.get("label_completeness", {}).items()):
     lines.append(f"  labels of {date}: {c['known']}/{c['eventual']} conversions known ({100 * c['completeness']:.0f}%)")
-  lines.append(f"  transform: {r['transform']}; warm start: {r['warm_start_from'] or 'none (cold start)'}")
+  lines.append(f"  transform: {r['transform']}; warm start: {r['warm_start_from'] or 'none (cold start)'}; "
+               f"epochs {r['epochs']:g}")
   keys = ("auc/ctr", "auc/ctcvr", "auc/cvr_clicked", "calibration/ctcvr")
   lines.append("  candidate: " + "  ".join(f"{k}={r['candidate'][k]:.4f}" for k in keys if k in r["candidate"]))
   if r.get("served"):
@@ -440,7 +455,7 @@ def main(argv):
             FLAGS.window_days, FLAGS.attribution_days, FLAGS.maturity_days, FLAGS.label_strategy,
             FLAGS.gate_metrics, FLAGS.max_metric_drop, FLAGS.keep_versions, FLAGS.num_epochs,
             FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args,
-            FLAGS.holdout_percent)
+            FLAGS.holdout_percent, FLAGS.warm_epochs)
   except (UsageError, preprocess.UsageError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -133,6 +133,11 @@ def test_versions_increase_warm_start_and_old_versions_are_pruned(sim):
   assert publish.versions(os.path.join(sim["serving"], "esmm")) == published[-2:]
   assert results[0]["warm_start_from"] is None
   assert all(r["warm_start_from"] for r in results[1:])
+  # A warm run continues the served model: epochs split over the days a row stays in training.
+  assert results[0]["epochs"] == 1.0
+  assert all(r["epochs"] == pytest.approx(1.0 / len(r["plan"]["train_days"])) for r in results[1:])
+  assert daily.epochs_for_run(3.0, 0.0, True, 2) == 1.5 and daily.epochs_for_run(3.0, 0.5, True, 2) == 0.5
+  assert daily.epochs_for_run(3.0, 0.5, False, 2) == 3.0
   assert all(r["transform"] == "same as reference" for r in results[1:])
 
 
