@@ -136,7 +136,7 @@ def main(argv):
     mine = [r for r in rows if r["strategy"] == strategy]
     summary[strategy] = {k: float(np.mean([r[k] for r in mine])) for _, k, _ in keys}
     lines.append(f"| {strategy} | " + " | ".join(fmt(summary[strategy][k], kind) for _, k, kind in keys) + " |")
-  lines += ["", "AUC and completeness in %. Calibration: mean prediction over the eval day / the true rate."]
+  lines += ["", "AUC and completeness in %. Calibration: mean prediction over the test split / the true rate (true pCVR, observed CVR on clicks, observed CTCVR)."]
   results_io.write(FLAGS.results_dir, "daily_labels", {"command": command, "rows": rows, "summary": summary}, "\n".join(lines))
 
 
