@@ -90,12 +90,11 @@ def define_flags():
   flags.DEFINE_integer("seed", 42, "Model seed.")
 
 
-class UsageError(Exception):
-  pass
+UsageError = preprocess.UsageError   # a mistake in how the job was called (exit 2)
 
 
 class TransformDrift(RuntimeError):
-  pass
+  """Today's transform differs from the reference one (exit 4)."""
 
 
 def _day(date: str) -> datetime.date:
@@ -109,14 +108,6 @@ def _fmt(day: datetime.date) -> str:
   return day.strftime("%Y%m%d")
 
 
-def impression_dir(logs_dir: str, date: str) -> str:
-  return os.path.join(logs_dir, "impressions", f"date={date}")
-
-
-def conversion_log(logs_dir: str, date: str) -> str:
-  return os.path.join(logs_dir, "conversions", f"date={date}", "conversions.csv")
-
-
 def plan(date: str, logs_dir: str, window_days: int, maturity_days: int, strategy: str) -> Dict:
   """Which days train, which day evaluates, which conversion logs are read."""
   if strategy not in STRATEGIES:
@@ -125,14 +116,15 @@ def plan(date: str, logs_dir: str, window_days: int, maturity_days: int, strateg
     raise UsageError("need window_days >= 2 and 0 <= maturity_days < window_days")
   t = _day(date)
   window = [_fmt(t - datetime.timedelta(days=k)) for k in range(window_days - 1, -1, -1)]
-  present = [d for d in window if tf.io.gfile.exists(os.path.join(impression_dir(logs_dir, d), "sample_skeleton.csv"))]
+  present = [d for d in window if tf.io.gfile.exists(relabel.log_paths(logs_dir, d)["skeleton"])]
   eval_day = _fmt(t - datetime.timedelta(days=maturity_days))
   if eval_day not in present:
     raise UsageError(f"no impression log for the eval day {eval_day} under {logs_dir}/impressions")
   train = [d for d in present if d < eval_day or (strategy == "naive" and d > eval_day)]
   if not train:
     raise UsageError(f"no train day in the window {window[0]}..{window[-1]} before the eval day {eval_day}")
-  conversions = {d: conversion_log(logs_dir, d) for d in window if tf.io.gfile.exists(conversion_log(logs_dir, d))}
+  logs = {d: relabel.log_paths(logs_dir, d)["conversions"] for d in window}
+  conversions = {d: path for d, path in logs.items() if tf.io.gfile.exists(path)}
   return {"date": date, "eval_day": eval_day, "train_days": train, "window": window,
           "immature_days": [d for d in present if d > eval_day], "conversion_logs": conversions,
           "strategy": strategy}
@@ -190,7 +182,7 @@ def run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, bea
     tf.io.gfile.rmtree(out_dir)
   splits = {"train": p["train_days"], "eval": [p["eval_day"]]}
   dates = sorted(d for days in splits.values() for d in days)
-  impressions = {d: os.path.join(impression_dir(logs_dir, d), "sample_skeleton.csv") for d in dates}
+  impressions = {d: relabel.log_paths(logs_dir, d)["skeleton"] for d in dates}
   pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args), save_main_session=False))
   out = pipeline | "Relabel" >> relabel.Relabel(impressions, p["conversion_logs"], attribution_days)
   routed = out["lines"] | "Route" >> beam.ParDo(_Route(splits["train"], p["eval_day"], holdout_percent)).with_outputs(
@@ -213,7 +205,7 @@ def run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, bea
     raise RuntimeError(f"relabel row counts do not reconcile: {json.dumps(rec, sort_keys=True)}")
   for split, days in splits.items():
     for d in days:
-      tf.io.gfile.copy(os.path.join(impression_dir(logs_dir, d), "common_features.csv"),
+      tf.io.gfile.copy(relabel.log_paths(logs_dir, d)["common"],
                        os.path.join(out_dir, split, f"common_features_{d}.csv"), overwrite=True)
   _write_json(os.path.join(out_dir, RELABEL_MARKER), rec)
   return rec
@@ -235,7 +227,8 @@ def probe_examples(logs_dir: str, date: str, n: int = 32) -> List[bytes]:
   (labels and sample id left out): warmup requests and the transform drift probe."""
   known = frozenset(f.name for f in F.fields("aliccp"))
   rows = []
-  with tf.io.gfile.GFile(os.path.join(impression_dir(logs_dir, date), "sample_skeleton.csv"), "rb") as f:
+  paths = relabel.log_paths(logs_dir, date)
+  with tf.io.gfile.GFile(paths["skeleton"], "rb") as f:
     for line in f:
       try:
         rows.append(aliccp.parse_skeleton_line(line, known)[0])
@@ -245,7 +238,7 @@ def probe_examples(logs_dir: str, date: str, n: int = 32) -> List[bytes]:
         break
   wanted = {r["index"] for r in rows}
   common = {}
-  with tf.io.gfile.GFile(os.path.join(impression_dir(logs_dir, date), "common_features.csv"), "rb") as f:
+  with tf.io.gfile.GFile(paths["common"], "rb") as f:
     for line in f:
       if len(common) == len(wanted):
         break
@@ -281,7 +274,7 @@ def check_transform(reference: str, transform_dir: str, serialized: Sequence[byt
     if tf.io.gfile.exists(staging):
       tf.io.gfile.rmtree(staging)
     for sub in ("transform_fn", "transformed_metadata"):
-      publish._copy_tree(os.path.join(transform_dir, sub), os.path.join(staging, sub))
+      publish.copy_tree(os.path.join(transform_dir, sub), os.path.join(staging, sub))
     tf.io.gfile.rename(staging, reference, overwrite=True)
     return "reference set"
   import tensorflow_transform as tft
@@ -304,7 +297,7 @@ def label_completeness(logs_dir: str, truth_dir: str, rec: Dict) -> Dict[str, Di
   (ground truth: clicked impressions whose counterfactual conversion is 1)."""
   out = {}
   for date, counts in sorted(rec["days"].items()):
-    with tf.io.gfile.GFile(os.path.join(impression_dir(logs_dir, date), "sample_skeleton.csv")) as f:
+    with tf.io.gfile.GFile(relabel.log_paths(logs_dir, date)["skeleton"]) as f:
       clicks = np.array([int(line.split(",", 2)[1]) for line in f])
     with tf.io.gfile.GFile(os.path.join(truth_dir, f"date={date}.csv")) as f:
       next(f)
@@ -456,7 +449,7 @@ def main(argv):
             FLAGS.gate_metrics, FLAGS.max_metric_drop, FLAGS.keep_versions, FLAGS.num_epochs,
             FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args,
             FLAGS.holdout_percent, FLAGS.warm_epochs)
-  except (UsageError, preprocess.UsageError) as e:
+  except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except TransformDrift as e:

@@ -137,7 +137,7 @@ def _only_input(fn, signature: str) -> str:
   return names[0]
 
 
-def _copy_tree(src: str, dst: str) -> None:
+def copy_tree(src: str, dst: str) -> None:
   for root, _, files in tf.io.gfile.walk(src):
     rel = os.path.relpath(root, src)
     target = os.path.join(dst, rel) if rel != "." else dst
@@ -210,7 +210,7 @@ def publish(saved_model_dir: str, serving_root: str, model_name: str, version: i
     if d.startswith(_STAGING) or d.startswith(_TRASH):
       tf.io.gfile.rmtree(os.path.join(model_base, d))
   staging = os.path.join(model_base, f"{_STAGING}{version}-{uuid.uuid4().hex[:8]}")
-  _copy_tree(saved_model_dir, staging)
+  copy_tree(saved_model_dir, staging)
   write_warmup(staging, warmup_requests(model_name, warmup_examples))
   for name, text in (extra_files or {}).items():
     with tf.io.gfile.GFile(os.path.join(staging, "assets.extra", name), "w") as f:

@@ -24,11 +24,13 @@ duplicate_impression. The counts must reconcile, as in pipeline.preprocess.
 """
 
 import datetime
+import os
 import zlib
 from typing import Dict, Iterable, Mapping
 
 import apache_beam as beam
 
+from pipeline.sources.aliccp import is_sample_id
 from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line
 
 NS = "relabel"
@@ -36,6 +38,17 @@ CONVERSION_REASONS = ("duplicate_conversion", "no_impression_in_window", "conver
                       "outside_attribution_window", "conversion_before_impression", "malformed_conversion")
 DUPLICATE_IMPRESSION = "duplicate_impression"
 _EPOCH = datetime.datetime(1970, 1, 1)
+CONVERSION_LOG_HEADER = "sample_id,conversion_timestamp"
+
+
+def log_paths(logs_dir: str, date: str) -> Dict[str, str]:
+  """The daily log layout for ``date`` (YYYYMMDD): the impression dir and its skeleton and
+  common files, the conversion log, and (synthetic logs) the ground truth."""
+  day = os.path.join(logs_dir, "impressions", f"date={date}")
+  return {"impressions": day, "skeleton": os.path.join(day, "sample_skeleton.csv"),
+          "common": os.path.join(day, "common_features.csv"),
+          "conversions": os.path.join(logs_dir, "conversions", f"date={date}", "conversions.csv"),
+          "truth": os.path.join(logs_dir, "ground_truth", f"date={date}.csv")}
 
 
 def _date(yyyymmdd: str) -> datetime.date:
@@ -57,7 +70,7 @@ def parse_conversion(line) -> tuple:
   """``sample_id,conversion_timestamp`` -> (sample_id, timestamp); raises BadRecord."""
   text = decode_line(line)
   parts = text.split(",")
-  if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 18 or not parts[1].isdigit():
+  if len(parts) != 2 or not is_sample_id(parts[0]) or not parts[1].isdigit():
     raise BadRecord("malformed_conversion", f"expected '<sample id>,<unix seconds>', got {text[:80]!r}")
   return int(parts[0]), int(parts[1])
 
@@ -69,7 +82,7 @@ def impression_key(line):
   except BadRecord:
     return None
   parts = text.split(",", 3)
-  if len(parts) < 4 or not parts[0].isdigit() or len(parts[0]) > 18 or parts[1] not in ("0", "1"):
+  if len(parts) < 4 or not is_sample_id(parts[0]) or parts[1] not in ("0", "1"):
     return None
   return int(parts[0]), int(parts[1])
 

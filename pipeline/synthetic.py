@@ -56,6 +56,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 from absl import app, flags, logging
 
+from pipeline import relabel
 from pipeline.sources import avazu as avazu_reader
 from preprocessing import features as F
 
@@ -116,7 +117,7 @@ def _items_str(field: str, local_ids, weights=None) -> List[str]:
   return [f"{field}\x02{i}\x03{_fmt_weight(w)}" for i, w in zip(ids, weights)]
 
 
-def _solve_bias(logits: np.ndarray, target: float) -> float:
+def solve_bias(logits: np.ndarray, target: float) -> float:
   """Bias b such that mean(sigmoid(logits + b)) == target (bisection)."""
   lo, hi = -30.0, 30.0
   for _ in range(60):
@@ -315,8 +316,8 @@ def write_split(world: World, rng: np.random.Generator, out_dir: str, split: str
   positions = np.concatenate([rng.permutation(s) % 10 for s in sizes])
   click_logit, cvr_logit = world.logits(users, items, positions, click_selection)
   if world.b_click is None:   # calibrate once, on the first split written
-    world.b_click = _solve_bias(click_logit, ctr)
-    world.b_cvr = _solve_bias(cvr_logit, cvr)
+    world.b_click = solve_bias(click_logit, ctr)
+    world.b_cvr = solve_bias(cvr_logit, cvr)
   p_ctr = 1 / (1 + np.exp(-(click_logit + world.b_click)))
   p_cvr = 1 / (1 + np.exp(-(cvr_logit + world.b_cvr)))
   click = (rng.random(num_impressions) < p_ctr).astype(int)
@@ -383,14 +384,6 @@ def generate(output_dir: str, num_train: int, num_test: int, num_users: int = 20
 
 DAILY_START = datetime.date(2014, 10, 21)
 MAX_DELAY_DAYS = 14.0
-CONVERSION_LOG_HEADER = "sample_id,conversion_timestamp"
-
-
-def daily_paths(root: str, date: str) -> Dict[str, str]:
-  """The layout of daily logs under ``root`` for ``date`` (YYYYMMDD)."""
-  return {"impressions": os.path.join(root, "impressions", f"date={date}"),
-          "conversions": os.path.join(root, "conversions", f"date={date}", "conversions.csv"),
-          "truth": os.path.join(root, "ground_truth", f"date={date}.csv")}
 
 
 def conversion_delays(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -433,11 +426,10 @@ def generate_daily(output_dir: str, num_days: int, impressions_per_day: int,
   for d in range(num_days):
     day = start + datetime.timedelta(days=d)
     date = day.strftime("%Y%m%d")
-    paths = daily_paths(output_dir, date)
+    paths = relabel.log_paths(output_dir, date)
     os.makedirs(paths["impressions"], exist_ok=True)
     os.makedirs(os.path.dirname(paths["truth"]), exist_ok=True)
-    names = {"skeleton": "sample_skeleton.csv", "common": "common_features.csv",
-             "truth": os.path.relpath(paths["truth"], paths["impressions"])}
+    names = {k: os.path.relpath(paths[k], paths["impressions"]) for k in ("skeleton", "common", "truth")}
     summary = write_split(world, rng, paths["impressions"], date, impressions_per_day, impressions_per_common,
                           5, ctr, cvr, names=names, first_sample_id=int(date) * 10 ** 7 + 1,
                           log_conversions=False)
@@ -449,8 +441,7 @@ def generate_daily(output_dir: str, num_days: int, impressions_per_day: int,
     dup = rng.random(len(converted)) < duplicate_rate
     for sid, t in list(zip(arrays["sample_id"][converted], times)) + list(
         zip(arrays["sample_id"][converted][dup], times[dup] + 60)):
-      c_date = (epoch + datetime.timedelta(seconds=int(t))).strftime("%Y%m%d")
-      events.setdefault(c_date, []).append(f"{sid},{t}")
+      events.setdefault(relabel.conversion_date(t), []).append(f"{sid},{t}")
     for k in range(bad_rows):
       events.setdefault(date, []).extend([f"not-a-number,{int(day_start)}",
                                           f"{int(date) * 10 ** 7 + 9_999_000 + k},{int(day_start) + 10}"])
@@ -462,12 +453,12 @@ def generate_daily(output_dir: str, num_days: int, impressions_per_day: int,
     summaries.append(write_split(world, rng, test, "test", test_impressions, impressions_per_common, 0, ctr, cvr,
                                  first_sample_id=9 * 10 ** 15 + 1))
   for c_date, lines in events.items():
-    path = daily_paths(output_dir, c_date)["conversions"]
+    path = relabel.log_paths(output_dir, c_date)["conversions"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     order = np.argsort([int(line.split(",")[1]) if line.split(",")[0].isdigit() else 0 for line in lines],
                        kind="stable")
     with open(path, "w", newline="\n") as f:
-      f.write(CONVERSION_LOG_HEADER + "\n")
+      f.write(relabel.CONVERSION_LOG_HEADER + "\n")
       f.writelines(lines[i] + "\n" for i in order)
   return summaries
 
@@ -708,8 +699,8 @@ def write_avazu_split(world: AvazuWorld, rng: np.random.Generator, out_dir: str,
   """Writes one split's CSV (and ground truth); returns summary counts."""
   imp = world.impressions(num_impressions, days)
   if world.b_click is None:   # calibrate once, on the first split written
-    world.b_click = _solve_bias(imp["click_logit"], ctr)
-    world.b_cvr = _solve_bias(imp["cvr_logit"], cvr)
+    world.b_click = solve_bias(imp["click_logit"], ctr)
+    world.b_cvr = solve_bias(imp["cvr_logit"], cvr)
   p_ctr = 1 / (1 + np.exp(-(imp["click_logit"] + world.b_click)))
   p_cvr = 1 / (1 + np.exp(-(imp["cvr_logit"] + world.b_cvr)))
   click = (rng.random(num_impressions) < p_ctr).astype(int)

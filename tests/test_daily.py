@@ -69,7 +69,7 @@ def _conversions(sim):
 def test_a_late_conversion_flips_the_label_in_the_run_that_first_sees_it(sim):
   clicked = {}
   for d in DAYS:
-    with open(os.path.join(daily.impression_dir(sim["logs"], d), "sample_skeleton.csv")) as f:
+    with open(relabel.log_paths(sim["logs"], d)["skeleton"]) as f:
       for line in f:
         sid, click, _ = line.split(",", 2)
         clicked[int(sid)] = click == "1"
@@ -170,9 +170,9 @@ def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
   # A whole run whose candidate cannot pass (it would have to beat the served model by a
   # full AUC point on every gate metric): refused, exit 3, the served version stays.
   serving = str(tmp_path / "serving")
-  publish._copy_tree(sim["serving"], serving)
+  publish.copy_tree(sim["serving"], serving)
   work = str(tmp_path / "work")
-  publish._copy_tree(os.path.join(sim["work"], "transform_reference"), os.path.join(work, "transform_reference"))
+  publish.copy_tree(os.path.join(sim["work"], "transform_reference"), os.path.join(work, "transform_reference"))
   before = publish.versions(os.path.join(serving, "esmm"))
   cmd = [sys.executable, "-m", "pipeline.daily", f"--date={DAYS[-1]}", f"--logs_dir={sim['logs']}",
          f"--work_dir={work}", f"--serving_root={serving}", "--max_metric_drop=-1",

@@ -30,10 +30,10 @@ def out(tmp_path_factory):
       D2: [_line(6, 1), _line(7, 1), _line(8, 1)],     # 8 is logged on both days
   }
   for date, lines in skeleton.items():
-    os.makedirs(daily.impression_dir(logs, date))
-    with open(os.path.join(daily.impression_dir(logs, date), "sample_skeleton.csv"), "w") as f:
+    os.makedirs(relabel.log_paths(logs, date)["impressions"])
+    with open(relabel.log_paths(logs, date)["skeleton"], "w") as f:
       f.write("\n".join(lines) + "\n")
-    with open(os.path.join(daily.impression_dir(logs, date), "common_features.csv"), "w") as f:
+    with open(relabel.log_paths(logs, date)["common"], "w") as f:
       f.write("abc0,0,\nabc1,0,\nabc2,0,\n")
   later = (datetime.datetime.strptime(D1, "%Y%m%d") + datetime.timedelta(days=5)).strftime("%Y%m%d")
   conversions = {
@@ -43,7 +43,7 @@ def out(tmp_path_factory):
   }
   paths = {}
   for date, lines in conversions.items():
-    paths[date] = daily.conversion_log(logs, date)
+    paths[date] = relabel.log_paths(logs, date)["conversions"]
     os.makedirs(os.path.dirname(paths[date]))
     with open(paths[date], "w") as f:
       f.write("sample_id,conversion_timestamp\n" + "\n".join(lines) + "\n")
@@ -113,7 +113,7 @@ def test_parse_conversion_rejects_what_is_not_an_id_and_a_timestamp():
 
 
 def test_the_holdout_slice_is_never_trained_on_and_is_the_eval_split(out, tmp_path):
-  logs = os.path.dirname(os.path.dirname(daily.impression_dir(out["logs"], D1)))
+  logs = out["logs"]
   plan = {"train_days": [D1], "eval_day": D2, "conversion_logs": {}}
   work = str(tmp_path / "relabeled")
   rec = daily.run_relabel(plan, logs, work, attribution_days=4, beam_args=[], holdout_percent=50)

@@ -45,6 +45,11 @@ def _is_uint(text: str) -> bool:
   return text.isascii() and text.isdigit()
 
 
+def is_sample_id(text: str) -> bool:
+  """A sample id as the release writes it: a non-negative decimal that fits int64."""
+  return _is_uint(text) and len(text) <= 18
+
+
 def parse_feature_list(text: str, feature_num: int, known_fields) -> Tuple[Features, int]:
   """Parses a \\x01\\x02\\x03 feature list; returns (features, number of unknown-field items).
 
@@ -97,7 +102,7 @@ def parse_skeleton_line(line, known_fields) -> Tuple[dict, int]:
   if len(parts) != 6:
     raise BadRecord(WRONG_COLUMN_COUNT, f"expected 6 comma-separated columns, got {len(parts)}")
   sample_id, click, conversion, index, feature_num, feature_list = parts
-  if not _is_uint(sample_id) or len(sample_id) > 18:
+  if not is_sample_id(sample_id):
     raise BadRecord(BAD_SAMPLE_ID, f"sample_id {sample_id[:40]!r} is not a non-negative integer")
   if click not in ("0", "1") or conversion not in ("0", "1"):
     raise BadRecord(BAD_LABEL, f"click={click[:10]!r} conversion={conversion[:10]!r}; both must be 0 or 1")
