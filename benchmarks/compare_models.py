@@ -36,6 +36,8 @@ from pipeline import preprocess, synthetic  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 from preprocessing import transform as T  # noqa: E402
 
+import results_io  # noqa: E402  (benchmarks/ is this script's directory)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_train", 300_000, "Train impressions.")
 flags.DEFINE_integer("num_test", 150_000, "Test impressions.")
@@ -93,12 +95,11 @@ def data_root() -> Tuple[str, str, str]:
   return root, os.path.join(root, "raw"), os.path.join(root, "preprocessed")
 
 
-def results_base(name: str) -> str:
-  """Results path without extension; data with click selection get files of their own."""
+def results_name(name: str) -> str:
+  """Results file name without extension; data with click selection and tagged runs get
+  files of their own."""
   suffix = f"_selection{FLAGS.click_selection:g}" if FLAGS.click_selection else ""
-  suffix += f"_{FLAGS.tag}" if FLAGS.tag else ""
-  os.makedirs(FLAGS.results_dir, exist_ok=True)
-  return os.path.join(FLAGS.results_dir, name + suffix)
+  return name + suffix + (f"_{FLAGS.tag}" if FLAGS.tag else "")
 
 
 def command(script: str, names) -> str:
@@ -207,22 +208,17 @@ def main(argv):
   oracle = report["oracle"]
   runs.append({"model": "oracle", "seed": 0, "seconds": 0.0, "metrics": oracle})
   summary = _summary(runs)
-  rec = json.load(open(os.path.join(out, F.RECONCILIATION)))["splits"]
   meta = {
       "command": command("compare_models.py", ("num_train", "num_test", "data_seed", "click_selection",
                                                 "seeds", "num_epochs", "models", "max_hash_buckets", "tag")),
       "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-      "data": (f"{rec['train']['rows_written']:,} train / {rec['eval']['rows_written']:,} test impressions, "
+      "data": (f"{I.split_rows(out, 'train'):,} train / {I.split_rows(out, 'eval'):,} test impressions, "
                f"{int(oracle['clicks']):,} test clicks, {int(oracle['conversions']):,} test conversions"),
       "seeds": FLAGS.seeds, "seconds": time.perf_counter() - start,
   }
-  base = results_base("compare_models")
-  with open(base + ".json", "w") as f:
-    json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=2, sort_keys=True)
-  with open(base + ".md", "w") as f:
-    f.write(_markdown(summary, meta))
+  base = results_io.write(FLAGS.results_dir, results_name("compare_models"),
+                          {"meta": meta, "summary": summary, "runs": runs}, _markdown(summary, meta))
   _chart(summary, base + ".png")
-  print(_markdown(summary, meta))
 
 
 if __name__ == "__main__":

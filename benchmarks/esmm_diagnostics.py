@@ -29,7 +29,6 @@ Each model (what does its pCVR actually encode?)
 Writes benchmarks/results/esmm_diagnostics[_selection<c>].{json,md}.
 """
 
-import json
 import os
 import platform
 import sys
@@ -41,6 +40,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import compare_models as C  # noqa: E402  (benchmarks/ is this script's directory)
+import results_io  # noqa: E402
 from model_fn import evaluation  # noqa: E402
 from model_fn import metrics as M  # noqa: E402
 from pipeline.sources import aliccp  # noqa: E402
@@ -182,12 +182,8 @@ def main(argv):
                f"click_selection {FLAGS.click_selection:g})"),
       "seeds": FLAGS.seeds, "seconds": time.perf_counter() - start,
   }
-  base = C.results_base("esmm_diagnostics")
-  with open(base + ".json", "w") as f:
-    json.dump({"meta": meta, "data": data, "summary": summary, "runs": runs}, f, indent=2, sort_keys=True)
-  with open(base + ".md", "w") as f:
-    f.write(_markdown(data, summary, meta))
-  print(_markdown(data, summary, meta))
+  results_io.write(FLAGS.results_dir, C.results_name("esmm_diagnostics"),
+                   {"meta": meta, "data": data, "summary": summary, "runs": runs}, _markdown(data, summary, meta))
 
 
 if __name__ == "__main__":

@@ -27,12 +27,18 @@ benchmarks/results/esmm_efficiency.{json,md}.
 
 import os
 import platform
+import sys
 import time
 
-import numpy as np
-from absl import app, flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import results_io  # benchmarks/ is this script's directory
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from model_fn.metrics import exact_auc  # noqa: E402
+from pipeline.synthetic import solve_bias  # noqa: E402
+
+import results_io  # noqa: E402  (benchmarks/ is this script's directory)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("sizes", ["20000", "80000"], "Train impressions per fit.")
@@ -51,14 +57,6 @@ def _sigmoid(z):
   return 0.5 * (1 + np.tanh(0.5 * z))
 
 
-def _bias(logits, target):
-  lo, hi = -20.0, 20.0
-  for _ in range(60):
-    mid = (lo + hi) / 2
-    lo, hi = (mid, hi) if _sigmoid(logits + mid).mean() < target else (lo, mid)
-  return (lo + hi) / 2
-
-
 class World:
   """True parameters: click weights a, conversion weights w (unit-variance logits)."""
 
@@ -67,8 +65,8 @@ class World:
     self.w = rng.normal(size=dim) / np.sqrt(dim)
     self.a = rng.normal(size=dim) / np.sqrt(dim) + selection * self.w
     x = rng.normal(size=(200_000, dim))
-    self.bc = _bias(x @ self.a, ctr)
-    self.bv = _bias(x @ self.w, cvr)
+    self.bc = solve_bias(x @ self.a, ctr)
+    self.bv = solve_bias(x @ self.w, cvr)
 
   def sample(self, rng, n):
     x = rng.normal(size=(n, self.dim))
@@ -114,14 +112,6 @@ def fit_esmm(d, steps):
   return _adam(grad, np.zeros(2 * k), steps)[k:]
 
 
-def _auc(labels, scores):
-  order = np.argsort(scores, kind="stable")
-  ranks = np.empty(len(scores))
-  ranks[order] = np.arange(1, len(scores) + 1)
-  pos = labels == 1
-  return (ranks[pos].sum() - pos.sum() * (pos.sum() + 1) / 2) / (pos.sum() * (~pos).sum())
-
-
 def main(argv):
   del argv
   start = time.perf_counter()
@@ -137,8 +127,8 @@ def main(argv):
           logit = test["x"] @ w
           rows.append({"click_selection": selection, "size": size, "repeat": rep, "model": model,
                        "clicks": int(train["click"].sum()), "conversions": int(train["conv"].sum()),
-                       "auc_all_vs_truth": float(_auc(test["cf"], logit)),
-                       "oracle_auc": float(_auc(test["cf"], test["true_cvr_logit"])),
+                       "auc_all_vs_truth": exact_auc(test["cf"], logit),
+                       "oracle_auc": exact_auc(test["cf"], test["true_cvr_logit"]),
                        "rmse_logit": float(np.sqrt(np.mean((logit - test["true_cvr_logit"]) ** 2)))})
         print({k: rows[-1][k] for k in ("click_selection", "size", "repeat")},
               {r["model"]: round(r["auc_all_vs_truth"], 4) for r in rows[-2:]}, flush=True)
