@@ -19,7 +19,8 @@ A run for date T:
   3. Transform (pipeline.preprocess, the same TFT job). The first run's transform is the
      reference; every later transform must give the same output on probe examples, or the
      run stops (the hashing is stateless, so a change means the code or flags changed).
-  4. Train, warm-started from the model currently served (trainable variables).
+  4. Train, warm-started from the model currently served (trainable variables; --nowarm_start
+     trains from scratch, and the gate still compares with the served model).
   5. Evaluate candidate and served model on day E's holdout: --holdout_percent of every
      day's impressions (by sample id hash) that no run ever trains on, so neither model has
      seen them, even when yesterday's run trained on day E (naive strategy). If a key metric (--gate_metrics) of the
@@ -83,6 +84,8 @@ def define_flags():
                      "each row gets over all the warm-started runs it is trained in.")
   flags.DEFINE_float("warm_epochs", 0.0, "Epochs of a warm-started run (0: num_epochs / number of "
                      "train days, since a row stays a train day in about that many runs).")
+  flags.DEFINE_boolean("warm_start", True, "Continue from the served model's variables (--nowarm_start: "
+                       "train from scratch, e.g. after a change of model shape).")
   flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
   flags.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on every field's hash buckets (fixed across days).")
   flags.DEFINE_string("ground_truth_dir", None,
@@ -352,7 +355,8 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
         gate_metrics: Sequence[str] = DEFAULT_GATE_METRICS, max_metric_drop: float = 0.01,
         keep_versions: int = 3, num_epochs: float = 1.0, batch_size: int = 1024,
         max_hash_buckets: int = 1 << 17, ground_truth_dir: Optional[str] = None, seed: int = 42,
-        beam_args: Sequence[str] = (), holdout_percent: int = 20, warm_epochs: float = 0.0) -> Dict:
+        beam_args: Sequence[str] = (), holdout_percent: int = 20, warm_epochs: float = 0.0,
+        warm_start: bool = True) -> Dict:
   """One day's run (see the module doc). Returns the run's result (also RUN/result.json)."""
   from model_fn import estimator as E
   from model_fn import evaluation
@@ -375,7 +379,7 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
   probes = probe_examples(logs_dir, p["eval_day"])
   transform_check = check_transform(os.path.join(work_dir, "transform_reference"), transform_dir, probes)
   served = served_run(serving_root, model_name)
-  warm = served.get("model_dir") if served else None
+  warm = served.get("model_dir") if served and warm_start else None
   if warm and not tf.io.gfile.exists(warm):
     warm = None
   model_dir = os.path.join(run_dir, "model")
@@ -386,7 +390,8 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
     trained = E.train_and_evaluate(transform_dir, model_dir, {"model": model, "hash_buckets": buckets},
                                    batch_size, num_epochs=epochs, seed=seed,
                                    warm_start_from=warm)
-  to_score = [("candidate", model_dir)] + ([("served", served["model_dir"])] if warm else [])
+  has_served = bool(served and tf.io.gfile.exists(served.get("model_dir", "")))
+  to_score = [("candidate", model_dir)] + ([("served", served["model_dir"])] if has_served else [])
   report, _ = evaluation.evaluate(to_score, transform_dir)
   candidate = {k: v for k, v in report["candidate"].items() if isinstance(v, float)}
   served_metrics = ({k: v for k, v in report["served"].items() if isinstance(v, float)}
@@ -448,7 +453,7 @@ def main(argv):
             FLAGS.window_days, FLAGS.attribution_days, FLAGS.maturity_days, FLAGS.label_strategy,
             FLAGS.gate_metrics, FLAGS.max_metric_drop, FLAGS.keep_versions, FLAGS.num_epochs,
             FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args,
-            FLAGS.holdout_percent, FLAGS.warm_epochs)
+            FLAGS.holdout_percent, FLAGS.warm_epochs, FLAGS.warm_start)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
@@ -461,4 +466,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=preprocess.parse_flags)   # flags it does not define go to Beam

@@ -168,7 +168,8 @@ def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
   undefined = daily.gate({"auc/ctcvr": float("nan")}, {"auc/ctcvr": 0.7}, ["auc/ctcvr"], 0.01)
   assert len(undefined) == 1 and "undefined" in undefined[0]
   # A whole run whose candidate cannot pass (it would have to beat the served model by a
-  # full AUC point on every gate metric): refused, exit 3, the served version stays.
+  # full AUC point on every gate metric): refused, exit 3, the served version stays. It is
+  # a cold start (--nowarm_start): the gate compares with the served model all the same.
   serving = str(tmp_path / "serving")
   publish.copy_tree(sim["serving"], serving)
   work = str(tmp_path / "work")
@@ -178,10 +179,12 @@ def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
          f"--work_dir={work}", f"--serving_root={serving}", "--max_metric_drop=-1",
          "--gate_metrics=auc/ctr", "--holdout_percent=0",
          "--window_days=4", "--maturity_days=1", "--max_hash_buckets=4096", "--batch_size=256",
-         "--keep_versions=2"]
+         "--keep_versions=2", "--nowarm_start",
+         "--direct_running_mode=in_memory"]     # a Beam option: passed through to both Beam jobs
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(daily.__file__)))
   assert proc.returncode == daily.EXIT_REFUSED, proc.stderr[-3000:]
   assert "NOT PUBLISHED, the served model stays" in proc.stdout
+  assert "warm start: none (cold start); epochs 1" in proc.stdout and f"served v{before[-1]}:" in proc.stdout
   assert publish.versions(os.path.join(serving, "esmm")) == before
 
 
