@@ -2,7 +2,7 @@
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -69,23 +69,32 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
                   seed: Optional[int] = None, labels_as_features: bool = False):
   """An Estimator input_fn over gzip TFRecords of transformed tf.Examples.
 
-  Training: files and examples shuffled, repeated ``num_epochs`` times (None: forever).
+  Training: files and examples shuffled, repeated ``num_epochs`` times (None: forever). On a
+  cluster (the Estimator passes its RunConfig) the chief and each worker train on their own
+  shard: whole files when there are at least as many files as training tasks, else every
+  N-th example.
   Evaluation/prediction: one deterministic pass. Examples are batched before parsing
   so that parsing is vectorised. With ``labels_as_features`` the labels also stay in
   the features dict (for prediction with passthrough of labels and sample ids).
   """
   spec = tft_output.transformed_feature_spec()
 
-  def input_fn():
+  def input_fn(config=None):
     files = tf.io.gfile.glob(file_pattern)
     if not files:
       raise ValueError(f"no TFRecord file matches {file_pattern}")
+    shards, index = training_shard(config) if training else (1, 0)
+    by_file = len(files) >= shards
     ds = tf.data.Dataset.from_tensor_slices(sorted(files))
+    if shards > 1 and by_file:
+      ds = ds.shard(shards, index)
     if training:
       ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
                        cycle_length=min(4, len(files)), block_length=16,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if shards > 1 and not by_file:
+      ds = ds.shard(shards, index)
     if training:
       ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
       ds = ds.repeat(num_epochs)
@@ -95,6 +104,14 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
     return ds.prefetch(tf.data.AUTOTUNE)
 
   return input_fn
+
+
+def training_shard(config) -> Tuple[int, int]:
+  """(number of training tasks, this task's index) from an Estimator RunConfig; (1, 0) on one
+  machine. The chief is index 0, worker i is index i + 1."""
+  if config is None or not config.cluster_spec.as_dict() or config.task_type not in ("chief", "worker"):
+    return 1, 0
+  return config.num_worker_replicas, config.global_id_in_cluster
 
 
 def _split(parsed: Dict[str, tf.Tensor], labels_as_features: bool):

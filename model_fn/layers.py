@@ -9,24 +9,35 @@ from preprocessing import features as F
 
 # Embedding tables get their own (sparse-update) optimizer, see model_fn/heads.py.
 EMBEDDING_COLLECTION = "esmm_embedding_tables"
+# A table is split into at most ``partitions`` shards of at least this many bytes, so on a
+# cluster the large tables spread over the parameter servers and the small ones stay whole.
+MIN_SHARD_BYTES = 64 << 10
 
 
 def embed_fields(features: Dict[str, tf.Tensor], schema: Sequence[F.Field],
                  hash_buckets: Dict[str, int], dim: int, scope: str,
-                 init_stddev: float = 0.05) -> Tuple[tf.Tensor, List[tf.Variable]]:
+                 init_stddev: float = 0.05, partitions: int = 1) -> Tuple[tf.Tensor, List[tf.Variable]]:
   """One table per field; weighted sum pooling of every value of a field.
 
-  Returns the concatenated pooled embeddings [batch, len(schema) * dim] and the tables.
+  Returns the concatenated pooled embeddings [batch, len(schema) * dim] and the tables'
+  variables (every shard of a partitioned table). With ``partitions`` > 1 a table is split
+  along its rows into up to that many shards of at least MIN_SHARD_BYTES; the Estimator's
+  device setter places the shards round-robin on the parameter servers, and a checkpoint
+  stores each table whole, so it loads under any partitioning (or none, for serving).
   A field with no value in an example pools to zeros. Ids come hashed into
   ``[0, hash_buckets[field])``; weights (weighted fields only) are aligned with them.
   """
   pooled, tables = [], []
+  partitioner = (tf.compat.v1.min_max_variable_partitioner(max_partitions=partitions,
+                                                           min_slice_size=MIN_SHARD_BYTES)
+                 if partitions > 1 else None)
   with tf.compat.v1.variable_scope(scope):
     for field in schema:
       table = tf.compat.v1.get_variable(
           f"table_{field.name}", [hash_buckets[field.name], dim], tf.float32,
-          initializer=tf.compat.v1.truncated_normal_initializer(stddev=init_stddev))
-      tables.append(table)
+          initializer=tf.compat.v1.truncated_normal_initializer(stddev=init_stddev),
+          partitioner=partitioner)
+      tables.extend([table] if isinstance(table, tf.Variable) else list(table))
       ids = features[field.ids]
       weights = features[field.weights] if field.weighted else None
       pooled.append(tf.nn.safe_embedding_lookup_sparse(
@@ -42,7 +53,8 @@ def embedding_input(features: Dict[str, tf.Tensor], params, scope: str) -> tf.Te
   """
   schema = F.fields_for_buckets(params["format"], params["hash_buckets"])
   pooled, tables = embed_fields(features, schema, params["hash_buckets"], params["embedding_dim"],
-                                scope, params["embedding_init_stddev"])
+                                scope, params["embedding_init_stddev"],
+                                max(1, int(params.get("embedding_partitions") or 1)))
   for t in tables:
     tf.compat.v1.add_to_collection(EMBEDDING_COLLECTION, t)
   return pooled

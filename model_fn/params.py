@@ -48,12 +48,22 @@ DEFAULT_PARAMS: Dict[str, Any] = {
 }
 
 
+# Placement, not model: a checkpoint loads under any value of these, so they are not recorded
+# in params.json and a model_dir may be resumed with another.
+RUNTIME_PARAMS: Dict[str, Any] = {
+    # Shards of each embedding table (large tables only, see model_fn/layers.py); 0: one per
+    # parameter server of the cluster in TF_CONFIG (1 on one machine).
+    "embedding_partitions": 0,
+}
+
+
 def resolve_params(params) -> Dict[str, Any]:
   """DEFAULT_PARAMS overridden by ``params``; unknown keys and contradictions are errors."""
-  unknown = set(params) - set(DEFAULT_PARAMS)
+  unknown = set(params) - set(DEFAULT_PARAMS) - set(RUNTIME_PARAMS)
   if unknown:
     raise ValueError(f"unknown params {sorted(unknown)}")
   p = copy.deepcopy(DEFAULT_PARAMS)
+  p.update(RUNTIME_PARAMS)
   p.update(params)
   model = p["model"]
   if model not in MODELS:

@@ -13,6 +13,11 @@ Resumes from the latest checkpoint in --model_dir: the step budget is a total
 (--num_epochs over the train split, or --train_steps), so a restarted run trains only
 the remaining steps. At the end it evaluates on the eval split (the paper's protocol,
 see model_fn/metrics.py) and exports a SavedModel for TF Serving under MODEL/export/.
+
+On a cluster, every task runs this same command with its TF_CONFIG (see
+pipeline/launch_local_cluster.py and the README's "Distributed training"): parameter servers
+hold the variables, the chief and the workers train on their shards of the input, an
+evaluator evaluates new checkpoints, and the chief exports.
 """
 
 import sys
@@ -59,6 +64,10 @@ def define_flags():
   flags.DEFINE_float("cvr_loss_weight", 1.0, "Weight of the clicked-only CVR log loss (base).")
   flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps.")
   flags.DEFINE_integer("seed", 42, "Graph-level random seed.")
+  flags.DEFINE_integer("embedding_partitions", 0, "Shards per large embedding table (0: one per "
+                       "parameter server in TF_CONFIG, 1 on one machine).")
+  flags.DEFINE_integer("eval_throttle_secs", 30, "On a cluster: the evaluator's shortest interval "
+                       "between two evaluations.")
   flags.DEFINE_boolean("export", True, "Export a SavedModel at the end.")
 
 
@@ -84,6 +93,7 @@ def params_from_flags(tft_output, fmt: str) -> Dict[str, Any]:
       "embedding_learning_rate": FLAGS.embedding_learning_rate,
       "ctr_loss_weight": FLAGS.ctr_loss_weight, "ctcvr_loss_weight": FLAGS.ctcvr_loss_weight,
       "cvr_loss_weight": FLAGS.cvr_loss_weight,
+      "embedding_partitions": FLAGS.embedding_partitions,
   }
 
 
@@ -97,14 +107,18 @@ def main(argv):
     params = params_from_flags(tft_output, I.transform_format(FLAGS.transform_dir))
     out = E.train_and_evaluate(FLAGS.transform_dir, FLAGS.model_dir, params, FLAGS.batch_size,
                              FLAGS.num_epochs, FLAGS.train_steps, FLAGS.eval_steps, FLAGS.seed,
-                             FLAGS.save_checkpoints_steps, FLAGS.export)
+                             FLAGS.save_checkpoints_steps, FLAGS.export,
+                             eval_throttle_secs=FLAGS.eval_throttle_secs)
   except (I.IncompleteTransformOutput, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  for k in sorted(out["metrics"]):
+  print(f"task {out['task']} done; global step budget {out['train_steps']}")
+  for k in sorted(out.get("metrics", {})):
     print(f"{k:28s} {out['metrics'][k]:.5f}")
   if "saved_model" in out:
     print(f"saved_model: {out['saved_model']}")
+  if out.get("task_steps"):
+    print("task steps: " + ", ".join(f"{t} {n}" for t, n in sorted(out["task_steps"].items())))
   return 0
 
 
