@@ -147,30 +147,6 @@ def _write_json(path: str, obj) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
-class _Route(beam.DoFn):
-  """Relabeled lines to their split: the eval split is the holdout slice of the eval day,
-  the train split the rest of the train days. With holdout 0 the whole eval day evaluates."""
-
-  def __init__(self, train_days, eval_day: str, holdout_percent: int):
-    self._train = frozenset(train_days)
-    self._eval = eval_day
-    self._pct = holdout_percent
-
-  def process(self, element):
-    date, sample_id, line = element
-    held = sample_id is not None and relabel.held_out(sample_id, self._pct)
-    if date == self._eval:
-      split = "eval" if held or not self._pct or sample_id is None else None
-    else:
-      split = None if held else "train"
-    if split is None:
-      reason = "holdout_of_train_day" if held else "eval_day_outside_holdout"
-      beam.metrics.Metrics.counter(relabel.NS, f"not_used_this_run/{reason}").inc()
-      return
-    beam.metrics.Metrics.counter(relabel.NS, f"routed/{split}").inc()
-    yield beam.pvalue.TaggedOutput(split, line)
-
-
 def run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, beam_args: Sequence[str],
                 holdout_percent: int = 0) -> Dict:
   """Step 2: relabeled skeleton files per split + the split's common files; the marker last.
@@ -188,7 +164,7 @@ def run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, bea
   impressions = {d: relabel.log_paths(logs_dir, d)["skeleton"] for d in dates}
   pipeline = beam.Pipeline(options=PipelineOptions(list(beam_args), save_main_session=False))
   out = pipeline | "Relabel" >> relabel.Relabel(impressions, p["conversion_logs"], attribution_days)
-  routed = out["lines"] | "Route" >> beam.ParDo(_Route(splits["train"], p["eval_day"], holdout_percent)).with_outputs(
+  routed = out["lines"] | "Route" >> beam.ParDo(relabel.RouteToSplits(splits["train"], p["eval_day"], holdout_percent)).with_outputs(
       *splits)
   for split in splits:
     _ = routed[split] | f"Write_{split}" >> beam.io.WriteToText(

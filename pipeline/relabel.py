@@ -243,3 +243,30 @@ def reconcile(counters: Mapping[str, int], dates: Iterable[str]) -> Dict[str, ob
           "impressions_balanced": read == written + dup,
           "conversions_read": conv_read, "conversions_attributed": attributed,
           "conversions_set_aside": aside, "conversions_balanced": conv_read == attributed + sum(aside.values())}
+
+
+class RouteToSplits(beam.DoFn):
+  """Relabeled lines to their split: the eval split is the holdout slice of the eval day,
+  the train split the rest of the train days. With holdout 0 the whole eval day evaluates.
+
+  (Here and not in pipeline.daily: a DoFn of a module run as __main__ does not unpickle on
+  the workers of a multi-process or remote runner.)"""
+
+  def __init__(self, train_days, eval_day: str, holdout_percent: int):
+    self._train = frozenset(train_days)
+    self._eval = eval_day
+    self._pct = holdout_percent
+
+  def process(self, element):
+    date, sample_id, line = element
+    held = sample_id is not None and held_out(sample_id, self._pct)
+    if date == self._eval:
+      split = "eval" if held or not self._pct or sample_id is None else None
+    else:
+      split = None if held else "train"
+    if split is None:
+      reason = "holdout_of_train_day" if held else "eval_day_outside_holdout"
+      beam.metrics.Metrics.counter(NS, f"not_used_this_run/{reason}").inc()
+      return
+    beam.metrics.Metrics.counter(NS, f"routed/{split}").inc()
+    yield beam.pvalue.TaggedOutput(split, line)

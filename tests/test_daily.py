@@ -180,7 +180,9 @@ def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
          "--gate_metrics=auc/ctr", "--holdout_percent=0",
          "--window_days=4", "--maturity_days=1", "--max_hash_buckets=4096", "--batch_size=256",
          "--keep_versions=2", "--nowarm_start",
-         "--direct_running_mode=in_memory"]     # a Beam option: passed through to both Beam jobs
+         # Beam options, passed through to both Beam jobs. In worker processes, a DoFn of the
+         # module run as __main__ would not unpickle.
+         "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(daily.__file__)))
   assert proc.returncode == daily.EXIT_REFUSED, proc.stderr[-3000:]
   assert "NOT PUBLISHED, the served model stays" in proc.stdout
