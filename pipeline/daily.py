@@ -355,9 +355,10 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
   probes = probe_examples(logs_dir, p["eval_day"])
   transform_check = check_transform(os.path.join(work_dir, "transform_reference"), transform_dir, probes)
   served = served_run(serving_root, model_name)
-  warm = served.get("model_dir") if served and warm_start else None
-  if warm and not tf.io.gfile.exists(warm):
-    warm = None
+  served_dir = served.get("model_dir") if served else None
+  if served_dir and not tf.io.gfile.exists(served_dir):
+    served_dir = None
+  warm = served_dir if warm_start else None
   model_dir = os.path.join(run_dir, "model")
   buckets = T.transformed_hash_buckets(I.load_transform_output(transform_dir))
   epochs = epochs_for_run(num_epochs, warm_epochs, bool(warm), len(p["train_days"]))
@@ -366,8 +367,7 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
     trained = E.train_and_evaluate(transform_dir, model_dir, {"model": model, "hash_buckets": buckets},
                                    batch_size, num_epochs=epochs, seed=seed,
                                    warm_start_from=warm)
-  has_served = bool(served and tf.io.gfile.exists(served.get("model_dir", "")))
-  to_score = [("candidate", model_dir)] + ([("served", served["model_dir"])] if has_served else [])
+  to_score = [("candidate", model_dir)] + ([("served", served_dir)] if served_dir else [])
   report, _ = evaluation.evaluate(to_score, transform_dir)
   candidate = {k: v for k, v in report["candidate"].items() if isinstance(v, float)}
   served_metrics = ({k: v for k, v in report["served"].items() if isinstance(v, float)}

@@ -20,12 +20,7 @@ import tensorflow as tf
 from pipeline import preprocess, synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("pipeline", "model_fn", "preprocessing")
 
-
-def _modules():
-  return sorted(os.path.relpath(p, ROOT) for pkg in PACKAGES
-                for p in glob.glob(os.path.join(ROOT, pkg, "**", "*.py"), recursive=True))
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +37,12 @@ def sdist(tmp_path_factory):
   return {"root": root, "path": path}
 
 
-def test_the_sdist_carries_every_module_the_workers_import(sdist):
+def test_the_sdist_carries_every_module_the_workers_import(sdist, package_modules):
   with tarfile.open(sdist["path"]) as tar:
     names = tar.getnames()
   top = names[0].split("/")[0]
   inside = {n[len(top) + 1:] for n in names}
-  missing = [m for m in _modules() if m not in inside]
+  missing = [m for m in package_modules if m not in inside]
   assert not missing, f"setup.py leaves out {missing}: remote workers could not import them"
   assert "setup.py" in inside
 
@@ -62,8 +57,8 @@ def installed(sdist):
   return target
 
 
-def test_the_installed_package_imports_without_the_checkout(installed, tmp_path):
-  modules = [m[:-len(".py")].replace("/", ".").removesuffix(".__init__") for m in _modules()]
+def test_the_installed_package_imports_without_the_checkout(installed, tmp_path, package_modules):
+  modules = [m[:-len(".py")].replace("/", ".").removesuffix(".__init__") for m in package_modules]
   code = ("import importlib, sys\n"
           f"for m in {modules!r}:\n"
           "  mod = importlib.import_module(m)\n"

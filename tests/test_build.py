@@ -11,7 +11,6 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("pipeline", "model_fn", "preprocessing")
 
 
 def _targets():
@@ -38,27 +37,23 @@ def _targets():
   return targets
 
 
-def _modules():
-  return sorted(os.path.relpath(p, ROOT) for pkg in PACKAGES
-                for p in glob.glob(os.path.join(ROOT, pkg, "**", "*.py"), recursive=True))
 
-
-def test_every_module_is_in_a_library_and_every_listed_file_exists():
+def test_every_module_is_in_a_library_and_every_listed_file_exists(package_modules):
   targets = _targets()
   in_libraries = {src for t in targets if t["kind"] == "py_library" for src in t["srcs"]}
-  missing = [m for m in _modules() if m not in in_libraries]
+  missing = [m for m in package_modules if m not in in_libraries]
   assert not missing, f"modules no py_library in BUILD lists: {missing}"
   listed = {src for t in targets for src in t.get("srcs", [])} | {t["main"] for t in targets if "main" in t}
   assert all(os.path.isfile(os.path.join(ROOT, p)) for p in listed), sorted(
       p for p in listed if not os.path.isfile(os.path.join(ROOT, p)))
   # Every package directory is importable as a package (setup.py installs them by name).
-  for module in _modules():
+  for module in package_modules:
     assert os.path.isfile(os.path.join(ROOT, os.path.dirname(module), "__init__.py")), module
 
 
-def test_every_entry_point_is_a_binary():
+def test_every_entry_point_is_a_binary(package_modules):
   mains = {t["main"] for t in _targets() if t["kind"] == "py_binary"}
-  entry_points = [m for m in _modules()
+  entry_points = [m for m in package_modules
                   if re.search(r'^if __name__ == "__main__":', open(os.path.join(ROOT, m)).read(), re.M)]
   assert entry_points and sorted(mains) == sorted(entry_points)
 
