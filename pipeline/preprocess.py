@@ -26,6 +26,13 @@ Then the TFT ``preprocessing_fn`` hashes every categorical field and the job wri
       (format, inputs, labels, crosses, max_hash_buckets, and per split the rows read =
       written + set aside per reason)
 
+The job writes into OUT.staging-<id> and renames it to OUT only when it has finished,
+every row is accounted for, and no split set aside more than --max_dead_letter_fraction
+of its rows; so a killed run never leaves a partial OUT (the next run removes its staging
+dir), and --overwrite keeps the previous OUT until the new one is complete. Rows sharing
+a sample id are resolved (identical copies: one kept; differing copies: all set aside).
+The first line of the inputs is checked against --format before anything runs.
+
 Any flag this module does not define is handed to Beam untouched, so the same job runs
 on DirectRunner, Dataflow, Flink or Spark.
 """
@@ -33,6 +40,7 @@ on DirectRunner, Dataflow, Flink or Spark.
 import json
 import os
 import sys
+import uuid
 from typing import Dict, List, Optional, Sequence
 
 import apache_beam as beam
@@ -40,6 +48,7 @@ import tensorflow as tf
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from absl import app, flags
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -71,7 +80,12 @@ def define_flags():
   flags.DEFINE_integer("max_hash_buckets", 0,
                        "Cap on every field's hash bucket count (0: the schema's sizes for the full data).")
   flags.DEFINE_integer("num_shards", 0, "TFRecord shards per split (0: let the runner decide).")
-  flags.DEFINE_boolean("overwrite", False, "Delete an existing --output_dir first.")
+  flags.DEFINE_boolean("overwrite", False, "Replace an existing --output_dir (it stays until the new "
+                       "output is complete).")
+  flags.DEFINE_boolean("dedup_sample_ids", True, "Keep one of identical rows sharing a sample id and "
+                       "set aside rows whose copies differ (each with its reason).")
+  flags.DEFINE_float("max_dead_letter_fraction", 0.5, "Do not publish the output when more than this "
+                     "fraction of a split's rows was set aside (the wrong files or --format).")
   flags.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
 
 SPLITS = (("train", "train"), ("eval", "test"))   # (output split, release file suffix)
@@ -132,6 +146,29 @@ def _avazu_patterns(input_dir, overrides) -> Dict[str, Dict[str, List[str]]]:
   return patterns
 
 
+def _first_line(pattern: str) -> bytes:
+  """The first line of the first file ``pattern`` matches (b"" when there is none)."""
+  for path in avazu.match_files(avazu.absolute(pattern)):
+    with FileSystems.open(path) as f:
+      line = f.readline()
+    if line:
+      return line
+  return b""
+
+
+def _check_format(fmt: str, patterns) -> None:
+  """Reads the first line of each split's inputs and stops when it is plainly the other format."""
+  for split, pats in patterns.items():
+    first = [_first_line(p) for p in (pats["files"] if fmt == "avazu" else [pats["skeleton"], pats["common"]])]
+    for line in first:
+      if fmt == "aliccp" and avazu.looks_like_header(line):
+        raise UsageError(f"the {split} input starts with an Avazu-style CSV header "
+                         f"({line[:60]!r}...); use --format=avazu for these files")
+      if fmt == "avazu" and aliccp.looks_like_aliccp(line):
+        raise UsageError(f"the {split} input holds Ali-CCP rows (\\x01\\x02\\x03 feature lists: "
+                         f"{line[:40]!r}...); use --format=aliccp for these files")
+
+
 def _counters(result) -> Dict[str, int]:
   """Committed counter values summed over steps, keyed 'namespace/name'."""
   out: Dict[str, int] = {}
@@ -152,20 +189,22 @@ def _scan_avazu(patterns) -> avazu.Inputs:
 
 def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_dir: str,
                    max_hash_buckets: int, num_shards: int, crosses: Sequence[F.Field] = (),
-                   inputs: Optional[avazu.Inputs] = None) -> None:
+                   inputs: Optional[avazu.Inputs] = None, dedup_sample_ids: bool = True) -> None:
   """Adds the whole job to pipeline ``p``.
 
   ``crosses``: cross fields (F.parse_crosses). ``inputs``: for Avazu, the scanned files
-  and headers (scanned here if not given).
+  and headers (scanned here if not given). ``dedup_sample_ids``: resolve rows sharing a
+  sample id (pipeline/sources/dedup.py).
   """
   if fmt == "aliccp":
     labels = F.RAW_LABELS
-    reader = lambda split, pat: aliccp.ReadAliCCP(split, pat["skeleton"], pat["common"])
+    reader = lambda split, pat: aliccp.ReadAliCCP(split, pat["skeleton"], pat["common"], dedup_sample_ids)
   elif fmt == "avazu":
     inputs = inputs or _scan_avazu(patterns)
     labels = inputs.labels
     reader = lambda split, pat: avazu.ReadAvazu(
-        split, inputs.patterns[split], {f: inputs.headers[f] for f in inputs.files[split]})
+        split, inputs.patterns[split], {f: inputs.headers[f] for f in inputs.files[split]},
+        dedup_sample_ids)
   else:
     raise UsageError(f"format {fmt} has no reader")
   raw_md = T.raw_metadata(fmt, labels)
@@ -230,35 +269,96 @@ def format_reconciliation(rec: Dict[str, dict], fmt: str = "aliccp") -> str:
   return "\n".join(lines)
 
 
+STAGING = ".staging-"     # <output_dir>.staging-<id>: a run in progress (or killed)
+_TRASH = ".replaced-"     # <output_dir>.replaced-<id>: the previous output, deleted once replaced
+
+
+def _sibling(output_dir: str, infix: str) -> str:
+  return output_dir.rstrip("/") + infix + uuid.uuid4().hex[:12]
+
+
+def _remove_stale_staging(output_dir: str) -> List[str]:
+  """Staging and replaced dirs that earlier runs left when they were killed."""
+  stale = sorted(tf.io.gfile.glob(output_dir.rstrip("/") + STAGING + "*")
+                 + tf.io.gfile.glob(output_dir.rstrip("/") + _TRASH + "*"))
+  for path in stale:
+    tf.io.gfile.rmtree(path)
+  return stale
+
+
+def _publish(staging: str, output_dir: str) -> None:
+  """Moves a finished staging dir to ``output_dir``; the previous output (``--overwrite``)
+  stays in place until the new one is there."""
+  old = None
+  if tf.io.gfile.exists(output_dir):
+    old = _sibling(output_dir, _TRASH)
+    tf.io.gfile.rename(output_dir, old)
+  tf.io.gfile.rename(staging, output_dir)
+  if old:
+    tf.io.gfile.rmtree(old)
+
+
+def _check_quality(rec: Dict[str, dict], fmt: str, max_dead_fraction: float) -> None:
+  """A run that set most rows aside read the wrong files or the wrong format: stop it."""
+  problems = []
+  for split, r in rec.items():
+    read = r["rows_read"] if fmt == "avazu" else r["skeleton_rows_read"]
+    dead = r["rows_set_aside"] if fmt == "avazu" else r["skeleton_rows_set_aside"]
+    n_dead = sum(dead.values())
+    if read and n_dead > max_dead_fraction * read:
+      top = ", ".join(f"{k} {v:,}" for k, v in sorted(dead.items(), key=lambda kv: -kv[1])[:3])
+      problems.append(f"{split}: {n_dead:,} of {read:,} rows set aside ({top}); more than "
+                      f"--max_dead_letter_fraction={max_dead_fraction:g}")
+  if rec["train"]["rows_written"] == 0:
+    problems.append("train: no row written, nothing to train on")
+  if problems:
+    raise BadOutput("; ".join(problems) + f". Is --format={fmt} the format of these files?")
+
+
+class BadOutput(UsageError):
+  """The run finished but its output is not fit to train on; it was not published."""
+
+
 def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buckets: int = 0,
         num_shards: int = 0, overwrite: bool = False, temp_dir: str = None,
-        crosses: Optional[Sequence[str]] = None) -> Dict[str, dict]:
+        crosses: Optional[Sequence[str]] = None, dedup_sample_ids: bool = True,
+        max_dead_letter_fraction: float = 0.5) -> Dict[str, dict]:
   """Runs the job to completion; returns the reconciliation per split.
 
   ``crosses``: ``a:b`` specs (None: the format's default crosses). For Avazu every
   file's header is read first, so a bad set of inputs fails before anything is written.
+
+  The job writes to ``<output_dir>.staging-<id>`` and renames it to ``output_dir`` only
+  when it finished, every row is accounted for and at most ``max_dead_letter_fraction``
+  of a split's rows were set aside; ``reconciliation.json`` is written last, into the
+  published dir. A killed run leaves only its staging dir (removed by the next run), and
+  with ``overwrite`` the previous output stays until the new one replaces it.
   """
   try:
     cross_fields = F.parse_crosses(fmt, crosses)
   except ValueError as e:
     raise UsageError(f"--crosses: {e}") from None
+  _check_format(fmt, patterns)
   inputs = None
   labels = F.RAW_LABELS
   if fmt == "avazu":
     inputs = _scan_avazu(patterns)
     labels = inputs.labels
     patterns = {split: {"files": list(inputs.patterns[split])} for split in patterns}
-  if tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir):
-    if not overwrite:
-      raise UsageError(f"--output_dir={output_dir} is not empty; pass --overwrite to replace it")
-    tf.io.gfile.rmtree(output_dir)
-  tf.io.gfile.makedirs(output_dir)
+  if tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir) and not overwrite:
+    raise UsageError(f"--output_dir={output_dir} is not empty; pass --overwrite to replace it")
+  stale = _remove_stale_staging(output_dir)
+  if stale:
+    print(f"removed {len(stale)} staging dir(s) of earlier unfinished runs: {', '.join(stale)}",
+          file=sys.stderr)
+  staging = _sibling(output_dir, STAGING)
+  tf.io.gfile.makedirs(staging)
   own_temp = temp_dir is None
-  temp_dir = temp_dir or os.path.join(output_dir, "tmp")
+  temp_dir = temp_dir or os.path.join(staging, "tmp")
   options = PipelineOptions(beam_args, save_main_session=False)
   p = beam.Pipeline(options=options)
-  build_pipeline(p, fmt, patterns, output_dir, temp_dir, max_hash_buckets, num_shards,
-                 cross_fields, inputs)
+  build_pipeline(p, fmt, patterns, staging, temp_dir, max_hash_buckets, num_shards,
+                 cross_fields, inputs, dedup_sample_ids)
   result = p.run()
   result.wait_until_finish()
   counters = _counters(result)
@@ -267,15 +367,23 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   else:
     rec = {split: aliccp.reconcile(counters, split) for split, _ in SPLITS}
   rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
-             "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec}
+             "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec,
+             "dedup_sample_ids": dedup_sample_ids}
   if inputs is not None:
     rec_all["ignored_columns"] = list(inputs.ignored_columns)
+    rec_all["empty_files"] = {split: list(files) for split, files in inputs.empty_files.items()}
   if own_temp and tf.io.gfile.exists(temp_dir):
     tf.io.gfile.rmtree(temp_dir)
   if not all(_balanced(fmt, r) for r in rec.values()):
-    raise RuntimeError("row counts do not reconcile; output left incomplete:\n"
+    raise RuntimeError(f"row counts do not reconcile; output not published (left in {staging}):\n"
                        + format_reconciliation(rec, fmt))
-  # Written last: its presence marks the output as complete for the trainer.
+  try:
+    _check_quality(rec, fmt, max_dead_letter_fraction)
+  except BadOutput as e:
+    raise BadOutput(f"{e} Output not published; its dead letters are in "
+                    f"{os.path.join(staging, 'dead_letter')}.\n" + format_reconciliation(rec, fmt)) from None
+  _publish(staging, output_dir)
+  # Written last, into the published dir: its presence marks the output complete for the trainer.
   with tf.io.gfile.GFile(os.path.join(output_dir, F.RECONCILIATION), "w") as f:
     json.dump(rec_all, f, indent=2, sort_keys=True)
   return rec
@@ -294,7 +402,8 @@ def main(argv):
     overrides = {k: getattr(FLAGS, k) for k in own}
     patterns = _input_patterns(FLAGS.input_dir, overrides, FLAGS.format)
     rec = run(FLAGS.format, patterns, FLAGS.output_dir, beam_args, FLAGS.max_hash_buckets,
-              FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir, FLAGS.crosses)
+              FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir, FLAGS.crosses,
+              FLAGS.dedup_sample_ids, FLAGS.max_dead_letter_fraction)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -15,6 +15,7 @@ from typing import Dict, List, Mapping, Tuple
 
 import apache_beam as beam
 
+from pipeline.sources import dedup
 from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line
 from preprocessing import features as F
 
@@ -36,6 +37,12 @@ BAD_WEIGHT = "bad_weight"
 CONVERSION_WITHOUT_CLICK = "conversion_without_click"
 UNKNOWN_COMMON_FEATURE_INDEX = "unknown_common_feature_index"
 DUPLICATE_COMMON_FEATURE_INDEX = "duplicate_common_feature_index"
+_PARSE_REASONS = (NOT_UTF8, WRONG_COLUMN_COUNT, BAD_COMMON_FEATURE_INDEX, BAD_FEATURE_NUM,
+                  FEATURE_NUM_MISMATCH, BAD_FEATURE_ITEM, BAD_WEIGHT)
+# Every reason a row of each file can be set aside for.
+SKELETON_REASONS = _PARSE_REASONS + (BAD_SAMPLE_ID, BAD_LABEL, CONVERSION_WITHOUT_CLICK,
+                                     UNKNOWN_COMMON_FEATURE_INDEX, DUPLICATE_COMMON_FEATURE_INDEX) + dedup.REASONS
+COMMON_REASONS = _PARSE_REASONS + (DUPLICATE_COMMON_FEATURE_INDEX,)
 
 # Features of one row: field name -> (feature ids, weights).
 Features = Dict[str, Tuple[List[int], List[float]]]
@@ -48,6 +55,12 @@ def _is_uint(text: str) -> bool:
 def is_sample_id(text: str) -> bool:
   """A sample id as the release writes it: a non-negative decimal that fits int64."""
   return _is_uint(text) and len(text) <= 18
+
+
+def looks_like_aliccp(line) -> bool:
+  """Whether a raw line has Ali-CCP's feature-list separators (to tell a wrong --format)."""
+  raw = line if isinstance(line, bytes) else line.encode("utf-8", errors="replace")
+  return FIELD_SEP.encode() in raw and VALUE_SEP.encode() in raw
 
 
 def parse_feature_list(text: str, feature_num: int, known_fields) -> Tuple[Features, int]:
@@ -223,14 +236,17 @@ class ReadAliCCP(beam.PTransform):
 
   Returns a dict with ``rows`` (raw instance dicts) and ``dead_letter`` (JSON lines).
   The join is a CoGroupByKey on common_feature_index, so neither file has to fit in
-  memory and their orders do not matter.
+  memory and their orders do not matter. With ``dedup_sample_ids`` (the default) skeleton
+  rows sharing a sample id are resolved first (pipeline/sources/dedup.py).
   """
 
-  def __init__(self, split: str, skeleton_pattern: str, common_pattern: str):
+  def __init__(self, split: str, skeleton_pattern: str, common_pattern: str,
+               dedup_sample_ids: bool = True):
     super().__init__()
     self._split = split
     self._skeleton = skeleton_pattern
     self._common = common_pattern
+    self._dedup = dedup_sample_ids
 
   def expand(self, pbegin):
     read = lambda name, pattern: (
@@ -239,11 +255,18 @@ class ReadAliCCP(beam.PTransform):
                 | "ParseSkeleton" >> beam.ParDo(_ParseFn(self._split, "skeleton")).with_outputs(DEAD, main="rows"))
     common = (read("Common", self._common)
               | "ParseCommon" >> beam.ParDo(_ParseFn(self._split, "common")).with_outputs(DEAD, main="rows"))
-    joined = ({"skeleton": skeleton.rows, "common": common.rows}
+    skeleton_rows, dead = skeleton.rows, [skeleton[DEAD], common[DEAD]]
+    if self._dedup:
+      resolved = (skeleton_rows
+                  | "Rows" >> beam.Values()
+                  | "ResolveSampleIds" >> dedup.ResolveSampleIds(
+                      self._split, "skeleton", f"{FMT}/{self._split}", "skeleton_dead/", "sample_id"))
+      skeleton_rows = resolved.rows | "KeyByIndex" >> beam.Map(lambda row: (row["index"], row))
+      dead.append(resolved[DEAD])
+    joined = ({"skeleton": skeleton_rows, "common": common.rows}
               | "GroupByIndex" >> beam.CoGroupByKey()
               | "Join" >> beam.ParDo(_JoinFn(self._split)).with_outputs(DEAD, main="rows"))
-    dead = ((skeleton[DEAD], common[DEAD], joined[DEAD])
-            | "FlattenDeadLetters" >> beam.Flatten())
+    dead = (dead + [joined[DEAD]]) | "FlattenDeadLetters" >> beam.Flatten()
     return {"rows": joined.rows, DEAD: dead}
 
 

@@ -26,6 +26,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.sources import dedup
 from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line
 from preprocessing import features as F
 
@@ -45,8 +46,9 @@ BAD_CONVERSION = "bad_conversion"
 BAD_HOUR = "bad_hour"
 BAD_INTEGER = "bad_integer"
 CONVERSION_WITHOUT_CLICK = "conversion_without_click"
-REASONS = (NOT_UTF8, WRONG_COLUMN_COUNT, BAD_SAMPLE_ID, BAD_CLICK, BAD_CONVERSION, BAD_HOUR,
-           BAD_INTEGER, CONVERSION_WITHOUT_CLICK)
+PARSE_REASONS = (NOT_UTF8, WRONG_COLUMN_COUNT, BAD_SAMPLE_ID, BAD_CLICK, BAD_CONVERSION, BAD_HOUR,
+                 BAD_INTEGER, CONVERSION_WITHOUT_CLICK)
+REASONS = PARSE_REASONS + dedup.REASONS
 
 
 class BadInput(ValueError):
@@ -97,6 +99,15 @@ def parse_header(line) -> Header:
                 id_index=index[F.AVAZU_ID], click_index=index[F.CLICK],
                 hour_index=index[F.AVAZU_HOUR], conversion_index=index.get(F.CONVERSION, -1),
                 fields=plan)
+
+
+def looks_like_header(line) -> bool:
+  """Whether ``line`` is an Avazu-style header (to tell a wrong --format)."""
+  try:
+    parse_header(line)
+  except BadInput:
+    return False
+  return True
 
 
 def is_header_line(line, header: Header) -> bool:
@@ -190,12 +201,15 @@ def match_files(pattern: str) -> List[str]:
   return sorted(m.path for r in results for m in r.metadata_list)
 
 
-def read_header(path: str) -> Header:
-  """The header of one file (its first line), compressed or not, local or remote."""
+def read_header(path: str) -> Optional[Header]:
+  """The header of one file (its first line), compressed or not, local or remote; None for
+  an empty file (no bytes: no rows either, as the empty part files some exporters write)."""
   with FileSystems.open(path) as f:
     first = f.readline()
+  if not first:
+    return None
   if not first.strip():
-    raise BadInput(f"{path} has no header line (empty file or empty first line)")
+    raise BadInput(f"{path} has no header line (its first line is empty)")
   try:
     return parse_header(first)
   except BadInput as e:
@@ -206,25 +220,27 @@ def read_header(path: str) -> Header:
 class Inputs:
   """The files of one run, read by split, with their headers and the run's label set."""
   patterns: Dict[str, Tuple[str, ...]]   # split -> patterns (absolute)
-  files: Dict[str, Tuple[str, ...]]      # split -> matched files
+  files: Dict[str, Tuple[str, ...]]      # split -> matched files with a header (read by the job)
   headers: Dict[str, Header]             # file -> header
   labels: Tuple[str, ...]
   ignored_columns: Tuple[str, ...]
+  empty_files: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)  # split -> 0-byte files
 
 
 def scan_inputs(patterns: Mapping[str, Sequence[str]]) -> Inputs:
   """Matches every split's patterns and reads each file's header.
 
   Raises BadInput when a pattern matches nothing, a file is matched twice (by two
-  patterns or in two splits), a header is missing or lacks a required column, or the
-  files disagree on whether they have a ``conversion`` column.
+  patterns or in two splits), a header is missing or lacks a required column, the files
+  disagree on whether they have a ``conversion`` column, or no file of a split has a
+  header. Empty (0-byte) files hold no rows: they are listed apart, not read.
   """
-  norm, files, headers, owner = {}, {}, {}, {}
+  norm, files, headers, owner, empty = {}, {}, {}, {}, {}
   for split, split_patterns in patterns.items():
     norm[split] = tuple(absolute(p) for p in split_patterns)
     if not norm[split]:
       raise BadInput(f"no file pattern for the {split} split")
-    found = []
+    found, empty[split] = [], []
     for pattern in norm[split]:
       matched = match_files(pattern)
       if not matched:
@@ -235,9 +251,16 @@ def scan_inputs(patterns: Mapping[str, Sequence[str]]) -> Inputs:
           raise BadInput(f"{path} is matched twice ({owner[key]} and {split} / {pattern}); "
                          "each file must be read once")
         owner[key] = f"{split} / {pattern}"
-        headers[path] = read_header(path)
+        header = read_header(path)
+        if header is None:
+          empty[split].append(path)
+          continue
+        headers[path] = header
         found.append(path)
+    if not found:
+      raise BadInput(f"every file of the {split} split is empty: {', '.join(empty[split][:5])}")
     files[split] = tuple(found)
+    empty[split] = tuple(empty[split])
   with_conv = sorted(p for p, h in headers.items() if h.has_conversion)
   without = sorted(p for p, h in headers.items() if not h.has_conversion)
   if with_conv and without:
@@ -247,7 +270,7 @@ def scan_inputs(patterns: Mapping[str, Sequence[str]]) -> Inputs:
         f"(e.g. {without[0]}); preprocess them in separate runs")
   labels = F.RAW_LABELS if with_conv else (F.CLICK,)
   ignored = tuple(sorted({c for h in headers.values() for c in h.ignored}))
-  return Inputs(norm, files, headers, labels, ignored)
+  return Inputs(norm, files, headers, labels, ignored, empty)
 
 
 # Beam side.
@@ -287,14 +310,17 @@ class ReadAvazu(beam.PTransform):
 
   ``patterns`` and ``headers`` come from ``scan_inputs`` (the same matching as Beam's
   text source, so the file names agree). Returns a dict with ``rows`` (raw instance
-  dicts) and ``dead_letter`` (JSON lines).
+  dicts) and ``dead_letter`` (JSON lines). With ``dedup_sample_ids`` (the default) rows
+  sharing an ``id`` are resolved (pipeline/sources/dedup.py).
   """
 
-  def __init__(self, split: str, patterns: Sequence[str], headers: Mapping[str, Header]):
+  def __init__(self, split: str, patterns: Sequence[str], headers: Mapping[str, Header],
+               dedup_sample_ids: bool = True):
     super().__init__()
     self._split = split
     self._patterns = tuple(patterns)
     self._headers = dict(headers)
+    self._dedup = dedup_sample_ids
 
   def expand(self, pbegin):
     lines = [pbegin | f"Read{i}" >> beam.io.ReadFromTextWithFilename(
@@ -303,7 +329,12 @@ class ReadAvazu(beam.PTransform):
     parsed = (lines
               | "FlattenFiles" >> beam.Flatten()
               | "Parse" >> beam.ParDo(_ParseFn(self._split, self._headers)).with_outputs(DEAD, main="rows"))
-    return {"rows": parsed.rows, DEAD: parsed[DEAD]}
+    if not self._dedup:
+      return {"rows": parsed.rows, DEAD: parsed[DEAD]}
+    resolved = parsed.rows | "ResolveSampleIds" >> dedup.ResolveSampleIds(
+        self._split, SOURCE, f"{FMT}/{self._split}", "dead/", F.SAMPLE_ID)
+    dead = (parsed[DEAD], resolved[DEAD]) | "FlattenDeadLetters" >> beam.Flatten()
+    return {"rows": resolved.rows, DEAD: dead}
 
 
 def reconcile(counters: Mapping[str, int], split: str, files: Optional[int] = None) -> dict:

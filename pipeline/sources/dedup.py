@@ -1,0 +1,73 @@
+"""Rows that share a sample id: one impression logged twice, or two impressions under one id.
+
+A sample id names one impression. Copies of a row with the same id are resolved so that
+training and evaluation see every impression once, and nothing is dropped silently:
+
+  all copies identical   one is kept; every other copy is set aside as duplicate_sample_id
+                         (a replayed log, a file listed twice, an at-least-once exporter)
+  copies differ          every copy is set aside as conflicting_sample_id (there is no way
+                         to tell which one is the impression; the dead letters keep them all)
+
+The grouping is a GroupByKey on the sample id, so it holds on any runner and any input order.
+"""
+
+import json
+
+import apache_beam as beam
+
+from pipeline.sources.deadletter import DEAD, counter, dead_letter
+
+DUPLICATE_SAMPLE_ID = "duplicate_sample_id"
+CONFLICTING_SAMPLE_ID = "conflicting_sample_id"
+REASONS = (DUPLICATE_SAMPLE_ID, CONFLICTING_SAMPLE_ID)
+
+
+class _ResolveFn(beam.DoFn):
+
+  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str):
+    self._split = split
+    self._source = source
+    self._ns = namespace
+    self._dead_prefix = dead_prefix
+
+  def _dead(self, reason: str, detail: str, sample_id, row):
+    counter(self._ns, self._dead_prefix + reason).inc()
+    return beam.pvalue.TaggedOutput(DEAD, dead_letter(
+        self._split, self._source, reason, detail, sample_id=sample_id,
+        row=json.dumps(row, sort_keys=True, default=str)))
+
+  def process(self, element):
+    sample_id, rows = element
+    rows = list(rows)
+    if len(rows) == 1:
+      yield rows[0]
+      return
+    first = rows[0]
+    if all(r == first for r in rows[1:]):
+      yield first
+      for r in rows[1:]:
+        yield self._dead(DUPLICATE_SAMPLE_ID, f"{len(rows)} identical rows; one is kept", sample_id, r)
+      return
+    for r in rows:
+      yield self._dead(CONFLICTING_SAMPLE_ID, f"{len(rows)} rows with this sample id differ; none is kept",
+                       sample_id, r)
+
+
+class ResolveSampleIds(beam.PTransform):
+  """Rows (dicts) -> the same rows with every sample id once; the rest to ``dead_letter``.
+
+  ``key`` is the row's sample id field; counters ``<namespace>/<dead_prefix><reason>``.
+  Returns a DoOutputsTuple with ``rows`` and ``dead_letter``.
+  """
+
+  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str, key: str):
+    super().__init__()
+    self._fn = _ResolveFn(split, source, namespace, dead_prefix)
+    self._key = key
+
+  def expand(self, rows):
+    key = self._key
+    return (rows
+            | "KeyBySampleId" >> beam.Map(lambda row: (row[key], row))
+            | "GroupBySampleId" >> beam.GroupByKey()
+            | "Resolve" >> beam.ParDo(self._fn).with_outputs(DEAD, main="rows"))
