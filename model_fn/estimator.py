@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from model_fn import esmm, export, mmoe
 from model_fn import input_fn as I
-from model_fn.params import MMOE_MODELS, RUNTIME_PARAMS, resolve_params
+from model_fn.params import MMOE_MODELS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params
 
 PARAMS_FILE = "params.json"
 TASK_STEPS_DIR = "task_steps"     # MODEL_DIR/task_steps/<task>.json: steps each process trained
@@ -101,21 +101,96 @@ def make_estimator(model_dir: str, params: Dict[str, Any], seed: int = 42,
   return tf.estimator.Estimator(model_fn_for(params), config=config, params=params, warm_start_from=warm)
 
 
-def save_params(model_dir: str, params: Dict[str, Any]) -> None:
-  """Records the params next to the checkpoints; a model_dir of another architecture is refused.
-  Placement params (RUNTIME_PARAMS) are not part of a model's identity and are left out."""
-  params = {k: v for k, v in params.items() if k not in RUNTIME_PARAMS}
-  tf.io.gfile.makedirs(model_dir)
+class ModelDirError(ValueError):
+  """A model_dir (or warm-start source) that does not fit this run; the message says why."""
+
+
+def _json(params: Dict[str, Any]) -> Dict[str, Any]:
+  return json.loads(json.dumps({k: v for k, v in params.items() if k not in RUNTIME_PARAMS}))
+
+
+def schema_difference(old_buckets: Dict[str, int], new_buckets: Dict[str, int]) -> str:
+  """What changed between two transform schemas ({field: hash buckets}), in words."""
+  parts = []
+  gone = sorted(set(old_buckets) - set(new_buckets))
+  new = sorted(set(new_buckets) - set(old_buckets))
+  changed = sorted(k for k in set(old_buckets) & set(new_buckets) if old_buckets[k] != new_buckets[k])
+  if gone:
+    parts.append(f"fields only in the model: {gone[:8]}")
+  if new:
+    parts.append(f"fields only in the transform output: {new[:8]}")
+  if changed:
+    parts.append("hash buckets changed: " + ", ".join(
+        f"{k} {old_buckets[k]} -> {new_buckets[k]}" for k in changed[:5]) + (" ..." if len(changed) > 5 else ""))
+  return "; ".join(parts)
+
+
+def check_transform_matches(params: Dict[str, Any], model_dir: str, tft_output, transform_dir: str) -> None:
+  """A trained model reads only transform outputs of the schema it was trained on."""
+  from preprocessing import transform as T
+  got = T.transformed_hash_buckets(tft_output)
+  fmt = I.transform_format(transform_dir)
+  if params.get("format") != fmt or params.get("hash_buckets") != got:
+    detail = (f"format {params.get('format')} vs {fmt}" if params.get("format") != fmt
+              else schema_difference(params.get("hash_buckets") or {}, got))
+    raise ModelDirError(
+        f"the model in {model_dir} was trained on a transform output of another schema than "
+        f"{transform_dir} ({detail}); use the preprocessing output it was trained on, or train a "
+        "new model on this one")
+
+
+def check_model_dir(model_dir: str, params: Dict[str, Any], what: str = "--model_dir") -> None:
+  """Refuses a dir whose checkpoints are not of this model: without params.json (not written
+  by this project's trainer) or with other params (another model, or another transform schema)."""
+  checkpoint = tf.train.latest_checkpoint(model_dir) if tf.io.gfile.isdir(model_dir) else None
+  if not checkpoint:
+    return
   path = os.path.join(model_dir, PARAMS_FILE)
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      old = json.load(f)
-    if tf.train.latest_checkpoint(model_dir) and old != json.loads(json.dumps(params)):
-      diff = sorted(k for k in set(old) | set(params) if old.get(k) != json.loads(json.dumps(params)).get(k))
-      raise ValueError(f"{model_dir} holds checkpoints of a model with other params ({diff}); "
-                       "use another --model_dir or delete it")
-  with tf.io.gfile.GFile(path, "w") as f:
-    json.dump(params, f, indent=2, sort_keys=True)
+  if not tf.io.gfile.exists(path):
+    raise ModelDirError(
+        f"{what} {model_dir} holds checkpoints ({os.path.basename(checkpoint)}) but no {PARAMS_FILE}: "
+        "they are not from model_fn.train, so they cannot be resumed; use another directory")
+  with tf.io.gfile.GFile(path) as f:
+    old = json.load(f)
+  new = _json(params)
+  if old == new:
+    return
+  if old.get("format") != new.get("format") or old.get("hash_buckets") != new.get("hash_buckets"):
+    detail = (f"format {old.get('format')} vs {new.get('format')}" if old.get("format") != new.get("format")
+              else schema_difference(old.get("hash_buckets") or {}, new.get("hash_buckets") or {}))
+    raise ModelDirError(
+        f"{what} {model_dir} holds a model trained on a transform output of another schema ({detail}); "
+        "train into another directory, or on the preprocessing output it was trained on")
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  raise ModelDirError(
+      f"{what} {model_dir} holds checkpoints of another model: "
+      + ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+      + "; use another directory, or the same params to resume")
+
+
+def check_warm_start(source: str, params: Dict[str, Any]) -> None:
+  """A warm start copies variables by name and shape: the source must have the same shapes."""
+  path = os.path.join(source, PARAMS_FILE)
+  if not tf.io.gfile.exists(path):
+    return   # a bare checkpoint: TF checks it variable by variable
+  with tf.io.gfile.GFile(path) as f:
+    old = json.load(f)
+  new = _json(params)
+  diff = [k for k in SHAPE_PARAMS if old.get(k) != new.get(k)]
+  if diff:
+    detail = (schema_difference(old.get("hash_buckets") or {}, new.get("hash_buckets") or {})
+              if diff == ["hash_buckets"] else ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+                                                         for k in diff[:6] if k != "hash_buckets"))
+    raise ModelDirError(f"cannot warm start from {source}: its variables have other shapes ({detail})")
+
+
+def save_params(model_dir: str, params: Dict[str, Any]) -> None:
+  """Records the params next to the checkpoints; a model_dir of another model is refused
+  (check_model_dir). Placement params (RUNTIME_PARAMS) are not part of a model's identity."""
+  check_model_dir(model_dir, params)
+  tf.io.gfile.makedirs(model_dir)
+  with tf.io.gfile.GFile(os.path.join(model_dir, PARAMS_FILE), "w") as f:
+    json.dump(_json(params), f, indent=2, sort_keys=True)
 
 
 def load_params(model_dir: str) -> Dict[str, Any]:
@@ -138,6 +213,9 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   I.require_labels(tft_output, params["model"], transform_dir)
   if train_steps <= 0:
     train_steps = max(1, math.ceil(num_epochs * I.split_rows(transform_dir, "train") / batch_size))
+  check_model_dir(model_dir, params)
+  if warm_start_from:
+    check_warm_start(warm_start_from, params)
   estimator = make_estimator(model_dir, params, seed, save_checkpoints_steps, warm_start_from)
   config = estimator.config
   task = task_name(config)
@@ -168,6 +246,10 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   out = {"task": task, "model_dir": model_dir, "train_steps": train_steps, "metrics": metrics,
          "task_steps": task_steps(model_dir)}
   if do_export:
+    # The Estimator writes each export under export/temp-<time> and renames it when complete;
+    # a run killed mid-export leaves such a dir, removed here.
+    for stale in tf.io.gfile.glob(os.path.join(model_dir, "export", "temp-*")):
+      tf.io.gfile.rmtree(stale)
     path = estimator.export_saved_model(
         os.path.join(model_dir, "export"),
         export.make_serving_input_receiver_fn(tft_output, params["format"]))

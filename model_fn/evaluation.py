@@ -24,6 +24,7 @@ def predict(model_dir: str, transform_dir: str, batch_size: int = 4096) -> Dict[
   """Predictions on the eval split with labels and sample ids passed through."""
   params = E.load_params(model_dir)
   tft_output = I.load_transform_output(transform_dir)
+  E.check_transform_matches(params, model_dir, tft_output, transform_dir)
   estimator = E.make_estimator(model_dir, params)
   input_fn = I.make_input_fn(I.split_files(transform_dir, "eval"), tft_output, batch_size,
                              training=False, labels_as_features=True)

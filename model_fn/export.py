@@ -9,6 +9,7 @@ Signatures (method names as TF Serving expects them):
 
 import tensorflow as tf
 
+from preprocessing import features as F
 from preprocessing import transform as T
 
 RECEIVER_KEY = "examples"
@@ -24,13 +25,33 @@ def export_outputs(predictions):
   }
 
 
+def _checked_weights(raw, fmt: str):
+  """Weights must be finite and non-negative, as the preprocessing job requires of training rows:
+  a request that breaks this fails with the field's name instead of getting a score."""
+  raw = dict(raw)
+  for field in F.fields(fmt):
+    if not field.weighted:
+      continue
+    w = raw[field.raw_weights]
+    ok = tf.debugging.Assert(
+        tf.reduce_all(tf.math.is_finite(w.values) & (w.values >= 0)),
+        [f"{field.raw_weights}: weights must be finite and non-negative; got", w.values], summarize=8)
+    with tf.control_dependencies([ok]):
+      raw[field.raw_weights] = tf.SparseTensor(w.indices, tf.identity(w.values), w.dense_shape)
+  return raw
+
+
 def make_serving_input_receiver_fn(tft_output, fmt: str):
-  """Raw serialized tf.Examples in; the TFT transform applied in-graph; every field optional."""
+  """Raw serialized tf.Examples in; the TFT transform applied in-graph.
+
+  Every field is optional and unknown fields are ignored; a field of the wrong type
+  (``Data types don't match``, naming the key), weights that are not finite and
+  non-negative, or ids and weights of unequal length fail the request with an error."""
   raw_spec = T.raw_feature_spec(fmt, with_labels=False, with_sample_id=False)
 
   def serving_input_receiver_fn():
     serialized = tf.compat.v1.placeholder(tf.string, [None], name="input_example_tensor")
-    raw = tf.io.parse_example(serialized, raw_spec)
+    raw = _checked_weights(tf.io.parse_example(serialized, raw_spec), fmt)
     transformed = tft_output.transform_raw_features(raw, drop_unused_features=True)
     return tf.estimator.export.ServingInputReceiver(transformed, {RECEIVER_KEY: serialized})
 

@@ -18,6 +18,9 @@ class IncompleteTransformOutput(ValueError):
 def load_transform_output(transform_dir: str) -> tft.TFTransformOutput:
   """The TFT output of a finished preprocessing run (refuses a partial one)."""
   marker = os.path.join(transform_dir, F.RECONCILIATION)
+  if not tf.io.gfile.isdir(transform_dir):
+    raise IncompleteTransformOutput(f"{transform_dir} does not exist (give the --output_dir of a "
+                                    "pipeline.preprocess run)")
   if not tf.io.gfile.exists(marker):
     raise IncompleteTransformOutput(
         f"{transform_dir} has no {F.RECONCILIATION}: it is not the output of a finished "

@@ -57,6 +57,13 @@ RUNTIME_PARAMS: Dict[str, Any] = {
 }
 
 
+# The params that decide the variables' names and shapes: a checkpoint restores (or warm-starts)
+# only into a model with the same values.
+SHAPE_PARAMS = ("model", "format", "hash_buckets", "embedding_dim", "ctr_hidden_units",
+                "cvr_hidden_units", "num_experts", "expert_hidden_units", "tower_hidden_units",
+                "share_embeddings", "uncertainty_weighting")
+
+
 def resolve_params(params) -> Dict[str, Any]:
   """DEFAULT_PARAMS overridden by ``params``; unknown keys and contradictions are errors."""
   unknown = set(params) - set(DEFAULT_PARAMS) - set(RUNTIME_PARAMS)

@@ -14,6 +14,7 @@ source splits at ``\\n`` (a ``\\r`` before it belongs to the separator), and a l
 without a line break is still a record.
 """
 
+import math
 import random
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -260,26 +261,22 @@ def expected_aliccp(skeleton_files: Sequence[bytes], common_files: Sequence[byte
   from preprocessing import features as F
   known = frozenset(f.name for f in F.fields(ALICCP))
   out = {"skeleton_dead": {}, "common_dead": {}, "skeleton_rows_read": 0, "common_rows_read": 0}
-  commons: Dict[str, list] = {}
-  for data in common_files:
-    for line in records(data):
-      out["common_rows_read"] += 1
-      try:
-        row, _ = A.parse_common_line(line, known)
-      except A.BadRecord as e:
-        _count(out["common_dead"], e.reason)
-        continue
-      commons.setdefault(row["index"], []).append(row)
-  by_id: Dict[int, list] = {}
-  for data in skeleton_files:
-    for line in records(data):
-      out["skeleton_rows_read"] += 1
-      try:
-        row, _ = A.parse_skeleton_line(line, known)
-      except A.BadRecord as e:
-        _count(out["skeleton_dead"], e.reason)
-        continue
-      by_id.setdefault(row["sample_id"], []).append(row)
+
+  def parse_all(files, source, parse, key):
+    grouped: Dict = {}
+    for data in files:
+      for line in records(data):
+        out[f"{source}_rows_read"] += 1
+        try:
+          row, _ = parse(line, known)
+        except A.BadRecord as e:
+          _count(out[f"{source}_dead"], e.reason)
+          continue
+        grouped.setdefault(row[key], []).append(row)
+    return grouped
+
+  commons = parse_all(common_files, "common", A.parse_common_line, "index")
+  by_id = parse_all(skeleton_files, "skeleton", A.parse_skeleton_line, "sample_id")
   kept = _resolve(by_id, out["skeleton_dead"])
   by_index: Dict[str, list] = {}
   for row in kept:
@@ -329,3 +326,130 @@ def expected_avazu(files: Sequence[bytes]) -> dict:
       by_id.setdefault(inst[F.SAMPLE_ID], []).append(inst)
   out["written_ids"] = sorted(r[F.SAMPLE_ID] for r in _resolve(by_id, out["dead"]))
   return out
+
+
+# What an accepted row must look like; the checks the fuzz test and benchmark apply to every row.
+
+ACCEPTED = "accepted"
+_INT64_MAX = (1 << 63) - 1
+
+
+class InvalidRow(AssertionError):
+  """A parser accepted a row it should have set aside, or set one aside for an unknown reason."""
+
+
+def _require(ok: bool, what: str, line: bytes) -> None:
+  if not ok:
+    raise InvalidRow(f"{what}: {line[:200]!r}")
+
+
+def raw_coder(fmt: str):
+  """The encoder of raw instances in the TFT raw schema (what the Beam job feeds TFT)."""
+  import tensorflow_transform as tft
+  from preprocessing import transform as T
+  return tft.coders.ExampleProtoCoder(T.raw_metadata(fmt).schema)
+
+
+def classify_aliccp(line: bytes, source: str, coder=None) -> str:
+  """Parses one Ali-CCP line ('skeleton' or 'common'); returns ACCEPTED after checking the row,
+  or the reason it was set aside. Raises InvalidRow; any other exception is a crash."""
+  import json as _json
+  from pipeline.sources import aliccp as A
+  from pipeline.sources.deadletter import dead_letter
+  from preprocessing import features as F
+  known = frozenset(f.name for f in F.fields(ALICCP))
+  parse = A.parse_skeleton_line if source == "skeleton" else A.parse_common_line
+  try:
+    row, _ = parse(line, known)
+  except A.BadRecord as e:
+    _require(e.reason in (A.SKELETON_REASONS if source == "skeleton" else A.COMMON_REASONS),
+             f"unknown reason {e.reason}", line)
+    _json.loads(dead_letter("train", source, e.reason, e.detail, line=line))
+    return e.reason
+  _require(row["index"].isascii() and row["index"].isalnum(), "bad index accepted", line)
+  for field, (ids, weights) in row["features"].items():
+    _require(field in known and len(ids) == len(weights), "bad field accepted", line)
+    _require(all(isinstance(i, int) and 0 <= i <= _INT64_MAX for i in ids), "bad id accepted", line)
+    _require(all(math.isfinite(w) and w >= 0 for w in weights), "bad weight accepted", line)
+  if source == "skeleton":
+    _require(0 <= row["sample_id"] <= _INT64_MAX, "bad sample id accepted", line)
+    _require(row["click"] in (0, 1) and row["conversion"] in (0, 1), "bad label accepted", line)
+    _require(not (row["conversion"] and not row["click"]), "conversion without click accepted", line)
+    if coder is not None:
+      coder.encode(A.to_raw_instance(row, {}))
+  return ACCEPTED
+
+
+def classify_avazu(line: bytes, header, coder=None) -> str:
+  """Parses one Avazu-style data line with its file's header; as classify_aliccp."""
+  import json as _json
+  from pipeline.sources import avazu as A
+  from pipeline.sources.deadletter import BadRecord, dead_letter
+  from preprocessing import features as F
+  try:
+    inst = A.parse_line(line, header)
+  except BadRecord as e:
+    _require(e.reason in A.PARSE_REASONS, f"unknown reason {e.reason}", line)
+    _json.loads(dead_letter("train", "csv", e.reason, e.detail, line=line))
+    return e.reason
+  sid = inst[F.SAMPLE_ID]
+  _require(sid.isascii() and sid.isdigit() and len(sid) <= A.MAX_ID_DIGITS, "bad id accepted", line)
+  _require(inst[F.CLICK] in (0, 1), "bad click accepted", line)
+  if header.has_conversion:
+    _require(inst[F.CONVERSION] in (0, 1) and not (inst[F.CONVERSION] and not inst[F.CLICK]),
+             "bad conversion accepted", line)
+  _require(20000101 <= inst[F.DAY] <= 20991231 and 0 <= inst[A.HOUR_RAW][0] % 100 <= 23,
+           "bad hour accepted", line)
+  for f in F.fields(AVAZU):
+    values = inst.get(f.raw_ids, [])
+    _require(len(values) <= 1, "multi-valued Avazu field", line)
+    if f.transform == F.HASH and f.raw_dtype == F.INT64:
+      _require(all(isinstance(v, int) and -_INT64_MAX - 1 <= v <= _INT64_MAX for v in values),
+               "bad integer accepted", line)
+    elif f.transform == F.HASH:
+      _require(all(isinstance(v, str) and "," not in v for v in values), "bad string accepted", line)
+  if coder is not None:
+    coder.encode(inst)
+  return ACCEPTED
+
+
+# Reading back what a preprocessing run wrote.
+
+def dead_letter_counts(output_dir: str, split: str) -> Dict:
+  """{(source, reason): dead letters} in OUT/dead_letter/<split>-*.jsonl."""
+  import collections
+  import glob
+  import json as _json
+  import os
+  counts = collections.Counter()
+  for path in glob.glob(os.path.join(output_dir, "dead_letter", f"{split}-*")):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        rec = _json.loads(line)
+        if rec["split"] != split or not rec["reason"]:
+          raise InvalidRow(f"dead letter without split or reason: {line[:200]}")
+        counts[(rec["source"], rec["reason"])] += 1
+  return dict(counts)
+
+
+def written_sample_ids(output_dir: str, split: str) -> list:
+  """The sample ids of every transformed example written for ``split``, sorted."""
+  import glob
+  import os
+  import tensorflow as tf
+  from preprocessing import features as F
+  files = glob.glob(os.path.join(output_dir, split, "part-*.tfrecord.gz"))
+  spec = {F.SAMPLE_ID: tf.io.FixedLenFeature([], tf.string if _is_avazu(output_dir) else tf.int64)}
+  ids = []
+  for batch in tf.data.TFRecordDataset(files, "GZIP").batch(8192):
+    for v in tf.io.parse_example(batch, spec)[F.SAMPLE_ID].numpy():
+      ids.append(v.decode() if isinstance(v, bytes) else int(v))
+  return sorted(ids)
+
+
+def _is_avazu(output_dir: str) -> bool:
+  import json as _json
+  import os
+  from preprocessing import features as F
+  with open(os.path.join(output_dir, F.RECONCILIATION)) as f:
+    return _json.load(f)["format"] == AVAZU

@@ -189,7 +189,7 @@ def test_training_resumes_from_the_checkpoint(run, tmp_path):
   assert again["metrics"]["global_step"] == 80
   assert again["metrics"]["auc/ctr"] == pytest.approx(result["metrics"]["auc/ctr"], abs=1e-6)
   other = dict(run["params"], embedding_dim=4)
-  with pytest.raises(ValueError, match="other params"):
+  with pytest.raises(E.ModelDirError, match="another model: embedding_dim 8 -> 4"):
     E.train_and_evaluate(run["out"], run["model_dir"], other, batch_size=256, train_steps=90)
 
 

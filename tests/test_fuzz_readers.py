@@ -16,7 +16,6 @@ volume. benchmarks/fuzz_readers.py runs the same checks on more rows.
 import collections
 import glob
 import json
-import math
 import os
 import random
 
@@ -28,14 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import fuzz, preprocess, synthetic
-from pipeline.sources import aliccp as ALI
 from pipeline.sources import avazu as AVA
-from pipeline.sources.deadletter import BadRecord, dead_letter
 from preprocessing import features as F
 from preprocessing import transform as T
 
-KNOWN = frozenset(f.name for f in F.ALICCP_FIELDS)
-INT64_MAX = (1 << 63) - 1
 BULK_ROWS = 12_000
 HYPOTHESIS = settings(max_examples=120, derandomize=True, deadline=None, database=None,
                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -56,64 +51,23 @@ def pools(tmp_path_factory):
           "avazu_header": avazu_lines[0], "avazu": avazu_lines[1:]}
 
 
-# What an accepted row must look like.
-
 def _ali_coder():
-  return tft.coders.ExampleProtoCoder(T.raw_metadata("aliccp").schema)
-
-
-def _check_features(features):
-  for field, (ids, weights) in features.items():
-    assert field in KNOWN
-    assert len(ids) == len(weights)
-    assert all(isinstance(i, int) and 0 <= i <= INT64_MAX for i in ids)
-    assert all(math.isfinite(w) and w >= 0 for w in weights)
-
-
-def _check_aliccp(line, source, coder):
-  """Parses one line; returns the reason it was set aside, or None after checking the row."""
-  parse = ALI.parse_skeleton_line if source == "skeleton" else ALI.parse_common_line
-  try:
-    row, _ = parse(line, KNOWN)
-  except BadRecord as e:
-    assert e.reason in (ALI.SKELETON_REASONS if source == "skeleton" else ALI.COMMON_REASONS), e.reason
-    json.loads(dead_letter("train", source, e.reason, e.detail, line=line))
-    return e.reason
-  assert row["index"].isascii() and row["index"].isalnum()
-  _check_features(row["features"])
-  if source == "skeleton":
-    assert 0 <= row["sample_id"] <= INT64_MAX
-    assert row["click"] in (0, 1) and row["conversion"] in (0, 1)
-    assert not (row["conversion"] and not row["click"])
-    coder.encode(ALI.to_raw_instance(row, {}))
-  return None
-
-
-def _check_avazu(line, header, coder):
-  try:
-    inst = AVA.parse_line(line, header)
-  except BadRecord as e:
-    assert e.reason in AVA.PARSE_REASONS, e.reason
-    json.loads(dead_letter("train", "csv", e.reason, e.detail, line=line))
-    return e.reason
-  sid = inst[F.SAMPLE_ID]
-  assert sid.isascii() and sid.isdigit() and len(sid) <= AVA.MAX_ID_DIGITS
-  assert inst[F.CLICK] in (0, 1) and inst[F.CONVERSION] in (0, 1)
-  assert not (inst[F.CONVERSION] and not inst[F.CLICK])
-  assert 20000101 <= inst[F.DAY] <= 20991231 and 0 <= inst[AVA.HOUR_RAW][0] % 100 <= 23
-  for f in F.fields("avazu"):
-    values = inst.get(f.raw_ids, [])
-    assert len(values) <= 1
-    if f.raw_dtype == F.INT64 and f.transform == F.HASH:
-      assert all(isinstance(v, int) and -INT64_MAX - 1 <= v <= INT64_MAX for v in values)
-    elif f.transform == F.HASH:
-      assert all(isinstance(v, str) and "," not in v for v in values)
-  coder.encode(inst)
-  return None
+  return fuzz.raw_coder("aliccp")
 
 
 def _avazu_coder():
-  return tft.coders.ExampleProtoCoder(T.raw_metadata("avazu").schema)
+  return fuzz.raw_coder("avazu")
+
+
+def _check_aliccp(line, source, coder):
+  """The reason the line was set aside, or None after checking the accepted row."""
+  reason = fuzz.classify_aliccp(line, source, coder)
+  return None if reason == fuzz.ACCEPTED else reason
+
+
+def _check_avazu(line, header, coder):
+  reason = fuzz.classify_avazu(line, header, coder)
+  return None if reason == fuzz.ACCEPTED else reason
 
 
 # Hypothesis: the mutation space, shrunk to a minimal failing line on a failure.
@@ -206,13 +160,7 @@ def test_bulk_mutated_rows_of_both_readers(pools):
 # The Beam job on damaged files: nothing crashes, nothing is lost.
 
 def _dead_letters(out, split):
-  counts = collections.Counter()
-  for path in glob.glob(os.path.join(out, "dead_letter", f"{split}-*")):
-    for line in open(path, encoding="utf-8"):
-      rec = json.loads(line)
-      assert rec["split"] == split and rec["reason"]
-      counts[(rec["source"], rec["reason"])] += 1
-  return counts
+  return fuzz.dead_letter_counts(out, split)
 
 
 def _written(out, split, tft_output):
