@@ -208,7 +208,7 @@ def main(argv):
     pipeline = pipeline_level(pools, work, rng)
   finally:
     shutil.rmtree(work, ignore_errors=True)
-  command = ("python benchmarks/fuzz_readers.py " + f"--rows={FLAGS.rows} --pipeline_rows={FLAGS.pipeline_rows} "
+  command = (".venv/bin/python benchmarks/fuzz_readers.py " + f"--rows={FLAGS.rows} --pipeline_rows={FLAGS.pipeline_rows} "
              f"--seed={FLAGS.seed}")
   machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
   totals = {"inputs_tried": sum(r["lines"] for r in parser.values())
