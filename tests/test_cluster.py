@@ -126,7 +126,8 @@ def test_a_failing_cluster_is_reported_and_every_process_stopped(data, tmp_path)
     with bad:
       bad.wait(timeout_s=120)
   assert all(p.poll() is not None for p in bad.procs.values())
-  assert "reconciliation.json" in open(bad.log_path("chief", 0)).read()
+  log = open(bad.log_path("chief", 0)).read()
+  assert "missing does not exist (give the --output_dir of a pipeline.preprocess run)" in log
 
 
 def test_the_kubernetes_example_runs_the_same_command_with_known_flags():
