@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from model_fn import esmm, export, mmoe
 from model_fn import input_fn as I
-from model_fn.params import MMOE_MODELS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params
+from model_fn.params import DEFAULT_PARAMS, MMOE_MODELS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params
 
 PARAMS_FILE = "params.json"
 TASK_STEPS_DIR = "task_steps"     # MODEL_DIR/task_steps/<task>.json: steps each process trained
@@ -139,6 +139,14 @@ def check_transform_matches(params: Dict[str, Any], model_dir: str, tft_output, 
         "new model on this one")
 
 
+def _recorded_params(path: str) -> Dict[str, Any]:
+  """A params.json, with the defaults of params added after it was written (a model trained
+  before ``fields`` existed embedded every field)."""
+  with tf.io.gfile.GFile(path) as f:
+    old = json.load(f)
+  return {**_json({k: v for k, v in DEFAULT_PARAMS.items() if k not in old}), **old}
+
+
 def check_model_dir(model_dir: str, params: Dict[str, Any], what: str = "--model_dir") -> None:
   """Refuses a dir whose checkpoints are not of this model: without params.json (not written
   by this project's trainer) or with other params (another model, or another transform schema)."""
@@ -150,8 +158,7 @@ def check_model_dir(model_dir: str, params: Dict[str, Any], what: str = "--model
     raise ModelDirError(
         f"{what} {model_dir} holds checkpoints ({os.path.basename(checkpoint)}) but no {PARAMS_FILE}: "
         "they are not from model_fn.train, so they cannot be resumed; use another directory")
-  with tf.io.gfile.GFile(path) as f:
-    old = json.load(f)
+  old = _recorded_params(path)
   new = _json(params)
   if old == new:
     return
@@ -173,8 +180,7 @@ def check_warm_start(source: str, params: Dict[str, Any]) -> None:
   path = os.path.join(source, PARAMS_FILE)
   if not tf.io.gfile.exists(path):
     return   # a bare checkpoint: TF checks it variable by variable
-  with tf.io.gfile.GFile(path) as f:
-    old = json.load(f)
+  old = _recorded_params(path)
   new = _json(params)
   diff = [k for k in SHAPE_PARAMS if old.get(k) != new.get(k)]
   if diff:
@@ -222,9 +228,9 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   if config.is_chief:
     save_params(model_dir, params)
   train_input = I.make_input_fn(I.split_files(transform_dir, "train"), tft_output, batch_size,
-                                training=True, num_epochs=None, seed=seed)
+                                training=True, num_epochs=None, seed=seed, fields=params["fields"])
   eval_input = I.make_input_fn(I.split_files(transform_dir, "eval"), tft_output, batch_size,
-                               training=False)
+                               training=False, fields=params["fields"])
   train_spec = tf.estimator.TrainSpec(train_input, max_steps=train_steps,
                                       hooks=[TaskStepsHook(model_dir, task)])
   eval_spec = tf.estimator.EvalSpec(eval_input, steps=eval_steps or None,

@@ -2,13 +2,17 @@
 
 import json
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import tensorflow as tf
 import tensorflow_transform as tft
 
 from preprocessing import features as F
 
+# Records per shuffled unit in training (see make_input_fn).
+SHUFFLE_BLOCK = 8
+# Read buffer per TFRecord file (bytes): larger reads cut the gzip reader's per-call overhead.
+READ_BUFFER = 8 << 20
 
 
 class IncompleteTransformOutput(ValueError):
@@ -69,18 +73,21 @@ def split_files(transform_dir: str, split: str) -> str:
 
 def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_size: int,
                   training: bool, num_epochs: Optional[int] = None, shuffle_buffer: int = 50_000,
-                  seed: Optional[int] = None, labels_as_features: bool = False):
+                  seed: Optional[int] = None, labels_as_features: bool = False,
+                  fields: Optional[Sequence[str]] = None):
   """An Estimator input_fn over gzip TFRecords of transformed tf.Examples.
 
-  Training: files and examples shuffled, repeated ``num_epochs`` times (None: forever). On a
+  Training: files shuffled, and examples in blocks of SHUFFLE_BLOCK consecutive records through a
+  buffer of ``shuffle_buffer`` examples; repeated ``num_epochs`` times (None: forever). On a
   cluster (the Estimator passes its RunConfig) the chief and each worker train on their own
   shard: whole files when there are at least as many files as training tasks, else every
   N-th example.
   Evaluation/prediction: one deterministic pass. Examples are batched before parsing
   so that parsing is vectorised. With ``labels_as_features`` the labels also stay in
-  the features dict (for prediction with passthrough of labels and sample ids).
+  the features dict (for prediction with passthrough of labels and sample ids). With
+  ``fields`` (a model's ``params['fields']``) only those fields' ids and weights are parsed.
   """
-  spec = tft_output.transformed_feature_spec()
+  spec = feature_spec(tft_output, fields)
 
   def input_fn(config=None):
     files = tf.io.gfile.glob(file_pattern)
@@ -93,20 +100,36 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
       ds = ds.shard(shards, index)
     if training:
       ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP", buffer_size=READ_BUFFER),
                        cycle_length=min(4, len(files)), block_length=16,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if shards > 1 and not by_file:
       ds = ds.shard(shards, index)
     if training:
-      ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+      # Shuffled in blocks of SHUFFLE_BLOCK consecutive records: a per-record shuffle cost
+      # about as much CPU as reading and parsing together (benchmarks/peer_throughput.py).
+      ds = ds.batch(SHUFFLE_BLOCK)
+      ds = ds.shuffle(max(1, shuffle_buffer // SHUFFLE_BLOCK), seed=seed, reshuffle_each_iteration=True)
       ds = ds.repeat(num_epochs)
-    ds = ds.batch(batch_size)
+      ds = ds.rebatch(batch_size)
+    else:
+      ds = ds.batch(batch_size)
     ds = ds.map(lambda x: _split(tf.io.parse_example(x, spec), labels_as_features),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
   return input_fn
+
+
+def feature_spec(tft_output: tft.TFTransformOutput, fields: Optional[Sequence[str]] = None):
+  """The transformed feature spec; with ``fields``, without the other fields' ids and weights
+  (parsing is a large share of a training step's cost, so unused features are not parsed)."""
+  spec = tft_output.transformed_feature_spec()
+  if fields is None:
+    return spec
+  keep = {p + f for f in fields for p in (F.ID_PREFIX, F.WEIGHT_PREFIX)}
+  return {k: v for k, v in spec.items()
+          if k in keep or not k.startswith((F.ID_PREFIX, F.WEIGHT_PREFIX))}
 
 
 def training_shard(config) -> Tuple[int, int]:

@@ -24,6 +24,13 @@ DEFAULT_PARAMS: Dict[str, Any] = {
     "model": "esmm",
     "format": "aliccp",
     "hash_buckets": None,            # {field: buckets}; read from the transformed schema
+    # The fields the model embeds (None: every field of hash_buckets), e.g. to train on a
+    # subset of a preprocessing run's fields without preprocessing again.
+    "fields": None,
+    # Rows per embedding table (0: each field's hash bucket count). A smaller value folds the
+    # hashed ids modulo it (exact re-hashing when it divides the bucket count), so the table
+    # size is chosen at training time, not only by the preprocessing run.
+    "table_rows": 0,
     "embedding_dim": 18,
     # ESMM / BASE towers (the paper's 360-200-80).
     "ctr_hidden_units": [360, 200, 80],
@@ -59,7 +66,7 @@ RUNTIME_PARAMS: Dict[str, Any] = {
 
 # The params that decide the variables' names and shapes: a checkpoint restores (or warm-starts)
 # only into a model with the same values.
-SHAPE_PARAMS = ("model", "format", "hash_buckets", "embedding_dim", "ctr_hidden_units",
+SHAPE_PARAMS = ("model", "format", "hash_buckets", "fields", "table_rows", "embedding_dim", "ctr_hidden_units",
                 "cvr_hidden_units", "num_experts", "expert_hidden_units", "tower_hidden_units",
                 "share_embeddings", "uncertainty_weighting")
 
@@ -87,5 +94,21 @@ def resolve_params(params) -> Dict[str, Any]:
     raise ValueError("num_experts must be at least 1")
   if not p["hash_buckets"]:
     raise ValueError("params['hash_buckets'] is required (read it from the transform output)")
+  if p["fields"] is not None:
+    p["fields"] = list(p["fields"])
+    unknown_fields = sorted(set(p["fields"]) - set(p["hash_buckets"]))
+    if not p["fields"] or unknown_fields:
+      raise ValueError(f"fields must be a non-empty subset of the transform output's fields "
+                       f"{sorted(p['hash_buckets'])}; unknown: {unknown_fields}")
+  p["table_rows"] = int(p["table_rows"] or 0)
+  if p["table_rows"] < 0:
+    raise ValueError(f"table_rows must be >= 0 (0: the hash bucket counts), got {p['table_rows']}")
   p["objective"] = "base" if model == "base" else "esmm"
   return p
+
+
+def table_rows(p: Dict[str, Any]) -> Dict[str, int]:
+  """Rows of each embedded field's table: its hash buckets, capped by ``table_rows``."""
+  names = p.get("fields") or list(p["hash_buckets"])
+  cap = int(p.get("table_rows") or 0)
+  return {n: min(p["hash_buckets"][n], cap) if cap else p["hash_buckets"][n] for n in names}

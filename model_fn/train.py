@@ -51,6 +51,10 @@ def define_flags():
   flags.DEFINE_enum("embedding_optimizer", "adagrad", ["adagrad", "adam", "ftrl", "sgd"],
                     "Optimizer of the embedding tables (adagrad updates only the rows in the batch).")
   flags.DEFINE_integer("embedding_dim", 18, "Embedding size per field.")
+  flags.DEFINE_list("fields", None, "Fields to embed (default: every field of the transform "
+                    "output), e.g. 101,205,206 to train on a subset without preprocessing again.")
+  flags.DEFINE_integer("table_rows", 0, "Rows per embedding table (0: each field's hash bucket "
+                       "count); fewer rows fold the hashed ids modulo this number.")
   flags.DEFINE_list("ctr_hidden_units", ["360", "200", "80"], "CTR tower layer sizes.")
   flags.DEFINE_list("cvr_hidden_units", ["360", "200", "80"], "CVR tower layer sizes.")
   flags.DEFINE_integer("num_experts", 8, "MMoE: number of experts.")
@@ -81,6 +85,7 @@ def params_from_flags(tft_output, fmt: str) -> Dict[str, Any]:
       "model": FLAGS.model, "format": fmt,
       "hash_buckets": T.transformed_hash_buckets(tft_output),
       "embedding_dim": FLAGS.embedding_dim,
+      "fields": FLAGS.fields, "table_rows": FLAGS.table_rows,
       "ctr_hidden_units": units(FLAGS.ctr_hidden_units),
       "cvr_hidden_units": units(FLAGS.cvr_hidden_units),
       "num_experts": FLAGS.num_experts,

@@ -6,6 +6,7 @@ One module-scoped run (DirectRunner, a few thousand rows, small towers) feeds al
 import json
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 from model_fn import estimator as E
 from model_fn import evaluation
 from model_fn import input_fn as I
+from model_fn import layers
+from model_fn.params import resolve_params
 from pipeline import preprocess, synthetic
 from pipeline.sources import aliccp
 from preprocessing import features as F
@@ -191,6 +194,59 @@ def test_training_resumes_from_the_checkpoint(run, tmp_path):
   other = dict(run["params"], embedding_dim=4)
   with pytest.raises(E.ModelDirError, match="another model: embedding_dim 8 -> 4"):
     E.train_and_evaluate(run["out"], run["model_dir"], other, batch_size=256, train_steps=90)
+
+
+def test_a_field_subset_with_folded_tables_trains_and_serves(run, tmp_path):
+  # fields + table_rows: only the chosen fields get tables, each of table_rows rows (ids folded
+  # modulo it); the serving signature applies the same folding to raw examples.
+  params = dict(run["params"], fields=["101", "205", "206", "301"], table_rows=32)
+  model_dir = str(tmp_path / "model")
+  result = E.train_and_evaluate(run["out"], model_dir, params, batch_size=256, train_steps=20,
+                                save_checkpoints_steps=20)
+  shapes = dict(tf.train.list_variables(model_dir))
+  tables = {k: v for k, v in shapes.items() if "/table_" in k and "Adagrad" not in k}
+  assert sorted(k.rsplit("table_", 1)[1] for k in tables) == ["101", "205", "206", "301"]
+  # 301 has 256 buckets in the schema (capped at 1024 by the run): 32 rows after the fold.
+  assert all(v == [32, 8] for v in tables.values())
+  assert result["metrics"]["global_step"] == 20 and np.isfinite(result["metrics"]["loss"])
+  loaded = tf.saved_model.load(result["saved_model"])
+  # Fields outside the subset change nothing in the score.
+  base = {"f_101": [1], "f_205": [130000001], "f_206": [140000002], "f_301": [220000003]}
+  other = dict(base, f_127_14=[5], w_127_14=[1.0], f_210=[7])
+  ex = [T.raw_example(e, "aliccp").SerializeToString() for e in (base, other)]
+  out = loaded.signatures["regression"](inputs=tf.constant(ex))["outputs"].numpy().reshape(-1)
+  assert np.all((out > 0) & (out < 1)) and out[0] == pytest.approx(out[1], rel=1e-6)
+  with pytest.raises(ValueError, match="fields must be a non-empty subset"):
+    E.train_and_evaluate(run["out"], str(tmp_path / "m2"), dict(params, fields=["nope"]),
+                         batch_size=256, train_steps=1)
+
+
+def test_a_model_dir_from_before_fields_and_table_rows_still_resumes(run, tmp_path):
+  # params.json written before a param existed: the param's default is assumed.
+  model_dir = str(tmp_path / "model")
+  shutil.copytree(run["model_dir"], model_dir)
+  path = os.path.join(model_dir, "params.json")
+  recorded = json.load(open(path))
+  assert recorded.pop("fields", "absent") is None and recorded.pop("table_rows") == 0
+  json.dump(recorded, open(path, "w"))
+  E.check_model_dir(model_dir, resolve_params(run["params"]))
+  with pytest.raises(E.ModelDirError, match="table_rows 0 -> 64"):
+    E.check_model_dir(model_dir, resolve_params(dict(run["params"], table_rows=64)))
+
+
+def test_folded_ids_share_a_row():
+  field = F.Field("f", "item", 100, True, False, "test field")
+  with tf.Graph().as_default():
+    ids = tf.sparse.from_dense(tf.constant([[3], [35], [67], [4]], tf.int64))
+    pooled, tables = layers.embed_fields({field.ids: ids}, [field], {"f": 100}, 2, "t",
+                                         table_rows={"f": 32})
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      out = sess.run(pooled)
+  assert tables[0].shape.as_list() == [32, 2]
+  np.testing.assert_array_equal(out[0], out[1])
+  np.testing.assert_array_equal(out[0], out[2])
+  assert not np.array_equal(out[0], out[3])
 
 
 def test_trainer_refuses_an_unfinished_preprocessing_output(tmp_path):
