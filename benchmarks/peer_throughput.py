@@ -1,0 +1,361 @@
+"""Training throughput and quality against the peer libraries, side by side in one run.
+
+  .venv/bin/python benchmarks/peer_throughput.py [--impressions=1000000] [--test_impressions=200000] \
+      [--sizes=10000,100000,1000000] [--repeats=3] [--seconds=20] [--auc_sizes=10000,100000] \
+      [--epochs=1] [--systems=ours,deepctr,rechub]
+
+Systems (each in a process of its own, see benchmarks/peers/):
+  ours     this project: Estimator + esmm_model_fn reading its gzip TFRecords (model_fn.input_fn)
+  deepctr  DeepCTR 0.9.4 ESMM (Keras), model.fit on in-memory numpy arrays
+  rechub   torch-rechub 0.9.0 ESMM (PyTorch 2.13.0 CPU), DataGenerator/DataLoader + MTLTrainer
+The peers live in their own virtual environment, .venv-peers, which this script creates from
+benchmarks/peers/requirements.lock when missing (never in the project's dependencies).
+
+Data: synthetic Ali-CCP-layout impressions (pipeline.synthetic), preprocessed once by this
+project's Beam/TFT job with --max_hash_buckets = the largest size. The same hashed ids go to
+every system: this project reads the TFRecords, the peers a numpy export of them. torch-rechub's
+ESMM takes single-valued fields only, so all three get the same reduced field set: the
+single-valued Ali-CCP fields (FIELDS). Each table has min(field's buckets, size) rows: ids are
+folded modulo the size (this project: params['table_rows'], in its graph; peers: in numpy).
+Same embedding dim (18), towers (360-200-80), batch (1024), epochs. Each system keeps its own
+documented optimizer: Adam for the peers; this project Adam on the dense layers and Adagrad on
+the tables (a sparse update: only the rows in the batch).
+
+Throughput: examples/s between step --warmup_steps and --seconds later, --repeats runs per system
+and size, the systems alternating (the order rotates each repeat); the median is reported.
+Quality: one run per system and size in --auc_sizes trains --epochs full passes, then the
+test split is scored here with one AUC function for all: CTR and CTCVR AUC over all
+impressions, CVR AUC over clicked impressions (the paper's protocol). Peak memory: each run's
+peak resident set (ru_maxrss). Writes benchmarks/results/peer_throughput.{json,md,png}.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+import results_io  # noqa: E402  (benchmarks/ is this script's directory)
+
+FLAGS = flags.FLAGS
+PEERS_DIR = os.path.join(ROOT, "benchmarks", "peers")
+PEERS_VENV = os.path.join(ROOT, ".venv-peers")
+PEERS_LOCK = os.path.join(PEERS_DIR, "requirements.lock")
+# The single-valued Ali-CCP fields (torch-rechub's ESMM takes no multi-valued or weighted field).
+FIELDS = ("101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "216", "301")
+SYSTEMS = {
+    "ours": ("this project", "ours.py"),
+    "deepctr": ("DeepCTR 0.9.4", "deepctr_esmm.py"),
+    "rechub": ("torch-rechub 0.9.0", "rechub_esmm.py"),
+}
+PEERS = ("deepctr", "rechub")
+# The issue's targets: this project's examples/s over the faster peer's, by table size.
+SPEEDUP_TARGETS = {10_000: 1.0, 100_000: 3.0, 1_000_000: 20.0}
+FLAT_TARGET = 1.25        # own examples/s at the smallest size / at the largest
+AUC_TOLERANCE = 0.005     # "no worse": at most this far below the best peer
+
+
+def define_flags():
+  flags.DEFINE_integer("impressions", 1_000_000, "Train impressions.")
+  flags.DEFINE_integer("test_impressions", 200_000, "Test impressions.")
+  flags.DEFINE_integer("num_users", 200_000, "Distinct users of the synthetic world.")
+  flags.DEFINE_integer("num_items", 500_000, "Distinct items of the synthetic world.")
+  flags.DEFINE_list("sizes", ["10000", "100000", "1000000"], "Rows per embedding table.")
+  flags.DEFINE_list("auc_sizes", ["10000", "100000"], "Sizes at which every system trains "
+                    "--epochs full passes and is scored on the test split.")
+  flags.DEFINE_integer("epochs", 1, "Passes over the train split for the quality runs.")
+  flags.DEFINE_integer("repeats", 3, "Throughput runs per system and size.")
+  flags.DEFINE_float("seconds", 20.0, "Timed seconds of a throughput run.")
+  flags.DEFINE_integer("warmup_steps", 20, "Steps before the timed window.")
+  flags.DEFINE_list("systems", list(SYSTEMS), "Systems to run.")
+  flags.DEFINE_string("work_dir", os.path.join(ROOT, "runs", "bench_peers"), "Data and run scratch.")
+  flags.DEFINE_string("preprocess_args", "--direct_num_workers=2 --direct_running_mode=multi_processing",
+                      "Extra flags of the preprocessing run (Beam options).")
+  flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "Output dir.")
+  flags.DEFINE_string("name", "peer_throughput", "Results file stem.")
+  flags.DEFINE_integer("seed", 1, "Data and model seed.")
+  flags.DEFINE_boolean("prepare_only", False, "Generate and preprocess the data (and build "
+                       ".venv-peers), then stop.")
+
+
+def _run(cmd: List[str], log: str, timeout: float = 7200) -> None:
+  with open(log, "w") as f:
+    proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "",
+                               "PYTHONHASHSEED": "0"})
+  if proc.returncode != 0:
+    tail = open(log).read()[-3000:]
+    raise RuntimeError(f"{' '.join(cmd[:3])} ... failed (exit {proc.returncode}); log {log}:\n{tail}")
+
+
+def ensure_peers_venv() -> str:
+  """.venv-peers from benchmarks/peers/requirements.lock (rebuilt when the lock changes)."""
+  python = os.path.join(PEERS_VENV, "bin", "python")
+  stamp = hashlib.sha256(open(PEERS_LOCK, "rb").read()).hexdigest()
+  stamp_file = os.path.join(PEERS_VENV, ".lock-sha256")
+  if os.path.exists(python) and os.path.exists(stamp_file) and open(stamp_file).read() == stamp:
+    return python
+  print(f"building {PEERS_VENV} from {PEERS_LOCK} (a few minutes)", flush=True)
+  shutil.rmtree(PEERS_VENV, ignore_errors=True)
+  subprocess.run([sys.executable, "-m", "venv", PEERS_VENV], check=True)
+  subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "-r", PEERS_LOCK], check=True)
+  with open(stamp_file, "w") as f:
+    f.write(stamp)
+  return python
+
+
+def prepare_data(work: str, max_rows: int) -> Dict[str, object]:
+  """Synthetic raw data and its preprocessing (reused when the same config was done before)."""
+  from pipeline import synthetic
+  config = {"impressions": FLAGS.impressions, "test": FLAGS.test_impressions, "users": FLAGS.num_users,
+            "items": FLAGS.num_items, "seed": FLAGS.seed, "max_hash_buckets": max_rows}
+  raw, out = os.path.join(work, "raw"), os.path.join(work, "preprocessed")
+  config_file = os.path.join(work, "data_config.json")
+  if os.path.exists(config_file) and json.load(open(config_file)).get("config") == config:
+    return json.load(open(config_file))
+  shutil.rmtree(work, ignore_errors=True)
+  os.makedirs(work)
+  t = time.time()
+  synthetic.generate(raw, num_train=FLAGS.impressions, num_test=FLAGS.test_impressions,
+                     num_users=FLAGS.num_users, num_items=FLAGS.num_items, seed=FLAGS.seed)
+  generate_s = time.time() - t
+  t = time.time()
+  _run([sys.executable, "-m", "pipeline.preprocess", "--format=aliccp", f"--input_dir={raw}",
+        f"--output_dir={out}", f"--max_hash_buckets={max_rows}", *FLAGS.preprocess_args.split()],
+       os.path.join(work, "preprocess.log"))
+  preprocess_s = time.time() - t
+  arrays = os.path.join(work, "arrays")
+  counts = export_arrays(out, arrays)
+  info = {"config": config, "raw": raw, "transform_dir": out, "arrays": arrays,
+          "generate_s": generate_s, "preprocess_s": preprocess_s,
+          "preprocess_args": FLAGS.preprocess_args, **counts}
+  with open(config_file, "w") as f:
+    json.dump(info, f, indent=2)
+  return info
+
+
+def export_arrays(transform_dir: str, arrays: str) -> Dict[str, object]:
+  """The transformed TFRecords as numpy arrays for the peers: ids [n, FIELDS] and the labels.
+  A field without a value in a row (none expected for these fields) would get id 0; counted."""
+  import tensorflow as tf
+  from model_fn import input_fn as I
+  from preprocessing import features as F
+  tft_output = I.load_transform_output(transform_dir)
+  os.makedirs(arrays, exist_ok=True)
+  counts = {}
+  for split, name in (("train", "train"), ("eval", "test")):
+    fn = I.make_input_fn(I.split_files(transform_dir, split), tft_output, 8192, training=False,
+                         labels_as_features=True, fields=list(FIELDS))
+    ids, labels, missing = [], {k: [] for k in F.LABELS}, 0
+    for features, _ in fn():
+      cols = []
+      for f in FIELDS:
+        sp = features[F.ID_PREFIX + f]
+        dense = tf.sparse.to_dense(tf.sparse.reset_shape(sp, [sp.dense_shape[0], 1]), default_value=-1)
+        col = dense.numpy()[:, 0]
+        missing += int((col < 0).sum())
+        cols.append(np.maximum(col, 0))
+      ids.append(np.stack(cols, axis=1))
+      for k in F.LABELS:
+        labels[k].append(features[k].numpy().reshape(-1))
+    np.savez(os.path.join(arrays, f"{name}.npz"), ids=np.concatenate(ids),
+             **{k: np.concatenate(v).astype(np.int8) for k, v in labels.items()})
+    counts[f"{name}_rows"] = int(sum(len(a) for a in ids))
+    counts[f"{name}_missing_ids"] = missing
+  return counts
+
+
+def _aucs(pred_file: str) -> Dict[str, float]:
+  p = np.load(pred_file)
+  click, conv = p["click"] > 0.5, p["conversion"] > 0.5
+  ctcvr = click & conv
+  return {"ctr": roc_auc_score(click, p["ctr"]), "ctcvr": roc_auc_score(ctcvr, p["ctcvr"]),
+          "cvr_clicked": roc_auc_score(conv[click], p["cvr"][click])}
+
+
+def run_one(system: str, size: int, data: Dict[str, object], peers_python: str, tag: str,
+            seconds: float) -> Dict[str, object]:
+  python = sys.executable if system == "ours" else peers_python
+  run_dir = os.path.join(FLAGS.work_dir, "runs", tag)
+  shutil.rmtree(run_dir, ignore_errors=True)
+  os.makedirs(run_dir)
+  out = os.path.join(run_dir, "result.json")
+  from model_fn import input_fn as I
+  from preprocessing import transform as T
+  buckets = T.transformed_hash_buckets(I.load_transform_output(data["transform_dir"]))
+  cmd = [python, os.path.join(PEERS_DIR, SYSTEMS[system][1]),
+         f"--data={data['transform_dir'] if system == 'ours' else data['arrays']}",
+         f"--fields={','.join(FIELDS)}", f"--table_rows={size}",
+         f"--buckets={json.dumps({f: buckets[f] for f in FIELDS})}", f"--seconds={seconds}",
+         f"--epochs={FLAGS.epochs}", f"--warmup_steps={FLAGS.warmup_steps}", f"--seed={FLAGS.seed}",
+         f"--work_dir={run_dir}", f"--out={out}"]
+  t = time.time()
+  _run(cmd, os.path.join(run_dir, "log.txt"))
+  result = json.load(open(out))
+  result["wall_s"] = time.time() - t
+  if "predictions" in result:
+    result["auc"] = {k: float(v) for k, v in _aucs(result["predictions"]).items()}
+  print(f"  {tag}: {result['examples_per_s']:,.0f} examples/s, peak {result['peak_rss_mb']:,.0f} MB"
+        + (f", AUC {result['auc']}" if "auc" in result else ""), flush=True)
+  return result
+
+
+def summarize(runs: List[Dict[str, object]], systems: List[str], sizes: List[int]) -> Dict[str, object]:
+  thr, mem, auc = {}, {}, {}
+  for s in systems:
+    for n in sizes:
+      rs = [r for r in runs if r["key"] == s and r["table_rows"] == n]
+      if not rs:
+        continue
+      timed = [r["examples_per_s"] for r in rs if r["mode"] == "throughput"]
+      if timed:
+        thr[f"{s}@{n}"] = {"median": statistics.median(timed), "runs": timed}
+      mem[f"{s}@{n}"] = max(r["peak_rss_mb"] for r in rs)
+      for r in rs:
+        if "auc" in r:
+          auc[f"{s}@{n}"] = {**r["auc"], "epoch_examples_per_s": r["examples_per_s"]}
+  return {"throughput": thr, "peak_rss_mb": mem, "auc": auc}
+
+
+def targets(summary, systems, sizes) -> List[Dict[str, object]]:
+  thr, out = summary["throughput"], []
+  peers = [p for p in PEERS if p in systems]
+  if "ours" not in systems:
+    return out
+  for n in sizes:
+    if f"ours@{n}" not in thr or not peers:
+      continue
+    best = max(thr[f"{p}@{n}"]["median"] for p in peers)
+    goal = SPEEDUP_TARGETS.get(n)
+    ratio = thr[f"ours@{n}"]["median"] / best
+    out.append({"target": f"{n:,} rows: >= {goal}x the faster peer" if goal else f"{n:,} rows: vs faster peer",
+                "value": f"{ratio:.2f}x", "met": None if goal is None else bool(ratio >= goal)})
+  if len(sizes) > 1 and all(f"ours@{n}" in thr for n in (sizes[0], sizes[-1])):
+    slow = thr[f"ours@{sizes[0]}"]["median"] / thr[f"ours@{sizes[-1]}"]["median"]
+    out.append({"target": f"own examples/s at {sizes[0]:,} / at {sizes[-1]:,} <= {FLAT_TARGET}",
+                "value": f"{slow:.2f}", "met": bool(slow <= FLAT_TARGET)})
+  for key, a in summary["auc"].items():
+    s, n = key.split("@")
+    if s != "ours":
+      continue
+    for metric in ("ctr", "ctcvr", "cvr_clicked"):
+      peer_vals = [summary["auc"][f"{p}@{n}"][metric] for p in peers if f"{p}@{n}" in summary["auc"]]
+      if peer_vals:
+        best = max(peer_vals)
+        out.append({"target": f"{metric} AUC at {int(n):,} rows >= best peer - {AUC_TOLERANCE}",
+                    "value": f"{a[metric]:.4f} vs {best:.4f}", "met": bool(a[metric] >= best - AUC_TOLERANCE)})
+  return out
+
+
+def markdown(meta, summary, goals, systems, sizes) -> str:
+  thr = summary["throughput"]
+  lines = ["# Training throughput against the peer libraries", "", f"Command: `{meta['command']}`", "",
+           f"Machine: {meta['machine']}. Wall time {meta['seconds']:.0f} s. {meta['data']}", "",
+           "## Examples per second (median of the runs; all runs in brackets)", "",
+           "| rows per table | " + " | ".join(SYSTEMS[s][0] for s in systems) + " | ours / faster peer |",
+           "|---:|" + "---:|" * (len(systems) + 1)]
+  for n in sizes:
+    cells, ratio = [], ""
+    for s in systems:
+      t = thr.get(f"{s}@{n}")
+      cells.append(f"{t['median']:,.0f} ({', '.join(f'{v:,.0f}' for v in t['runs'])})" if t else "-")
+    peers = [thr[f"{p}@{n}"]["median"] for p in PEERS if f"{p}@{n}" in thr]
+    if f"ours@{n}" in thr and peers:
+      ratio = f"{thr[f'ours@{n}']['median'] / max(peers):.2f}x"
+    lines.append(f"| {n:,} | " + " | ".join(cells) + f" | {ratio} |")
+  lines += ["", "## Peak memory (MB, resident set of the training process, max over its runs)", "",
+            "| rows per table | " + " | ".join(SYSTEMS[s][0] for s in systems) + " |",
+            "|---:|" + "---:|" * len(systems)]
+  for n in sizes:
+    lines.append(f"| {n:,} | " + " | ".join(
+        f"{summary['peak_rss_mb'][f'{s}@{n}']:,.0f}" if f"{s}@{n}" in summary["peak_rss_mb"] else "-"
+        for s in systems) + " |")
+  if summary["auc"]:
+    lines += ["", f"## Test AUCs after {FLAGS.epochs} epoch(s) of {meta['train_rows']:,} impressions "
+              "(CTR, CTCVR over all test impressions; CVR over clicked ones)", "",
+              "| rows per table | system | CTR AUC | CTCVR AUC | CVR AUC (clicked) | examples/s over the epoch |",
+              "|---:|---|---:|---:|---:|---:|"]
+    for key, a in sorted(summary["auc"].items(), key=lambda kv: (int(kv[0].split("@")[1]), kv[0])):
+      s, n = key.split("@")
+      lines.append(f"| {int(n):,} | {SYSTEMS[s][0]} | {a['ctr']:.4f} | {a['ctcvr']:.4f} | "
+                   f"{a['cvr_clicked']:.4f} | {a['epoch_examples_per_s']:,.0f} |")
+  if goals:
+    lines += ["", "## Targets of the issue", "", "| target | value | met |", "|---|---:|---|"]
+    lines += [f"| {g['target']} | {g['value']} | {'-' if g['met'] is None else ('yes' if g['met'] else 'NO')} |"
+              for g in goals]
+  return "\n".join(lines) + "\n"
+
+
+def chart(path: str, summary, systems, sizes) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for s in systems:
+    xs = [n for n in sizes if f"{s}@{n}" in summary["throughput"]]
+    ax.plot(xs, [summary["throughput"][f"{s}@{n}"]["median"] for n in xs], marker="o", label=SYSTEMS[s][0])
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("rows per embedding table")
+  ax.set_ylabel("training examples / s (median)")
+  ax.set_title("ESMM training throughput, batch 1024, 2-core CPU")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  systems = [s for s in FLAGS.systems if s in SYSTEMS]
+  sizes = sorted(int(n) for n in FLAGS.sizes)
+  auc_sizes = sorted(int(n) for n in FLAGS.auc_sizes)
+  peers_python = ensure_peers_venv() if any(s in PEERS for s in systems) else ""
+  data = prepare_data(FLAGS.work_dir, max(sizes + auc_sizes))
+  print(f"data: {data['train_rows']:,} train / {data['test_rows']:,} test impressions; "
+        f"preprocessing {data['preprocess_s']:.0f} s", flush=True)
+  if FLAGS.prepare_only:
+    return
+  runs = []
+  for n in sizes:
+    for rep in range(FLAGS.repeats):
+      order = systems[rep % len(systems):] + systems[:rep % len(systems)]
+      for s in order:
+        r = run_one(s, n, data, peers_python, f"{s}-{n}-r{rep}", FLAGS.seconds)
+        runs.append({**r, "key": s})
+  for n in auc_sizes:
+    for s in systems:
+      r = run_one(s, n, data, peers_python, f"{s}-{n}-epochs", 0.0)
+      runs.append({**r, "key": s})
+  summary = summarize(runs, systems, sorted(set(sizes + auc_sizes)))
+  goals = targets(summary, systems, sizes)
+  meta = {"command": "python benchmarks/peer_throughput.py " + " ".join(sys.argv[1:]),
+          "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+          "seconds": time.time() - start, "train_rows": data["train_rows"],
+          "data": (f"Data: {data['train_rows']:,} train / {data['test_rows']:,} test synthetic Ali-CCP "
+                   f"impressions ({FLAGS.num_users:,} users, {FLAGS.num_items:,} items), fields "
+                   f"{', '.join(FIELDS)} (single-valued; the same for all three), embedding 18, towers "
+                   f"360-200-80, batch 1024. Preprocessing (this project's Beam/TFT job, "
+                   f"{data['preprocess_args'] or 'defaults'}) took {data['preprocess_s']:.0f} s.")}
+  md = markdown(meta, summary, goals, systems, sizes)
+  results_io.write(FLAGS.results_dir, FLAGS.name,
+                   {"meta": meta, "summary": summary, "targets": goals, "runs": runs, "data": data}, md)
+  chart(os.path.join(FLAGS.results_dir, FLAGS.name + ".png"), summary, systems, sizes)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
