@@ -45,7 +45,6 @@ from typing import Dict, List, Optional, Sequence
 
 import apache_beam as beam
 import tensorflow as tf
-import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from absl import app, flags
 from apache_beam.io.filesystems import FileSystems
@@ -211,22 +210,18 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
   preprocessing_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None, crosses, labels)
   with tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
     read = {split: p | f"Read_{split}" >> reader(split, pat) for split, pat in patterns.items()}
+    # The transformed data stays in Arrow RecordBatches and is encoded to tf.Examples a batch at
+    # a time in C++ (tfx_bsl): converting it back to one dict per row and encoding each row in
+    # Python took 40% of the job's CPU (benchmarks/preprocess_throughput.py).
     (train_data, train_md), transform_fn = (
         (read["train"]["rows"], raw_md) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
-            preprocessing_fn, output_record_batches=False))
+            preprocessing_fn, output_record_batches=True))
     eval_data, _ = (((read["eval"]["rows"], raw_md), transform_fn)
-                    | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=False))
+                    | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True))
     _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
-    coder = tft.coders.ExampleProtoCoder(train_md.schema)
     for split, data in (("train", train_data), ("eval", eval_data)):
-      written = beam.metrics.Metrics.counter(f"{fmt}/{split}", "rows_written")
-
-      def encode(instance, _written=written):
-        _written.inc()
-        return coder.encode(instance)
-
       _ = (data
-           | f"Encode_{split}" >> beam.Map(encode)
+           | f"Encode_{split}" >> beam.ParDo(T.EncodeRecordBatches(f"{fmt}/{split}"))
            | f"Write_{split}" >> beam.io.WriteToTFRecord(
                os.path.join(output_dir, split, "part"), file_name_suffix=".tfrecord.gz",
                num_shards=num_shards, compression_type=beam.io.filesystem.CompressionTypes.GZIP))

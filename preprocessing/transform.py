@@ -10,9 +10,11 @@ preprocessing and training cannot disagree.
 
 from typing import Dict, Mapping, Optional, Sequence
 
+import apache_beam as beam
 import tensorflow as tf
 from tensorflow_transform import schema_inference
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+from tfx_bsl.coders import example_coder
 
 from preprocessing import features as F
 
@@ -180,3 +182,23 @@ def raw_example(instance: Mapping, fmt: str) -> tf.train.Example:
     else:
       feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
   return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+class EncodeRecordBatches(beam.DoFn):
+  """(RecordBatch, passthrough) elements of TFT's output (``output_record_batches=True``) ->
+  serialized tf.Examples, encoded a batch at a time in C++ and counted as ``rows_written``
+  in ``namespace``. (A DoFn of an importable module: the job's launcher runs as __main__,
+  whose globals the workers do not get.)"""
+
+  def __init__(self, namespace: str):
+    self._written = beam.metrics.Metrics.counter(namespace, "rows_written")
+    self._encoder = None
+
+  def setup(self):
+    self._encoder = example_coder.RecordBatchToExamplesEncoder()
+
+  def process(self, element):
+    record_batch, _ = element
+    examples = self._encoder.encode(record_batch)
+    self._written.inc(len(examples))
+    yield from examples
