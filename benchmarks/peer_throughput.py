@@ -86,6 +86,8 @@ def define_flags():
   flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "Output dir.")
   flags.DEFINE_string("name", "peer_throughput", "Results file stem.")
   flags.DEFINE_integer("seed", 1, "Data and model seed.")
+  flags.DEFINE_string("from_results", None, "Re-render the tables, targets and chart from the "
+                      "runs recorded in this results JSON (no run is made).")
   flags.DEFINE_boolean("prepare_only", False, "Generate and preprocess the data (and build "
                        ".venv-peers), then stop.")
 
@@ -222,7 +224,10 @@ def summarize(runs: List[Dict[str, object]], systems: List[str], sizes: List[int
       timed = [r["examples_per_s"] for r in rs if r["mode"] == "throughput"]
       if timed:
         thr[f"{s}@{n}"] = {"median": statistics.median(timed), "runs": timed}
-      mem[f"{s}@{n}"] = max(r["peak_rss_mb"] for r in rs)
+      # Only runs that read their own peak (VmHWM); see benchmarks/peers/common.py.
+      measured = [r["peak_rss_mb"] for r in rs if r.get("peak_rss_source") == "VmHWM"]
+      if measured:
+        mem[f"{s}@{n}"] = max(measured)
       for r in rs:
         if "auc" in r:
           auc[f"{s}@{n}"] = {**r["auc"], "epoch_examples_per_s": r["examples_per_s"]}
@@ -275,7 +280,7 @@ def markdown(meta, summary, goals, systems, sizes) -> str:
     if f"ours@{n}" in thr and peers:
       ratio = f"{thr[f'ours@{n}']['median'] / max(peers):.2f}x"
     lines.append(f"| {n:,} | " + " | ".join(cells) + f" | {ratio} |")
-  lines += ["", "## Peak memory (MB, resident set of the training process, max over its runs)", "",
+  lines += ["", "## Peak memory (MB, peak resident set (VmHWM) of the training process, max over its runs)", "",
             "| rows per table | " + " | ".join(SYSTEMS[s][0] for s in systems) + " |",
             "|---:|" + "---:|" * len(systems)]
   for n in sizes:
@@ -317,8 +322,30 @@ def chart(path: str, summary, systems, sizes) -> None:
   fig.savefig(path, dpi=110)
 
 
+def render(meta, runs, data, systems, sizes, auc_sizes) -> None:
+  summary = summarize(runs, systems, sorted(set(sizes + auc_sizes)))
+  goals = targets(summary, systems, sizes)
+  md = markdown(meta, summary, goals, systems, sizes)
+  results_io.write(FLAGS.results_dir, FLAGS.name,
+                   {"meta": meta, "summary": summary, "targets": goals, "runs": runs, "data": data}, md)
+  chart(os.path.join(FLAGS.results_dir, FLAGS.name + ".png"), summary, systems, sizes)
+
+
+def rerender(path: str) -> None:
+  """Tables, targets and chart again from the per-run records of an earlier invocation."""
+  old = json.load(open(path))
+  runs = old["runs"]
+  systems = [s for s in SYSTEMS if any(r["key"] == s for r in runs)]
+  sizes = sorted({r["table_rows"] for r in runs if r["mode"] == "throughput"})
+  auc_sizes = sorted({r["table_rows"] for r in runs if r["mode"] == "epochs"})
+  render(old["meta"], runs, old["data"], systems, sizes, auc_sizes)
+
+
 def main(argv):
   del argv
+  if FLAGS.from_results:
+    rerender(FLAGS.from_results)
+    return
   start = time.time()
   systems = [s for s in FLAGS.systems if s in SYSTEMS]
   sizes = sorted(int(n) for n in FLAGS.sizes)
@@ -340,8 +367,6 @@ def main(argv):
     for s in systems:
       r = run_one(s, n, data, peers_python, f"{s}-{n}-epochs", 0.0)
       runs.append({**r, "key": s})
-  summary = summarize(runs, systems, sorted(set(sizes + auc_sizes)))
-  goals = targets(summary, systems, sizes)
   meta = {"command": "python benchmarks/peer_throughput.py " + " ".join(sys.argv[1:]),
           "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
           "seconds": time.time() - start, "train_rows": data["train_rows"],
@@ -350,10 +375,7 @@ def main(argv):
                    f"{', '.join(FIELDS)} (single-valued; the same for all three), embedding 18, towers "
                    f"360-200-80, batch 1024. Preprocessing (this project's Beam/TFT job, "
                    f"{data['preprocess_args'] or 'defaults'}) took {data['preprocess_s']:.0f} s.")}
-  md = markdown(meta, summary, goals, systems, sizes)
-  results_io.write(FLAGS.results_dir, FLAGS.name,
-                   {"meta": meta, "summary": summary, "targets": goals, "runs": runs, "data": data}, md)
-  chart(os.path.join(FLAGS.results_dir, FLAGS.name + ".png"), summary, systems, sizes)
+  render(meta, runs, data, systems, sizes, auc_sizes)
 
 
 if __name__ == "__main__":

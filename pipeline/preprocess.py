@@ -210,13 +210,19 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
   preprocessing_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None, crosses, labels)
   with tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
     read = {split: p | f"Read_{split}" >> reader(split, pat) for split, pat in patterns.items()}
-    # The transformed data stays in Arrow RecordBatches and is encoded to tf.Examples a batch at
-    # a time in C++ (tfx_bsl): converting it back to one dict per row and encoding each row in
-    # Python took 40% of the job's CPU (benchmarks/preprocess_throughput.py).
-    (train_data, train_md), transform_fn = (
-        (read["train"]["rows"], raw_md) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+    # TFT reads Arrow RecordBatches built from the rows (its TFXIO input) and hands its output
+    # over as RecordBatches too, encoded to tf.Examples a batch at a time in C++ (tfx_bsl). The
+    # instance-dict path (each row encoded as a tf.Example in Python and decoded again on the
+    # way in, converted back to a dict and encoded in Python on the way out) took about half
+    # of the job's CPU (benchmarks/preprocess_throughput.py).
+    tfxio = T.raw_tfxio(raw_md)
+    batches = {split: T.to_record_batches(read[split]["rows"], tfxio.ArrowSchema(), f"_{split}")
+               for split in read}
+    raw_config = tfxio.TensorAdapterConfig()
+    (train_data, _), transform_fn = (
+        (batches["train"], raw_config) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
             preprocessing_fn, output_record_batches=True))
-    eval_data, _ = (((read["eval"]["rows"], raw_md), transform_fn)
+    eval_data, _ = (((batches["eval"], raw_config), transform_fn)
                     | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True))
     _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
     for split, data in (("train", train_data), ("eval", eval_data)):

@@ -11,10 +11,12 @@ preprocessing and training cannot disagree.
 from typing import Dict, Mapping, Optional, Sequence
 
 import apache_beam as beam
+import pyarrow as pa
 import tensorflow as tf
 from tensorflow_transform import schema_inference
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 from tfx_bsl.coders import example_coder
+from tfx_bsl.tfxio import tf_example_record
 
 from preprocessing import features as F
 
@@ -202,3 +204,50 @@ class EncodeRecordBatches(beam.DoFn):
     examples = self._encoder.encode(record_batch)
     self._written.inc(len(examples))
     yield from examples
+
+
+# Raw rows per Arrow RecordBatch handed to TFT.
+RECORD_BATCH_ROWS = 1024
+
+
+def raw_tfxio(raw_md: dataset_metadata.DatasetMetadata):
+  """The TFXIO view of the raw schema: its Arrow schema (one large_list column per feature) and
+  the TensorAdapterConfig that tells TFT how to read those columns as tensors."""
+  return tf_example_record.TFExampleBeamRecord(physical_format="inmem", telemetry_descriptors=["esmm"],
+                                               schema=raw_md.schema)
+
+
+class InstancesToRecordBatch(beam.DoFn):
+  """A list of raw instance dicts (as the readers produce them) -> one Arrow RecordBatch of
+  ``arrow_schema`` (raw_tfxio(...).ArrowSchema()), built column by column.
+
+  TFT's instance-dict input encodes every row as a tf.Example in Python and decodes them again
+  in batches; building the columns directly skips both (benchmarks/preprocess_throughput.py).
+  A scalar value becomes a one-element list, a missing key a null (no value)."""
+
+  def __init__(self, arrow_schema: pa.Schema):
+    self._schema = arrow_schema
+
+  def process(self, instances):
+    columns = []
+    for field in self._schema:
+      name = field.name
+      column = []
+      for instance in instances:
+        value = instance.get(name)
+        if value is None:
+          column.append(None)
+        elif isinstance(value, (list, tuple)):
+          column.append(value)
+        else:
+          column.append([value])
+      columns.append(pa.array(column, type=field.type))
+    yield pa.RecordBatch.from_arrays(columns, schema=self._schema)
+
+
+def to_record_batches(rows, arrow_schema: pa.Schema, label: str):
+  """A PCollection of raw instance dicts -> a PCollection of RecordBatches for TFT."""
+  return (rows
+          | f"Batch{label}" >> beam.BatchElements(min_batch_size=RECORD_BATCH_ROWS,
+                                                  max_batch_size=RECORD_BATCH_ROWS)
+          | f"ToRecordBatch{label}" >> beam.ParDo(InstancesToRecordBatch(arrow_schema)))

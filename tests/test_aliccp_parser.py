@@ -89,3 +89,33 @@ def test_bad_common_rows():
   with pytest.raises(BadRecord) as e:
     A.parse_common_line(b"abc,2," + items(("101", 1, "1.0")).encode(), KNOWN)
   assert e.value.reason == A.FEATURE_NUM_MISMATCH
+
+
+def test_record_batches_for_tft_hold_what_its_instance_dict_path_would():
+  # The job builds TFT's input RecordBatches itself (preprocessing.transform.InstancesToRecordBatch)
+  # instead of TFT encoding every instance dict as a tf.Example and decoding it again; both must
+  # give the same columns: multi-valued and weighted fields, empty fields, scalar labels.
+  from tensorflow_transform.coders import example_proto_coder
+  from tfx_bsl.coders import example_coder
+
+  from preprocessing import transform as T
+
+  common, _ = A.parse_common_line(f"u1,2,{items(('101', 5, '1.0'), ('150_14', 9, '0.25'))}".encode(), KNOWN)
+  rows = [A.parse_skeleton_line(skeleton(sample_id=str(i), click=str(i % 2)).encode(), KNOWN)[0]
+          for i in range(3)]
+  rows.append(A.parse_skeleton_line(skeleton(sample_id="9", num="0", flist="").encode(), KNOWN)[0])
+  instances = [A.to_raw_instance(r, common["features"]) for r in rows]
+  md = T.raw_metadata("aliccp", F.RAW_LABELS)
+  schema = T.raw_tfxio(md).ArrowSchema()
+  (built,) = list(T.InstancesToRecordBatch(schema).process(instances))
+  coder = example_proto_coder.ExampleProtoCoder(md.schema)
+  decoded = example_coder.ExamplesToRecordBatchDecoder(md.schema.SerializeToString()).DecodeBatch(
+      [coder.encode(i) for i in instances])
+  assert built.num_rows == 4
+  for name in schema.names:
+    got = built.column(name).to_pylist()
+    want = decoded.column(name).to_pylist()
+    assert [v or [] for v in got] == [v or [] for v in want], name
+  assert built.column("w_150_14").to_pylist()[0] == [0.25]
+  assert built.column("f_210").to_pylist()[3] == []
+  assert built.column("click").to_pylist() == [[0], [1], [0], [1]]

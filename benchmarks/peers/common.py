@@ -12,7 +12,6 @@ peak resident memory, and (after a full pass) its test predictions for the paren
 import argparse
 import json
 import os
-import resource
 import time
 
 import numpy as np
@@ -37,6 +36,8 @@ def parse_args(description: str) -> argparse.Namespace:
   ap.add_argument("--epochs", type=int, default=1)
   ap.add_argument("--warmup_steps", type=int, default=20, help="Steps before the timed window.")
   ap.add_argument("--seed", type=int, default=1)
+  ap.add_argument("--params", type=json.loads, default={},
+                  help="This project only: JSON of model params over its defaults.")
   ap.add_argument("--work_dir", required=True, help="Scratch dir of this run.")
   ap.add_argument("--out", required=True, help="Result JSON path (predictions go next to it).")
   args = ap.parse_args()
@@ -88,7 +89,13 @@ class Clock:
 
 
 def peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+  """This process's peak resident set (VmHWM). Not ru_maxrss: Linux keeps that across execve,
+  so a process started by a large parent reports the parent's peak if it is higher."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024.0
+  raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def write_result(args, system: str, clock: Clock, predictions=None, extra=None) -> None:
@@ -96,7 +103,7 @@ def write_result(args, system: str, clock: Clock, predictions=None, extra=None) 
   result = {"system": system, "table_rows": args.table_rows, "rows": args.rows,
             "examples_per_s": clock.examples_per_s(args.batch_size), "steps": clock.steps,
             "timed_steps": clock.timed_steps, "timed_seconds": clock.t1 - clock.t0,
-            "peak_rss_mb": peak_rss_mb(), "mode": "throughput" if args.seconds > 0 else "epochs",
+            "peak_rss_mb": peak_rss_mb(), "peak_rss_source": "VmHWM", "mode": "throughput" if args.seconds > 0 else "epochs",
             "epochs": args.epochs, **(extra or {})}
   if predictions is not None:
     np.savez(args.out + ".npz", **{k: np.asarray(v, np.float64).reshape(-1) for k, v in predictions.items()})

@@ -38,7 +38,7 @@ def main():
       "model": "esmm", "format": I.transform_format(args.data),
       "hash_buckets": T.transformed_hash_buckets(tft_output), "fields": args.fields,
       "table_rows": args.table_rows, "embedding_dim": args.embedding_dim,
-      "ctr_hidden_units": args.hidden, "cvr_hidden_units": args.hidden})
+      "ctr_hidden_units": args.hidden, "cvr_hidden_units": args.hidden, **args.params})
   model_dir = os.path.join(args.work_dir, "model")
   estimator = E.make_estimator(model_dir, params, seed=args.seed, save_checkpoints_steps=10**9)
   E.save_params(model_dir, params)
