@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from model_fn import export, losses, metrics
+from model_fn import export, losses, metrics, optimizers
 from model_fn.layers import EMBEDDING_COLLECTION
 
 # Features copied into the predictions when present (prediction on the eval split);
@@ -89,11 +89,13 @@ def _optimizer(name: str, learning_rate: float):
     return tf.compat.v1.train.AdagradOptimizer(learning_rate, initial_accumulator_value=0.1)
   if name == "adam":
     return tf.compat.v1.train.AdamOptimizer(learning_rate)
+  if name == "lazy_adam":
+    return optimizers.LazyAdamOptimizer(learning_rate)
   if name == "ftrl":
     return tf.compat.v1.train.FtrlOptimizer(learning_rate)
   if name == "sgd":
     return tf.compat.v1.train.GradientDescentOptimizer(learning_rate)
-  raise ValueError(f"unknown optimizer {name!r}; choose adagrad, adam, ftrl or sgd")
+  raise ValueError(f"unknown optimizer {name!r}; choose adagrad, adam, lazy_adam, ftrl or sgd")
 
 
 def train_op(loss: tf.Tensor, params) -> tf.Operation:
@@ -101,7 +103,8 @@ def train_op(loss: tf.Tensor, params) -> tf.Operation:
 
   Tables default to Adagrad, whose sparse update touches only the rows in the batch;
   dense Adam on a table of 2^20 rows updates every row and its slots every step (20x
-  slower, see shared/docs/design.md). The dense layers use Adam, as in the paper.
+  slower, see shared/docs/design.md); lazy_adam is Adam that touches only the batch's rows
+  (model_fn/optimizers.py). The dense layers use Adam, as in the paper.
   """
   tables: List[tf.Variable] = tf.compat.v1.get_collection(EMBEDDING_COLLECTION)
   table_set = set(id(t) for t in tables)

@@ -48,7 +48,7 @@ def define_flags():
   flags.DEFINE_integer("eval_steps", 0, "Eval batches (0: the whole eval split).")
   flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the dense layers.")
   flags.DEFINE_float("embedding_learning_rate", 0.05, "Learning rate of the embedding optimizer.")
-  flags.DEFINE_enum("embedding_optimizer", "adagrad", ["adagrad", "adam", "ftrl", "sgd"],
+  flags.DEFINE_enum("embedding_optimizer", "adagrad", ["adagrad", "adam", "lazy_adam", "ftrl", "sgd"],
                     "Optimizer of the embedding tables (adagrad updates only the rows in the batch).")
   flags.DEFINE_integer("embedding_dim", 18, "Embedding size per field.")
   flags.DEFINE_list("fields", None, "Fields to embed (default: every field of the transform "

@@ -83,3 +83,28 @@ def test_exact_auc_counts_ties_as_half_and_is_nan_with_one_class():
   assert metrics.exact_auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5
   assert metrics.exact_auc([0, 0, 1], [0.1, 0.3, 0.2]) == 0.5
   assert np.isnan(metrics.exact_auc([0, 0], [0.1, 0.2]))
+
+
+def test_lazy_adam_moves_only_the_rows_in_the_batch_and_is_adam_on_them():
+  from model_fn.optimizers import LazyAdamOptimizer
+  init = np.random.RandomState(0).normal(size=(5, 3)).astype(np.float32)
+  with tf.Graph().as_default():
+    ids = tf.compat.v1.placeholder(tf.int64, [None])
+    tables, steps = {}, {}
+    for name, opt in (("lazy", LazyAdamOptimizer(0.1)), ("adam", tf.compat.v1.train.AdamOptimizer(0.1))):
+      tables[name] = tf.compat.v1.get_variable(name, initializer=init, use_resource=True)
+      steps[name] = opt.minimize(tf.reduce_sum(tf.square(tf.gather(tables[name], ids) - 1.0)))
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      # Step 1, a repeated id: both are Adam on the summed gradient; rows 2 and 4 do not move.
+      sess.run(steps, {ids: [0, 1, 1, 3]})
+      lazy, adam = sess.run([tables["lazy"], tables["adam"]])
+      np.testing.assert_allclose(lazy, adam, rtol=1e-6)
+      np.testing.assert_array_equal(lazy[[2, 4]], init[[2, 4]])
+      assert not np.allclose(lazy[[0, 1, 3]], init[[0, 1, 3]])
+      # Step 2 on row 2 only: Adam's momentum still moves rows 0, 1, 3; lazy Adam leaves them.
+      sess.run(steps, {ids: [2]})
+      lazy2, adam2 = sess.run([tables["lazy"], tables["adam"]])
+      np.testing.assert_array_equal(lazy2[[0, 1, 3, 4]], lazy[[0, 1, 3, 4]])
+      assert not np.allclose(adam2[[0, 1, 3]], adam[[0, 1, 3]])
+      np.testing.assert_allclose(lazy2[2], adam2[2], rtol=1e-6)
