@@ -1,79 +1,204 @@
-"""Throughput and storage cost of the Ali-CCP Beam/TFT job on DirectRunner.
+"""Throughput, worker scaling and peak memory of the Ali-CCP Beam/TFT job on DirectRunner.
 
-  .venv/bin/python benchmarks/preprocess_throughput.py [--impressions=60000] [beam options]
+  .venv/bin/python benchmarks/preprocess_throughput.py \
+      [--runs=1000000:1,1000000:2,4000000:2] [--test_fraction=0.1] [--work_dir=runs/bench_preprocess]
 
-Generates synthetic Ali-CCP data of the given size, runs pipeline.preprocess on it and
-reports impressions/s (wall clock of the whole job, both splits) and bytes per impression
-of the raw CSV and of the gzip TFRecords. The current layout copies the user side into
-every impression; these figures are the baseline for the per-group layout (issue 7).
-Writes benchmarks/results/preprocess_throughput.{json,md}.
+Each run is IMPRESSIONS:WORKERS: synthetic Ali-CCP data with IMPRESSIONS train impressions
+(and --test_fraction of that in the test split) is generated once per size, then
+``python -m pipeline.preprocess`` runs on it as its own process on DirectRunner with
+``--direct_running_mode=multi_processing --direct_num_workers=WORKERS`` (plus --beam_args).
+Reported per run: impressions/s (rows read in both splits over the job's wall clock, from
+process start to exit), the peak resident memory of the whole process tree (the launcher
+and its worker processes, summed, sampled every --sample_seconds) and the bytes per
+impression of the raw CSV and of the gzip TFRecords. Then the targets: 2 workers over 1
+worker at the same size (>= 1.7x), peak memory of the largest size over the smallest at the
+same workers (<= 1.3x), and impressions/s against the 85M-impression public release in
+under 2 hours (>= 12,000/s). Writes benchmarks/results/preprocess_throughput.{json,md}.
 """
 
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
-import tempfile
 import time
+from typing import Dict, List, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
-from pipeline import preprocess, synthetic  # noqa: E402
+import results_io  # noqa: E402
+from pipeline import synthetic  # noqa: E402
+from preprocessing import features as F  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("impressions", 60_000, "Impressions in the train split (test gets half).")
-flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                    "Where to write the results.")
+RATE_TARGET = 12_000          # impressions/s: 85M in under 2 hours
+SCALING_TARGET = 1.7          # 2 workers over 1
+MEMORY_TARGET = 1.3           # peak memory, largest size over smallest
 
 
-def _size(pattern_dir):
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(pattern_dir) for f in fs)
+def define_flags():
+  flags.DEFINE_list("runs", ["1000000:1", "1000000:2", "4000000:2"], "IMPRESSIONS:WORKERS per run.")
+  flags.DEFINE_float("test_fraction", 0.1, "Test impressions as a fraction of the train impressions.")
+  flags.DEFINE_integer("max_hash_buckets", 1 << 20, "--max_hash_buckets of the job.")
+  flags.DEFINE_list("beam_args", [], "More options for the job (comma-separated).")
+  flags.DEFINE_float("sample_seconds", 0.5, "Interval of the memory sampler.")
+  flags.DEFINE_string("work_dir", os.path.join(ROOT, "runs", "bench_preprocess"),
+                      "Where the generated data and outputs go (data is reused across invocations).")
+  flags.DEFINE_boolean("keep_outputs", False, "Keep each run's output (default: removed after measuring).")
+  flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "Where to write the results.")
+
+
+def _tree_rss_bytes(pid: int) -> int:
+  """Resident memory of ``pid`` and all its descendants, from /proc."""
+  children: Dict[int, List[int]] = {}
+  rss: Dict[int, int] = {}
+  page = os.sysconf("SC_PAGE_SIZE")
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        stat = f.read()
+      with open(f"/proc/{entry}/statm") as f:
+        rss[int(entry)] = int(f.read().split()[1]) * page
+    except (OSError, IndexError, ValueError):
+      continue
+    ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+    children.setdefault(ppid, []).append(int(entry))
+  total, todo = 0, [pid]
+  while todo:
+    p = todo.pop()
+    total += rss.get(p, 0)
+    todo.extend(children.get(p, ()))
+  return total
+
+
+def run_job(raw: str, out: str, workers: int) -> Tuple[float, int, str, int]:
+  """Runs the job as a process (its output goes to OUT.log); (seconds, peak tree RSS bytes,
+  output, exit status)."""
+  cmd = [sys.executable, "-m", "pipeline.preprocess", "--format=aliccp", f"--input_dir={raw}",
+         f"--output_dir={out}", f"--max_hash_buckets={FLAGS.max_hash_buckets}", "--overwrite",
+         "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}", *FLAGS.beam_args]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  log = out.rstrip("/") + ".log"
+  start = time.perf_counter()
+  with open(log, "w") as f:   # a file, not a pipe: the job logs more than a pipe buffer holds
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    peak = 0
+    while proc.poll() is None:
+      peak = max(peak, _tree_rss_bytes(proc.pid))
+      time.sleep(FLAGS.sample_seconds)
+  seconds = time.perf_counter() - start
+  return seconds, peak, open(log).read(), proc.returncode
+
+
+def _failure(output: str) -> str:
+  """The job's own account of why it failed: its last error and reconciliation lines."""
+  lines = output.splitlines()
+  start = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith(("RuntimeError", "error:"))), None)
+  return "\n".join(lines[start:] if start is not None else lines[-20:])
+
+
+def _size(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def main(argv):
-  beam_args = argv[1:]
-  work = tempfile.mkdtemp(prefix="bench_pp_")
-  try:
-    raw = os.path.join(work, "raw")
-    n_train, n_test = FLAGS.impressions, FLAGS.impressions // 2
-    synthetic.generate(raw, n_train, n_test)
-    raw_bytes = sum(os.path.getsize(os.path.join(raw, f)) for f in os.listdir(raw)
-                    if not f.startswith("ground_truth"))
-    out = os.path.join(work, "out")
-    start = time.perf_counter()
-    rec = preprocess.run("aliccp", preprocess._input_patterns(raw, {}), out, beam_args,
-                         max_hash_buckets=32768)
-    seconds = time.perf_counter() - start
-    rows = sum(r["skeleton_rows_read"] for r in rec.values())
+  del argv
+  runs = [tuple(int(x) for x in r.split(":")) for r in FLAGS.runs]
+  rows = []
+  for impressions, workers in runs:
+    raw = os.path.join(FLAGS.work_dir, f"raw_{impressions}")
+    stamp = os.path.join(raw, "generated.json")
+    n_test = int(impressions * FLAGS.test_fraction)
+    if not os.path.exists(stamp):
+      shutil.rmtree(raw, ignore_errors=True)
+      start = time.perf_counter()
+      synthetic.generate(raw, impressions, n_test, num_users=max(20_000, impressions // 20),
+                         num_items=max(30_000, impressions // 8))
+      with open(stamp, "w") as f:
+        json.dump({"train": impressions, "test": n_test, "seconds": time.perf_counter() - start}, f)
+    out = os.path.join(FLAGS.work_dir, f"out_{impressions}_{workers}")
+    print(f"preprocessing {impressions:,} + {n_test:,} impressions with {workers} worker(s) ...", flush=True)
+    seconds, peak, output, status = run_job(raw, out, workers)
+    if status != 0:
+      # Recorded, not hidden: a run whose rows do not reconcile is refused by the job itself.
+      rows.append({"impressions": impressions + n_test, "workers": workers, "seconds": round(seconds, 1),
+                   "peak_rss_mb": round(peak / 2 ** 20), "failed": _failure(output)})
+      print(rows[-1], flush=True)
+      for path in [out] + [p for p in os.listdir(FLAGS.work_dir) if p.startswith(os.path.basename(out) + ".staging-")]:
+        shutil.rmtree(os.path.join(FLAGS.work_dir, path), ignore_errors=True)
+      continue
+    with open(os.path.join(out, F.RECONCILIATION)) as f:
+      rec = json.load(f)["splits"]
+    read = sum(r["skeleton_rows_read"] for r in rec.values())
     written = sum(r["rows_written"] for r in rec.values())
-    tfrecord_bytes = _size(os.path.join(out, "train")) + _size(os.path.join(out, "eval"))
-    result = {
-        "command": "python benchmarks/preprocess_throughput.py --impressions=%d %s" % (FLAGS.impressions, " ".join(beam_args)),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "beam_args": beam_args, "impressions_read": rows, "impressions_written": written,
-        "seconds": round(seconds, 1), "impressions_per_second": round(rows / seconds),
-        "raw_csv_bytes_per_impression": round(raw_bytes / rows, 1),
-        "tfrecord_gzip_bytes_per_impression": round(tfrecord_bytes / written, 1),
-        "layout": "user side copied into every impression",
-    }
-  finally:
-    shutil.rmtree(work, ignore_errors=True)
-  os.makedirs(FLAGS.results_dir, exist_ok=True)
-  with open(os.path.join(FLAGS.results_dir, "preprocess_throughput.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  table = ["| impressions | seconds | impressions/s | raw CSV B/impr. | gzip TFRecord B/impr. | runner options |",
-           "|---:|---:|---:|---:|---:|---|",
-           f"| {rows:,} | {result['seconds']} | {result['impressions_per_second']:,} | "
-           f"{result['raw_csv_bytes_per_impression']} | {result['tfrecord_gzip_bytes_per_impression']} | "
-           f"{' '.join(beam_args) or 'DirectRunner, defaults'} |"]
-  md = f"Command: `{result['command']}`\n\nMachine: {result['machine']}\n\n" + "\n".join(table) + "\n"
-  with open(os.path.join(FLAGS.results_dir, "preprocess_throughput.md"), "w") as f:
-    f.write(md)
-  print(md)
+    raw_bytes = sum(os.path.getsize(os.path.join(raw, f)) for f in os.listdir(raw)
+                    if f.endswith(".csv") and not f.startswith("ground_truth"))
+    rows.append({"impressions": read, "impressions_written": written, "workers": workers,
+                 "seconds": round(seconds, 1), "impressions_per_second": round(read / seconds),
+                 "peak_rss_mb": round(peak / 2 ** 20),
+                 "raw_csv_bytes_per_impression": round(raw_bytes / read, 1),
+                 "tfrecord_gzip_bytes_per_impression": round(
+                     (_size(os.path.join(out, "train")) + _size(os.path.join(out, "eval"))) / written, 1)})
+    print(rows[-1], flush=True)
+    if not FLAGS.keep_outputs:
+      shutil.rmtree(out, ignore_errors=True)
+
+  targets = []
+  ok = [r for r in rows if "failed" not in r]
+  by = {(r["impressions"], r["workers"]): r for r in ok}
+  for (n, w), r in sorted(by.items()):
+    if w == 2 and (n, 1) in by:
+      ratio = r["impressions_per_second"] / by[(n, 1)]["impressions_per_second"]
+      targets.append(("2 workers / 1 worker at %s impressions" % f"{n:,}", f">= {SCALING_TARGET}",
+                      round(ratio, 2), ratio >= SCALING_TARGET))
+  # Peak memory also of failed runs: they ran to the end, only their output was refused.
+  mem = {(r["impressions"], r["workers"]): r["peak_rss_mb"] for r in rows}
+  for w in sorted({w for _, w in mem}):
+    sizes = sorted(n for n, ww in mem if ww == w)
+    if len(sizes) > 1:
+      ratio = mem[(sizes[-1], w)] / mem[(sizes[0], w)]
+      targets.append((f"peak memory {sizes[-1]:,} / {sizes[0]:,} impressions, {w} worker(s)",
+                      f"<= {MEMORY_TARGET}", round(ratio, 2), ratio <= MEMORY_TARGET))
+  if ok:
+    best = max(ok, key=lambda r: r["impressions_per_second"])
+    targets.append(("impressions/s, best run (85M in 2 h)", f">= {RATE_TARGET:,}",
+                    best["impressions_per_second"], best["impressions_per_second"] >= RATE_TARGET))
+  if len(ok) < len(rows):
+    targets.append(("runs that completed and published their output", f"{len(rows)} of {len(rows)}",
+                    len(ok), False))
+
+  command = "python benchmarks/preprocess_throughput.py --runs=%s --test_fraction=%g --max_hash_buckets=%d%s" % (
+      ",".join(FLAGS.runs), FLAGS.test_fraction, FLAGS.max_hash_buckets,
+      f" --beam_args={','.join(FLAGS.beam_args)}" if FLAGS.beam_args else "")
+  machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+  numbers = {"command": command, "machine": machine, "runner": "DirectRunner multi_processing",
+             "runs": rows, "targets": [dict(zip(("what", "target", "measured", "met"), t)) for t in targets]}
+  lines = [f"Command: `{command}`", "", f"Machine: {machine}; DirectRunner, "
+           "--direct_running_mode=multi_processing", "",
+           "| impressions read | workers | seconds | impressions/s | peak RSS (tree) MB | raw CSV B/impr. | gzip TFRecord B/impr. |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    if "failed" in r:
+      lines.append(f"| {r['impressions']:,} | {r['workers']} | {r['seconds']} | FAILED (below) | {r['peak_rss_mb']:,} | | |")
+      continue
+    lines.append(f"| {r['impressions']:,} | {r['workers']} | {r['seconds']} | {r['impressions_per_second']:,} | "
+                 f"{r['peak_rss_mb']:,} | {r['raw_csv_bytes_per_impression']} | {r['tfrecord_gzip_bytes_per_impression']} |")
+  lines += ["", "| target | wanted | measured | met |", "|---|---|---:|---|"]
+  for what, want, got, met in targets:
+    lines.append(f"| {what} | {want} | {got:,} | {'yes' if met else 'NO'} |")
+  for r in rows:
+    if "failed" in r:
+      lines += ["", f"Run of {r['impressions']:,} impressions with {r['workers']} worker(s) failed:", "",
+                "```", r["failed"], "```"]
+  results_io.write(FLAGS.results_dir, "preprocess_throughput", numbers, "\n".join(lines))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: FLAGS(argv, known_only=True))
+  define_flags()
+  app.run(main)
