@@ -3,10 +3,11 @@
   .venv/bin/python benchmarks/preprocess_throughput.py \
       [--runs=1000000:1,1000000:2,4000000:2] [--test_fraction=0.1] [--work_dir=runs/bench_preprocess]
 
-Each run is IMPRESSIONS:WORKERS: synthetic Ali-CCP data with IMPRESSIONS train impressions
-(and --test_fraction of that in the test split) is generated once per size, then
+Each run is IMPRESSIONS:WORKERS[:MODE]: synthetic Ali-CCP data with IMPRESSIONS train
+impressions (and --test_fraction of that in the test split) is generated once per size, then
 ``python -m pipeline.preprocess`` runs on it as its own process on DirectRunner with
-``--direct_running_mode=multi_processing --direct_num_workers=WORKERS`` (plus --beam_args).
+``--direct_running_mode=MODE --direct_num_workers=WORKERS`` (MODE multi_processing unless
+given, or in_memory: one process; plus --beam_args).
 Reported per run: impressions/s (rows read in both splits over the job's wall clock, from
 process start to exit), the peak resident memory of the whole process tree (the launcher
 and its worker processes, summed, sampled every --sample_seconds) and the bytes per
@@ -14,8 +15,16 @@ impression of the raw CSV and of the gzip TFRecords. Then the targets: 2 workers
 worker at the same size (>= 1.7x), peak memory of the largest size over the smallest at the
 same workers (<= 1.3x), and impressions/s against the 85M-impression public release in
 under 2 hours (>= 12,000/s). Writes benchmarks/results/preprocess_throughput.{json,md}.
+
+A run whose rows do not reconcile is refused by the job (nothing published); the benchmark
+records it with the job's error and then locates the rows that went missing: it reads the
+sample ids of the refused output, takes away those written and those set aside (dead
+letters), and reports where the rest sat in the raw skeleton file, as stretches of line
+numbers (a run of missing lines with gaps of at most 2 lines; a density of 0.5 means every
+other line: the runner deals a shuffle's keys to its workers alternately).
 """
 
+import glob
 import json
 import os
 import platform
@@ -23,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -77,12 +86,23 @@ def _tree_rss_bytes(pid: int) -> int:
   return total
 
 
-def run_job(raw: str, out: str, workers: int) -> Tuple[float, int, str, int]:
+MODES = ("multi_processing", "in_memory", "multi_threading")
+
+
+def parse_run(spec: str) -> Tuple[int, int, str]:
+  """IMPRESSIONS:WORKERS[:MODE] -> (impressions, workers, mode)."""
+  parts = spec.split(":")
+  if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in MODES):
+    raise ValueError(f"--runs: {spec!r} is not IMPRESSIONS:WORKERS[:MODE] (MODE one of {', '.join(MODES)})")
+  return int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else MODES[0]
+
+
+def run_job(raw: str, out: str, workers: int, mode: str = MODES[0]) -> Tuple[float, int, str, int]:
   """Runs the job as a process (its output goes to OUT.log); (seconds, peak tree RSS bytes,
   output, exit status)."""
   cmd = [sys.executable, "-m", "pipeline.preprocess", "--format=aliccp", f"--input_dir={raw}",
          f"--output_dir={out}", f"--max_hash_buckets={FLAGS.max_hash_buckets}", "--overwrite",
-         "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}", *FLAGS.beam_args]
+         f"--direct_running_mode={mode}", f"--direct_num_workers={workers}", *FLAGS.beam_args]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
   log = out.rstrip("/") + ".log"
   start = time.perf_counter()
@@ -103,15 +123,77 @@ def _failure(output: str) -> str:
   return "\n".join(lines[start:] if start is not None else lines[-20:])
 
 
+def missing_stretches(raw_ids: Sequence[int], kept_ids: Iterable[int], max_gap: int = 2,
+                      top: int = 5) -> dict:
+  """Where the raw rows whose sample id is not in ``kept_ids`` sat in the raw file.
+
+  ``raw_ids``: the sample id of each raw line, in file order. Returns the number missing and
+  the ``top`` largest stretches of missing lines (0-based line numbers; lines of one stretch
+  are at most ``max_gap`` apart), each with its count and density (count / lines spanned)."""
+  kept = set(kept_ids)
+  lines = [i for i, sid in enumerate(raw_ids) if sid not in kept]
+  stretches = []
+  for i in lines:
+    if stretches and i - stretches[-1][1] <= max_gap:
+      stretches[-1][1] = i
+      stretches[-1][2] += 1
+    else:
+      stretches.append([i, i, 1])
+  stretches.sort(key=lambda s: -s[2])
+  return {"missing": len(lines), "stretches": len(stretches),
+          "largest": [{"first_line": a, "last_line": b, "rows": n, "density": round(n / (b - a + 1), 3)}
+                      for a, b, n in stretches[:top]]}
+
+
+def _raw_sample_ids(path: str) -> List[int]:
+  with open(path, "rb") as f:
+    return [int(line.split(b",", 1)[0]) for line in f]
+
+
+def _output_sample_ids(pattern: str) -> List[int]:
+  import tensorflow as tf   # only here: the benchmark itself runs without TF otherwise
+  files = sorted(tf.io.gfile.glob(pattern))
+  if not files:
+    return []
+  ds = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(8192).map(
+      lambda x: tf.io.parse_example(x, {F.SAMPLE_ID: tf.io.FixedLenFeature([], tf.int64)})[F.SAMPLE_ID])
+  return [int(v) for batch in ds.as_numpy_iterator() for v in batch]
+
+
+def _dead_letter_sample_ids(staging: str, split: str) -> List[int]:
+  ids = []
+  for path in sorted(glob.glob(os.path.join(staging, "dead_letter", f"{split}-*.jsonl"))):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        if "sample_id" in record:
+          ids.append(int(record["sample_id"]))
+        elif record.get("source") == "skeleton" and "line" in record:
+          head = record["line"].split(",", 1)[0]
+          if head.isdigit():
+            ids.append(int(head))
+  return ids
+
+
+def locate_missing(raw: str, staging: str) -> Dict[str, dict]:
+  """Per split: the raw skeleton rows that a refused run neither wrote nor set aside."""
+  out = {}
+  for split, suffix in (("train", "train"), ("eval", "test")):
+    kept = _output_sample_ids(os.path.join(staging, split, "part-*"))
+    kept += _dead_letter_sample_ids(staging, split)
+    out[split] = missing_stretches(_raw_sample_ids(os.path.join(raw, f"sample_skeleton_{suffix}.csv")), kept)
+  return out
+
+
 def _size(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def main(argv):
   del argv
-  runs = [tuple(int(x) for x in r.split(":")) for r in FLAGS.runs]
+  runs = [parse_run(r) for r in FLAGS.runs]
   rows = []
-  for impressions, workers in runs:
+  for impressions, workers, mode in runs:
     raw = os.path.join(FLAGS.work_dir, f"raw_{impressions}")
     stamp = os.path.join(raw, "generated.json")
     n_test = int(impressions * FLAGS.test_fraction)
@@ -122,16 +204,22 @@ def main(argv):
                          num_items=max(30_000, impressions // 8))
       with open(stamp, "w") as f:
         json.dump({"train": impressions, "test": n_test, "seconds": time.perf_counter() - start}, f)
-    out = os.path.join(FLAGS.work_dir, f"out_{impressions}_{workers}")
-    print(f"preprocessing {impressions:,} + {n_test:,} impressions with {workers} worker(s) ...", flush=True)
-    seconds, peak, output, status = run_job(raw, out, workers)
+    out = os.path.join(FLAGS.work_dir, f"out_{impressions}_{workers}_{mode}")
+    print(f"preprocessing {impressions:,} + {n_test:,} impressions with {workers} worker(s), {mode} ...",
+          flush=True)
+    seconds, peak, output, status = run_job(raw, out, workers, mode)
     if status != 0:
       # Recorded, not hidden: a run whose rows do not reconcile is refused by the job itself.
-      rows.append({"impressions": impressions + n_test, "workers": workers, "seconds": round(seconds, 1),
-                   "peak_rss_mb": round(peak / 2 ** 20), "failed": _failure(output)})
+      rows.append({"impressions": impressions + n_test, "workers": workers, "mode": mode,
+                   "seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2 ** 20),
+                   "failed": _failure(output)})
+      staging = [os.path.join(FLAGS.work_dir, p) for p in os.listdir(FLAGS.work_dir)
+                 if p.startswith(os.path.basename(out) + ".staging-")]
+      if "do not reconcile" in rows[-1]["failed"] and len(staging) == 1:
+        rows[-1]["missing"] = locate_missing(raw, staging[0])
       print(rows[-1], flush=True)
-      for path in [out] + [p for p in os.listdir(FLAGS.work_dir) if p.startswith(os.path.basename(out) + ".staging-")]:
-        shutil.rmtree(os.path.join(FLAGS.work_dir, path), ignore_errors=True)
+      for path in [out] + staging:
+        shutil.rmtree(path, ignore_errors=True)
       continue
     with open(os.path.join(out, F.RECONCILIATION)) as f:
       rec = json.load(f)["splits"]
@@ -139,7 +227,7 @@ def main(argv):
     written = sum(r["rows_written"] for r in rec.values())
     raw_bytes = sum(os.path.getsize(os.path.join(raw, f)) for f in os.listdir(raw)
                     if f.endswith(".csv") and not f.startswith("ground_truth"))
-    rows.append({"impressions": read, "impressions_written": written, "workers": workers,
+    rows.append({"impressions": read, "impressions_written": written, "workers": workers, "mode": mode,
                  "seconds": round(seconds, 1), "impressions_per_second": round(read / seconds),
                  "peak_rss_mb": round(peak / 2 ** 20),
                  "raw_csv_bytes_per_impression": round(raw_bytes / read, 1),
@@ -151,14 +239,16 @@ def main(argv):
 
   targets = []
   ok = [r for r in rows if "failed" not in r]
-  by = {(r["impressions"], r["workers"]): r for r in ok}
+  # Worker scaling and memory are the multi-process runner's (in_memory runs are one process).
+  mp = lambda rs: [r for r in rs if r.get("mode", MODES[0]) == MODES[0]]
+  by = {(r["impressions"], r["workers"]): r for r in mp(ok)}
   for (n, w), r in sorted(by.items()):
     if w == 2 and (n, 1) in by:
       ratio = r["impressions_per_second"] / by[(n, 1)]["impressions_per_second"]
       targets.append(("2 workers / 1 worker at %s impressions" % f"{n:,}", f">= {SCALING_TARGET}",
                       round(ratio, 2), ratio >= SCALING_TARGET))
   # Peak memory also of failed runs: they ran to the end, only their output was refused.
-  mem = {(r["impressions"], r["workers"]): r["peak_rss_mb"] for r in rows}
+  mem = {(r["impressions"], r["workers"]): r["peak_rss_mb"] for r in mp(rows)}
   for w in sorted({w for _, w in mem}):
     sizes = sorted(n for n, ww in mem if ww == w)
     if len(sizes) > 1:
@@ -177,25 +267,34 @@ def main(argv):
       ",".join(FLAGS.runs), FLAGS.test_fraction, FLAGS.max_hash_buckets,
       f" --beam_args={','.join(FLAGS.beam_args)}" if FLAGS.beam_args else "")
   machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-  numbers = {"command": command, "machine": machine, "runner": "DirectRunner multi_processing",
+  numbers = {"command": command, "machine": machine, "runner": "DirectRunner",
              "runs": rows, "targets": [dict(zip(("what", "target", "measured", "met"), t)) for t in targets]}
-  lines = [f"Command: `{command}`", "", f"Machine: {machine}; DirectRunner, "
-           "--direct_running_mode=multi_processing", "",
-           "| impressions read | workers | seconds | impressions/s | peak RSS (tree) MB | raw CSV B/impr. | gzip TFRecord B/impr. |",
-           "|---:|---:|---:|---:|---:|---:|---:|"]
+  lines = [f"Command: `{command}`", "", f"Machine: {machine}; DirectRunner (--direct_running_mode as in the "
+           "table; peak memory of the whole process tree)", "",
+           "| impressions read | workers | mode | seconds | impressions/s | peak RSS (tree) MB | raw CSV B/impr. | gzip TFRecord B/impr. |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|"]
   for r in rows:
+    head = f"| {r['impressions']:,} | {r['workers']} | {r.get('mode', MODES[0])} | {r['seconds']} |"
     if "failed" in r:
-      lines.append(f"| {r['impressions']:,} | {r['workers']} | {r['seconds']} | FAILED (below) | {r['peak_rss_mb']:,} | | |")
+      lines.append(f"{head} FAILED (below) | {r['peak_rss_mb']:,} | | |")
       continue
-    lines.append(f"| {r['impressions']:,} | {r['workers']} | {r['seconds']} | {r['impressions_per_second']:,} | "
+    lines.append(f"{head} {r['impressions_per_second']:,} | "
                  f"{r['peak_rss_mb']:,} | {r['raw_csv_bytes_per_impression']} | {r['tfrecord_gzip_bytes_per_impression']} |")
   lines += ["", "| target | wanted | measured | met |", "|---|---|---:|---|"]
   for what, want, got, met in targets:
     lines.append(f"| {what} | {want} | {got:,} | {'yes' if met else 'NO'} |")
   for r in rows:
     if "failed" in r:
-      lines += ["", f"Run of {r['impressions']:,} impressions with {r['workers']} worker(s) failed:", "",
-                "```", r["failed"], "```"]
+      lines += ["", f"Run of {r['impressions']:,} impressions with {r['workers']} worker(s), "
+                f"{r.get('mode', MODES[0])}, failed:", "", "```", r["failed"], "```"]
+      for split, m in r.get("missing", {}).items():
+        if not m["missing"]:
+          continue
+        lines += ["", f"{split}: {m['missing']:,} raw rows neither written nor set aside, in "
+                  f"{m['stretches']:,} stretch(es) of the raw file; the largest:", "",
+                  "| first line | last line | rows missing | density |", "|---:|---:|---:|---:|"]
+        lines += [f"| {x['first_line']:,} | {x['last_line']:,} | {x['rows']:,} | {x['density']} |"
+                  for x in m["largest"]]
   results_io.write(FLAGS.results_dir, "preprocess_throughput", numbers, "\n".join(lines))
 
 

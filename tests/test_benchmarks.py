@@ -1,0 +1,62 @@
+"""Helpers of the benchmark scripts whose output the README quotes (benchmarks/)."""
+
+import json
+import os
+import sys
+
+import pytest
+import tensorflow as tf
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import preprocess_throughput as PT  # noqa: E402
+
+
+def test_parse_run_reads_impressions_workers_and_an_optional_mode():
+  assert PT.parse_run("1000000:2") == (1000000, 2, "multi_processing")
+  assert PT.parse_run("4000000:1:in_memory") == (4000000, 1, "in_memory")
+  for bad in ("1000000", "1000:2:fast", "1:2:3:4"):
+    with pytest.raises(ValueError, match="IMPRESSIONS:WORKERS"):
+      PT.parse_run(bad)
+
+
+def test_missing_stretches_tells_a_contiguous_loss_from_every_other_row():
+  raw = list(range(100, 200))
+  # Lines 10-29 lost entirely; every other line of 50-69 lost (one worker's half of a shuffle).
+  lost = set(raw[10:30]) | set(raw[50:70:2])
+  got = PT.missing_stretches(raw, [s for s in raw if s not in lost])
+  assert got["missing"] == 30 and got["stretches"] == 2
+  first, second = got["largest"]
+  assert (first["first_line"], first["last_line"], first["rows"], first["density"]) == (10, 29, 20, 1.0)
+  assert (second["first_line"], second["last_line"], second["rows"], second["density"]) == (50, 68, 10, 0.526)
+  assert PT.missing_stretches(raw, raw) == {"missing": 0, "stretches": 0, "largest": []}
+
+
+def _write_examples(path, sample_ids):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tf.io.TFRecordWriter(path, options="GZIP") as w:
+    for sid in sample_ids:
+      w.write(tf.train.Example(features=tf.train.Features(feature={
+          "sample_id": tf.train.Feature(int64_list=tf.train.Int64List(value=[sid])),
+          "click": tf.train.Feature(int64_list=tf.train.Int64List(value=[0]))})).SerializeToString())
+
+
+def test_locate_missing_counts_written_and_dead_lettered_rows_as_kept(tmp_path):
+  raw, staging = tmp_path / "raw", tmp_path / "out.staging-x"
+  raw.mkdir()
+  for suffix, ids in (("train", range(1, 41)), ("test", range(1000, 1010))):
+    with open(raw / f"sample_skeleton_{suffix}.csv", "w") as f:
+      f.writelines(f"{i},0,0,u{i % 3},0,\n" for i in ids)
+  # train: 1-20 written, 21 set aside by the parser (its line kept), 22 set aside by the join
+  # (its sample id kept), 23-40 lost; eval: everything written.
+  _write_examples(str(staging / "train" / "part-00000-of-00001.tfrecord.gz"), range(1, 21))
+  _write_examples(str(staging / "eval" / "part-00000-of-00001.tfrecord.gz"), range(1000, 1010))
+  os.makedirs(staging / "dead_letter")
+  with open(staging / "dead_letter" / "train-00000-of-00001.jsonl", "w") as f:
+    f.write(json.dumps({"source": "skeleton", "reason": "bad_label", "line": "21,2,0,u0,0,"}) + "\n")
+    f.write(json.dumps({"source": "skeleton", "reason": "unknown_common_feature_index", "sample_id": 22}) + "\n")
+    f.write(json.dumps({"source": "common", "reason": "bad_feature_num", "line": "u9,x,"}) + "\n")
+  got = PT.locate_missing(str(raw), str(staging))
+  assert got["eval"]["missing"] == 0
+  assert got["train"]["missing"] == 18
+  assert got["train"]["largest"] == [{"first_line": 22, "last_line": 39, "rows": 18, "density": 1.0}]
