@@ -216,7 +216,8 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
     # way in, converted back to a dict and encoded in Python on the way out) took about half
     # of the job's CPU (benchmarks/preprocess_throughput.py).
     tfxio = T.raw_tfxio(raw_md)
-    batches = {split: T.to_record_batches(read[split]["rows"], tfxio.ArrowSchema(), f"_{split}")
+    batches = {split: T.to_record_batches(read[split]["rows"], tfxio.ArrowSchema(), f"_{split}",
+                                          f"{fmt}/{split}")
                for split in read}
     raw_config = tfxio.TensorAdapterConfig()
     (train_data, _), transform_fn = (
@@ -252,6 +253,7 @@ def format_reconciliation(rec: Dict[str, dict], fmt: str = "aliccp") -> str:
       for reason, n in sorted(dead.items()):
         lines.append(f"      {reason}: {n:,}")
       lines.append(f"    files {r['files']:,}, header lines {r['header_lines']:,} (not rows)")
+      lines.append(_stage_line(r))
       continue
     dead = r["skeleton_rows_set_aside"]
     lines.append(f"  {split}: skeleton rows read {r['skeleton_rows_read']:,} = written "
@@ -267,7 +269,14 @@ def format_reconciliation(rec: Dict[str, dict], fmt: str = "aliccp") -> str:
       lines.append(f"      {reason}: {n:,}")
     if r["unknown_field_items_skipped"]:
       lines.append(f"    feature items of unknown fields skipped: {r['unknown_field_items_skipped']:,}")
+    lines.append(_stage_line(r))
   return "\n".join(lines)
+
+
+def _stage_line(r: dict) -> str:
+  """Rows out of each stage, so that a loss between stages shows where it happened."""
+  return "    rows by stage: " + " -> ".join(f"{stage.replace('_', ' ')} {n:,}"
+                                             for stage, n in r.get("rows_by_stage", {}).items())
 
 
 STAGING = ".staging-"     # <output_dir>.staging-<id>: a run in progress (or killed)

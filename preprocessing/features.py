@@ -37,6 +37,8 @@ DAY = "day"
 # The run marker pipeline.preprocess writes last (row counts per split, format, labels);
 # the trainer refuses a directory without it.
 RECONCILIATION = "reconciliation.json"
+# Counter of the rows the job hands to TFT, per split (<format>/<split>/rows_into_transform).
+ROWS_INTO_TRANSFORM = "rows_into_transform"
 
 RAW_ID_PREFIX = "f_"
 RAW_WEIGHT_PREFIX = "w_"

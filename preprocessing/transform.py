@@ -223,12 +223,16 @@ class InstancesToRecordBatch(beam.DoFn):
 
   TFT's instance-dict input encodes every row as a tf.Example in Python and decodes them again
   in batches; building the columns directly skips both (benchmarks/preprocess_throughput.py).
-  A scalar value becomes a one-element list, a missing key a null (no value)."""
+  A scalar value becomes a one-element list, a missing key a null (no value). With
+  ``namespace``, the rows are counted as ``<namespace>/rows_into_transform``."""
 
-  def __init__(self, arrow_schema: pa.Schema):
+  def __init__(self, arrow_schema: pa.Schema, namespace: Optional[str] = None):
     self._schema = arrow_schema
+    self._rows = beam.metrics.Metrics.counter(namespace, F.ROWS_INTO_TRANSFORM) if namespace else None
 
   def process(self, instances):
+    if self._rows is not None:
+      self._rows.inc(len(instances))
     columns = []
     for field in self._schema:
       name = field.name
@@ -245,9 +249,10 @@ class InstancesToRecordBatch(beam.DoFn):
     yield pa.RecordBatch.from_arrays(columns, schema=self._schema)
 
 
-def to_record_batches(rows, arrow_schema: pa.Schema, label: str):
-  """A PCollection of raw instance dicts -> a PCollection of RecordBatches for TFT."""
+def to_record_batches(rows, arrow_schema: pa.Schema, label: str, namespace: Optional[str] = None):
+  """A PCollection of raw instance dicts -> a PCollection of RecordBatches for TFT (rows
+  counted in ``namespace``, see InstancesToRecordBatch)."""
   return (rows
           | f"Batch{label}" >> beam.BatchElements(min_batch_size=RECORD_BATCH_ROWS,
                                                   max_batch_size=RECORD_BATCH_ROWS)
-          | f"ToRecordBatch{label}" >> beam.ParDo(InstancesToRecordBatch(arrow_schema)))
+          | f"ToRecordBatch{label}" >> beam.ParDo(InstancesToRecordBatch(arrow_schema, namespace)))

@@ -27,7 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import fuzz, preprocess, synthetic
+from pipeline.sources import aliccp as ALI
 from pipeline.sources import avazu as AVA
+from pipeline.sources import dedup as DEDUP
 from preprocessing import features as F
 from preprocessing import transform as T
 
@@ -235,6 +237,16 @@ def test_beam_job_on_damaged_aliccp_files_accounts_for_every_line(pools, tmp_pat
                    "not_utf8", "bad_weight", "bad_label"):
       assert want["skeleton_dead"].get(reason), reason
     assert want["common_dead"].get("duplicate_common_feature_index")
+    # Rows out of each stage: the dedup sets aside only its own reasons, the join only its own,
+    # and every joined row reaches TFT and the writer.
+    dead = got["skeleton_rows_set_aside"]
+    join_dead = sum(dead.get(r, 0) for r in (ALI.UNKNOWN_COMMON_FEATURE_INDEX, ALI.DUPLICATE_COMMON_FEATURE_INDEX))
+    dedup_dead = sum(dead.get(r, 0) for r in DEDUP.REASONS)
+    stages = got["rows_by_stage"]
+    assert list(stages) == ["read", "after_dedup", "joined", "into_transform", "written"]
+    assert stages["read"] - stages["after_dedup"] == sum(dead.values()) - join_dead
+    assert stages["after_dedup"] - stages["joined"] == join_dead and dedup_dead > 0
+    assert stages["joined"] == stages["into_transform"] == stages["written"] == len(written)
     rows_seen += got["skeleton_rows_read"] + got["common_rows_read"]
   assert rows_seen > 3500
 
@@ -271,6 +283,9 @@ def test_beam_job_on_damaged_avazu_files_accounts_for_every_line(pools, tmp_path
     written = _written(out, split, tft_output)
     assert written == want["written_ids"] and got["rows_written"] == len(written)
     assert {r: n for (s, r), n in _dead_letters(out, split).items()} == want["dead"]
+    # Rows out of each stage: the dedup is the last to set rows aside; all it keeps are written.
+    assert got["rows_by_stage"] == {"read": want["rows_read"], "after_dedup": len(written),
+                                    "into_transform": len(written), "written": len(written)}
     assert [os.path.basename(p) for p in marker["empty_files"][split]] == [f"{release}_empty.csv"]
     for reason in ("duplicate_sample_id", "conflicting_sample_id", "not_utf8", "bad_integer", "bad_click"):
       assert want["dead"].get(reason), reason

@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Tuple
 import apache_beam as beam
 
 from pipeline.sources import dedup
-from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line
+from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage
 from preprocessing import features as F
 
 FMT = "aliccp"
@@ -260,7 +260,8 @@ class ReadAliCCP(beam.PTransform):
       resolved = (skeleton_rows
                   | "Rows" >> beam.Values()
                   | "ResolveSampleIds" >> dedup.ResolveSampleIds(
-                      self._split, "skeleton", f"{FMT}/{self._split}", "skeleton_dead/", "sample_id"))
+                      self._split, "skeleton", f"{FMT}/{self._split}", "skeleton_dead/", "sample_id",
+                      "skeleton_rows_after_dedup"))
       skeleton_rows = resolved.rows | "KeyByIndex" >> beam.Map(lambda row: (row["index"], row))
       dead.append(resolved[DEAD])
     joined = ({"skeleton": skeleton_rows, "common": common.rows}
@@ -291,6 +292,10 @@ def reconcile(counters: Mapping[str, int], split: str) -> dict:
       "common_rows_set_aside": common_dead,
       "unknown_field_items_skipped": get("skeleton_unknown_field_items_skipped")
                                      + get("common_unknown_field_items_skipped"),
+      "rows_by_stage": rows_by_stage(counters, ns, (
+          ("read", "skeleton_rows_read"), ("after_dedup", "skeleton_rows_after_dedup"),
+          ("joined", "skeleton_rows_joined"), ("into_transform", F.ROWS_INTO_TRANSFORM),
+          ("written", "rows_written"))),
   }
   out["skeleton_balanced"] = out["skeleton_rows_read"] == out["rows_written"] + sum(skeleton_dead.values())
   out["common_balanced"] = out["common_rows_read"] == (

@@ -27,7 +27,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.sources import dedup
-from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line
+from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage
 from preprocessing import features as F
 
 FMT = "avazu"
@@ -352,6 +352,9 @@ def reconcile(counters: Mapping[str, int], split: str, files: Optional[int] = No
       "rows_read": get("rows_read"),
       "rows_written": get("rows_written"),
       "rows_set_aside": dead,
+      "rows_by_stage": rows_by_stage(counters, ns, (
+          ("read", "rows_read"), ("after_dedup", "rows_after_dedup"),
+          ("into_transform", F.ROWS_INTO_TRANSFORM), ("written", "rows_written"))),
   }
   out["balanced"] = (out["rows_read"] == out["rows_written"] + sum(dead.values())
                      and (files is None or out["header_lines"] >= files))

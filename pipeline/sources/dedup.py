@@ -24,11 +24,12 @@ REASONS = (DUPLICATE_SAMPLE_ID, CONFLICTING_SAMPLE_ID)
 
 class _ResolveFn(beam.DoFn):
 
-  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str):
+  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str, kept_counter: str):
     self._split = split
     self._source = source
     self._ns = namespace
     self._dead_prefix = dead_prefix
+    self._kept = counter(namespace, kept_counter)
 
   def _dead(self, reason: str, detail: str, sample_id, row):
     counter(self._ns, self._dead_prefix + reason).inc()
@@ -40,10 +41,12 @@ class _ResolveFn(beam.DoFn):
     sample_id, rows = element
     rows = list(rows)
     if len(rows) == 1:
+      self._kept.inc()
       yield rows[0]
       return
     first = rows[0]
     if all(r == first for r in rows[1:]):
+      self._kept.inc()
       yield first
       for r in rows[1:]:
         yield self._dead(DUPLICATE_SAMPLE_ID, f"{len(rows)} identical rows; one is kept", sample_id, r)
@@ -56,13 +59,15 @@ class _ResolveFn(beam.DoFn):
 class ResolveSampleIds(beam.PTransform):
   """Rows (dicts) -> the same rows with every sample id once; the rest to ``dead_letter``.
 
-  ``key`` is the row's sample id field; counters ``<namespace>/<dead_prefix><reason>``.
+  ``key`` is the row's sample id field; counters ``<namespace>/<dead_prefix><reason>`` and
+  ``<namespace>/<kept_counter>`` (the rows passed on: one per sample id kept).
   Returns a DoOutputsTuple with ``rows`` and ``dead_letter``.
   """
 
-  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str, key: str):
+  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str, key: str,
+               kept_counter: str = "rows_after_dedup"):
     super().__init__()
-    self._fn = _ResolveFn(split, source, namespace, dead_prefix)
+    self._fn = _ResolveFn(split, source, namespace, dead_prefix, kept_counter)
     self._key = key
 
   def expand(self, rows):
