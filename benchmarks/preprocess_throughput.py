@@ -1,7 +1,8 @@
 """Throughput, worker scaling and peak memory of the Ali-CCP Beam/TFT job on DirectRunner.
 
   .venv/bin/python benchmarks/preprocess_throughput.py \
-      [--runs=1000000:1,1000000:2,4000000:2] [--test_fraction=0.1] [--work_dir=runs/bench_preprocess]
+      [--runs=1000000:1,1000000:2,4000000:2,1000000:1:in_memory,4000000:1:in_memory,4000000:1]
+      [--test_fraction=0.1] [--work_dir=runs/bench_preprocess]
 
 Each run is IMPRESSIONS:WORKERS[:MODE]: synthetic Ali-CCP data with IMPRESSIONS train
 impressions (and --test_fraction of that in the test split) is generated once per size, then
@@ -50,7 +51,9 @@ MEMORY_TARGET = 1.3           # peak memory, largest size over smallest
 
 
 def define_flags():
-  flags.DEFINE_list("runs", ["1000000:1", "1000000:2", "4000000:2"], "IMPRESSIONS:WORKERS per run.")
+  flags.DEFINE_list("runs", ["1000000:1", "1000000:2", "4000000:2", "1000000:1:in_memory", "4000000:1:in_memory",
+                             "4000000:1"], "IMPRESSIONS:WORKERS[:MODE] per run (MODE: the DirectRunner's "
+                    "--direct_running_mode, multi_processing unless given).")
   flags.DEFINE_float("test_fraction", 0.1, "Test impressions as a fraction of the train impressions.")
   flags.DEFINE_integer("max_hash_buckets", 1 << 20, "--max_hash_buckets of the job.")
   flags.DEFINE_list("beam_args", [], "More options for the job (comma-separated).")
@@ -220,6 +223,7 @@ def main(argv):
       print(rows[-1], flush=True)
       for path in [out] + staging:
         shutil.rmtree(path, ignore_errors=True)
+      write_results(rows)
       continue
     with open(os.path.join(out, F.RECONCILIATION)) as f:
       rec = json.load(f)["splits"]
@@ -236,10 +240,15 @@ def main(argv):
     print(rows[-1], flush=True)
     if not FLAGS.keep_outputs:
       shutil.rmtree(out, ignore_errors=True)
+    write_results(rows)
 
+
+def write_results(rows: List[dict]) -> None:
+  """The results of the runs so far (rewritten after every run: a long invocation stopped
+  part-way keeps what it measured)."""
   targets = []
   ok = [r for r in rows if "failed" not in r]
-  # Worker scaling and memory are the multi-process runner's (in_memory runs are one process).
+  # Worker scaling is the multi-process runner's (in_memory runs are one process).
   mp = lambda rs: [r for r in rs if r.get("mode", MODES[0]) == MODES[0]]
   by = {(r["impressions"], r["workers"]): r for r in mp(ok)}
   for (n, w), r in sorted(by.items()):
@@ -248,12 +257,12 @@ def main(argv):
       targets.append(("2 workers / 1 worker at %s impressions" % f"{n:,}", f">= {SCALING_TARGET}",
                       round(ratio, 2), ratio >= SCALING_TARGET))
   # Peak memory also of failed runs: they ran to the end, only their output was refused.
-  mem = {(r["impressions"], r["workers"]): r["peak_rss_mb"] for r in mp(rows)}
-  for w in sorted({w for _, w in mem}):
-    sizes = sorted(n for n, ww in mem if ww == w)
+  mem = {(r["impressions"], r["workers"], r.get("mode", MODES[0])): r["peak_rss_mb"] for r in rows}
+  for w, mode in sorted({(w, m) for _, w, m in mem}):
+    sizes = sorted(n for n, ww, m in mem if (ww, m) == (w, mode))
     if len(sizes) > 1:
-      ratio = mem[(sizes[-1], w)] / mem[(sizes[0], w)]
-      targets.append((f"peak memory {sizes[-1]:,} / {sizes[0]:,} impressions, {w} worker(s)",
+      ratio = mem[(sizes[-1], w, mode)] / mem[(sizes[0], w, mode)]
+      targets.append((f"peak memory {sizes[-1]:,} / {sizes[0]:,} impressions, {w} worker(s), {mode}",
                       f"<= {MEMORY_TARGET}", round(ratio, 2), ratio <= MEMORY_TARGET))
   if ok:
     best = max(ok, key=lambda r: r["impressions_per_second"])
