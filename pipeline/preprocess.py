@@ -274,9 +274,20 @@ def format_reconciliation(rec: Dict[str, dict], fmt: str = "aliccp") -> str:
 
 
 def _stage_line(r: dict) -> str:
-  """Rows out of each stage, so that a loss between stages shows where it happened."""
-  return "    rows by stage: " + " -> ".join(f"{stage.replace('_', ' ')} {n:,}"
+  """Rows out of each stage, and the hops that lost rows without a set-aside reason."""
+  line = "    rows by stage: " + " -> ".join(f"{stage.replace('_', ' ')} {n:,}"
                                              for stage, n in r.get("rows_by_stage", {}).items())
+  for hop, n in r.get("rows_unaccounted_by_hop", {}).items():
+    before, after = (s.replace("_", " ") for s in hop.split("->"))
+    line += f"\n    rows unaccounted for between {before} and {after}: {n:,}"
+  return line
+
+
+RUNNER_LOST_ROWS_HINT = (
+    "Rows vanished between two stages of the job without a set-aside reason, so the runner lost "
+    "them. The multi-process DirectRunner (--direct_running_mode=multi_processing) has done this "
+    "on inputs of several million rows; rerun with the default --direct_running_mode=in_memory, "
+    "or on a distributed runner (README: \"Beam on distributed runners\").")
 
 
 STAGING = ".staging-"     # <output_dir>.staging-<id>: a run in progress (or killed)
@@ -385,8 +396,10 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   if own_temp and tf.io.gfile.exists(temp_dir):
     tf.io.gfile.rmtree(temp_dir)
   if not all(_balanced(fmt, r) for r in rec.values()):
+    hint = ("\n" + RUNNER_LOST_ROWS_HINT
+            if any(r.get("rows_unaccounted_by_hop") for r in rec.values()) else "")
     raise RuntimeError(f"row counts do not reconcile; output not published (left in {staging}):\n"
-                       + format_reconciliation(rec, fmt))
+                       + format_reconciliation(rec, fmt) + hint)
   try:
     _check_quality(rec, fmt, max_dead_letter_fraction)
   except BadOutput as e:

@@ -362,11 +362,12 @@ def test_every_row_is_written_or_set_aside_with_its_reason(conv_run):
   assert train["balanced"] and rec["eval"]["balanced"]
   assert train["files"] == 2 and train["header_lines"] == 2
   assert train["rows_read"] == 3000 + 16 and train["rows_written"] == 3000
-  assert train["rows_set_aside"] == injected
+  assert train["rows_set_aside"] == injected and train["rows_unaccounted_by_hop"] == {}
   assert rec["eval"] == {"files": 1, "header_lines": 1, "rows_read": 1000, "rows_written": 1000,
                          "rows_set_aside": {}, "balanced": True,
                          "rows_by_stage": {"read": 1000, "after_dedup": 1000, "into_transform": 1000,
-                                           "written": 1000}}
+                                           "written": 1000},
+                         "rows_unaccounted_by_hop": {}}
   dead = [json.loads(l) for p in tf.io.gfile.glob(os.path.join(conv_run["out"], "dead_letter", "train*"))
           for l in open(p) if l.strip()]
   assert sorted(d["reason"] for d in dead) == sorted(r for r, n in injected.items() for _ in range(n))

@@ -247,6 +247,7 @@ def test_beam_job_on_damaged_aliccp_files_accounts_for_every_line(pools, tmp_pat
     assert stages["read"] - stages["after_dedup"] == sum(dead.values()) - join_dead
     assert stages["after_dedup"] - stages["joined"] == join_dead and dedup_dead > 0
     assert stages["joined"] == stages["into_transform"] == stages["written"] == len(written)
+    assert got["rows_unaccounted_by_hop"] == {}
     rows_seen += got["skeleton_rows_read"] + got["common_rows_read"]
   assert rows_seen > 3500
 

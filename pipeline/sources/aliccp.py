@@ -16,7 +16,8 @@ from typing import Dict, List, Mapping, Tuple
 import apache_beam as beam
 
 from pipeline.sources import dedup
-from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage
+from pipeline.sources.deadletter import (DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage,
+                                        unaccounted_by_hop)
 from preprocessing import features as F
 
 FMT = "aliccp"
@@ -297,6 +298,9 @@ def reconcile(counters: Mapping[str, int], split: str) -> dict:
           ("joined", "skeleton_rows_joined"), ("into_transform", F.ROWS_INTO_TRANSFORM),
           ("written", "rows_written"))),
   }
+  out["rows_unaccounted_by_hop"] = unaccounted_by_hop(
+      out["rows_by_stage"], skeleton_dead,
+      {UNKNOWN_COMMON_FEATURE_INDEX: "joined", DUPLICATE_COMMON_FEATURE_INDEX: "joined"})
   out["skeleton_balanced"] = out["skeleton_rows_read"] == out["rows_written"] + sum(skeleton_dead.values())
   out["common_balanced"] = out["common_rows_read"] == (
       out["common_rows_used"] + out["common_rows_unused"] + sum(common_dead.values()))

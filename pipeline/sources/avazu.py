@@ -27,7 +27,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.sources import dedup
-from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage
+from pipeline.sources.deadletter import (DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage,
+                                        unaccounted_by_hop)
 from preprocessing import features as F
 
 FMT = "avazu"
@@ -356,6 +357,7 @@ def reconcile(counters: Mapping[str, int], split: str, files: Optional[int] = No
           ("read", "rows_read"), ("after_dedup", "rows_after_dedup"),
           ("into_transform", F.ROWS_INTO_TRANSFORM), ("written", "rows_written"))),
   }
+  out["rows_unaccounted_by_hop"] = unaccounted_by_hop(out["rows_by_stage"], dead)
   out["balanced"] = (out["rows_read"] == out["rows_written"] + sum(dead.values())
                      and (files is None or out["header_lines"] >= files))
   return out

@@ -47,9 +47,37 @@ def counter(namespace: str, name: str):
   return beam.metrics.Metrics.counter(namespace, name)
 
 
-def rows_by_stage(counters: Mapping[str, int], ns: str, stages) -> Dict[str, int]:
+def rows_by_stage(counters: Mapping[str, int], ns: str, stages,
+                  optional=("after_dedup",)) -> Dict[str, int]:
   """Rows that left each stage of the job, in order, from its counters (``stages``: (name,
-  counter) pairs; a stage that did not run, such as the dedup with --nodedup_sample_ids, is
-  left out). When rows do not reconcile, the first drop that set-aside rows do not explain
-  shows where they went missing."""
-  return {stage: int(counters[ns + name]) for stage, name in stages if ns + name in counters}
+  counter) pairs). A stage whose counter never moved passed on 0 rows, except an ``optional``
+  one, which is left out: it may not have run (the dedup with --nodedup_sample_ids). When
+  rows do not reconcile, ``unaccounted_by_hop`` names the hop that lost them."""
+  return {stage: int(counters.get(ns + name, 0)) for stage, name in stages
+          if ns + name in counters or stage not in optional}
+
+
+def unaccounted_by_hop(stages: Mapping[str, int], set_aside: Mapping[str, int],
+                       reason_stage: Mapping[str, str] = ()) -> Dict[str, int]:
+  """Rows that vanished between two stages without a set-aside reason, as
+  ``{"<stage>-><next stage>": rows}`` (hops that lost none are left out).
+
+  ``stages`` is ``rows_by_stage``'s output. A set-aside reason counts against the hop into
+  the stage named for it in ``reason_stage`` (the join's reasons: the ``joined`` stage); any
+  other reason against the hop out of the first stage (parsing and the dedup). A runner that
+  drops rows between two of the job's stages shows up here as the hop that lost them.
+  """
+  names = list(stages)
+  if len(names) < 2:
+    return {}
+  reason_stage = dict(reason_stage)
+  explained = {name: 0 for name in names[1:]}
+  for reason, n in set_aside.items():
+    stage = reason_stage.get(reason)
+    explained[stage if stage in explained else names[1]] += n
+  out = {}
+  for before, after in zip(names, names[1:]):
+    lost = stages[before] - stages[after] - explained[after]
+    if lost:
+      out[f"{before}->{after}"] = lost
+  return out
