@@ -60,3 +60,33 @@ def test_locate_missing_counts_written_and_dead_lettered_rows_as_kept(tmp_path):
   assert got["eval"]["missing"] == 0
   assert got["train"]["missing"] == 18
   assert got["train"]["largest"] == [{"first_line": 22, "last_line": 39, "rows": 18, "density": 1.0}]
+
+
+@pytest.mark.parametrize("embedding_optimizer", ["adagrad", "lazy_adam"])
+def test_train_step_profile_sorts_every_op_of_an_esmm_train_graph_into_its_part(embedding_optimizer):
+  """The profile's parts come from op names; on a real train graph each matmul lands in a tower
+  part, each table read in the pooling, each table update in the embedding optimizer."""
+  import train_step_profile as TSP
+  from model_fn import esmm
+  from model_fn.params import resolve_params
+  from preprocessing import features as F
+  fields = ["101", "205"]
+  with tf.Graph().as_default() as graph:
+    features = {F.ID_PREFIX + f: tf.compat.v1.sparse_placeholder(tf.int64, name=f"ids_{f}") for f in fields}
+    labels = {k: tf.compat.v1.placeholder(tf.float32, [None], name=k) for k in F.LABELS}
+    params = resolve_params({"model": "esmm", "format": "aliccp", "hash_buckets": {f: 100 for f in fields},
+                             "fields": fields, "embedding_dim": 4, "ctr_hidden_units": [8, 4],
+                             "cvr_hidden_units": [8, 4], "embedding_optimizer": embedding_optimizer})
+    esmm.esmm_model_fn(features, labels, tf.estimator.ModeKeys.TRAIN, params)
+  parts = {}
+  for op in graph.get_operations():
+    parts.setdefault(TSP.part_of(op.name), []).append(op)
+  matmuls = [op for op in graph.get_operations() if op.type == "MatMul"]
+  assert matmuls and all(TSP.part_of(op.name).startswith("towers, ") for op in matmuls)
+  assert any(op.type == "MatMul" for op in parts["towers, backward"])
+  reads = [op for op in graph.get_operations() if op.type == "ResourceGather" and op.name.startswith("embeddings/")]
+  assert reads and all(TSP.part_of(op.name) == "embedding lookup and pooling, forward" for op in reads)
+  updates = [op.type for op in parts["embedding optimizer"]]
+  assert any(t in ("ResourceSparseApplyAdagrad", "ResourceScatterSub") for t in updates), updates
+  assert "ResourceApplyAdam" in [op.type for op in parts["dense optimizer"]]
+  assert "ResourceApplyAdam" not in updates
