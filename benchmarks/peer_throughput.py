@@ -6,8 +6,9 @@
   .venv/bin/python benchmarks/peer_throughput.py --from_results=benchmarks/results/peer_throughput.json
 
 Systems (each in a process of its own, see benchmarks/peers/):
-  ours            this project: Estimator + esmm_model_fn reading its gzip TFRecords
-                  (model_fn.input_fn); Adam on the dense layers, Adagrad on the tables (the defaults)
+  ours            this project: Estimator + esmm_model_fn reading its gzip TFRecords (the train
+                  split's column blocks, as model_fn.train does; model_fn.input_fn); Adam on the
+                  dense layers, Adagrad on the tables (the defaults)
   ours_lazy_adam  the same with --embedding_optimizer=lazy_adam --embedding_learning_rate=1e-3
                   (Adam on the tables, updating only the batch's rows: model_fn/optimizers.py)
   deepctr         DeepCTR 0.9.4 ESMM (Keras), model.fit on in-memory numpy arrays, Adam
@@ -130,8 +131,11 @@ def ensure_peers_venv() -> str:
 def prepare_data(work: str, max_rows: int) -> Dict[str, object]:
   """Synthetic raw data and its preprocessing (reused when the same config was done before)."""
   from pipeline import synthetic
+  from preprocessing import features as F
   config = {"impressions": FLAGS.impressions, "test": FLAGS.test_impressions, "users": FLAGS.num_users,
-            "items": FLAGS.num_items, "seed": FLAGS.seed, "max_hash_buckets": max_rows}
+            "items": FLAGS.num_items, "seed": FLAGS.seed, "max_hash_buckets": max_rows,
+            # Data prepared before the train column blocks existed is prepared again.
+            "train_block_rows": F.DEFAULT_BLOCK_ROWS}
   raw, out = os.path.join(work, "raw"), os.path.join(work, "preprocessed")
   config_file = os.path.join(work, "data_config.json")
   if os.path.exists(config_file) and json.load(open(config_file)).get("config") == config:

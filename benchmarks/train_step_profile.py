@@ -11,6 +11,9 @@ TF1 session per measurement, in this process:
   step     the train op alone, fed one parsed batch cached in memory (no reading or parsing)
   full     the input_fn feeding the train op, as training runs
 
+input and full run once per --train_inputs: ``blocks`` (the train column blocks, what training
+reads) and ``examples`` (one tf.Example per row, what it read before the blocks).
+
 Examples/s of each (median of --repeats runs of --seconds, the three alternating so that drift
 in the machine's speed falls on all alike). Then --trace_steps traced steps of ``step``: the time
 of the ops by part of the model (tower forward/backward, pooling forward/backward, optimizer
@@ -45,7 +48,11 @@ from peer_throughput import FIELDS, ROOT  # noqa: E402
 from preprocessing import transform as T  # noqa: E402
 
 FLAGS = flags.FLAGS
-MODES = ("input", "step", "full")
+
+def modes():
+  """input:<train input>..., step, full:<train input>... (input and full once per --train_inputs)."""
+  return ([f"input:{t}" for t in FLAGS.train_inputs] + ["step"]
+          + [f"full:{t}" for t in FLAGS.train_inputs])
 OPTIMIZER_SCOPES = ("Adam", "Adagrad", "Ftrl", "GradientDescent")
 
 
@@ -60,6 +67,9 @@ def define_flags():
   flags.DEFINE_integer("batch_size", 1024, "Batch size.")
   flags.DEFINE_string("params", "{}", "JSON of model params over the defaults (e.g. "
                       "'{\"embedding_optimizer\": \"lazy_adam\"}').")
+  flags.DEFINE_multi_enum("train_inputs", ["blocks", "examples"], ["blocks", "examples"],
+                          "What the input reads, each measured: the train column blocks, the train "
+                          "tf.Examples.")
   flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "Output dir.")
   flags.DEFINE_string("name", "train_step_profile", "Results file stem.")
 
@@ -79,12 +89,14 @@ def _graph(mode: str, rows: int):
   with graph.as_default():
     tf.compat.v1.set_random_seed(1)
     tft_output = I.load_transform_output(FLAGS.data)
-    ds = I.make_input_fn(I.split_files(FLAGS.data, "train"), tft_output, FLAGS.batch_size,
-                         training=True, seed=1, fields=list(FIELDS))()
+    pattern, block_rows = I.train_files(FLAGS.data, mode.split(":")[1] if ":" in mode
+                                        else FLAGS.train_inputs[0])
+    ds = I.make_input_fn(pattern, tft_output, FLAGS.batch_size, training=True, seed=1,
+                         fields=list(FIELDS), block_rows=block_rows)()
     if mode == "step":
       ds = ds.take(1).cache().repeat()
     features, labels = tf.compat.v1.data.make_one_shot_iterator(ds).get_next()
-    if mode == "input":
+    if mode.startswith("input"):
       op = features
     else:
       op = esmm.esmm_model_fn(features, labels, tf.estimator.ModeKeys.TRAIN, _params(rows)).train_op
@@ -144,19 +156,24 @@ def trace(rows: int) -> Dict[str, Dict[str, float]]:
           "by_type": {k: v / scale for k, v in by_type.most_common(12)}}
 
 
+_HEAD = {"input": "input alone ({})", "step": "train step alone (cached batch)",
+         "full": "full: input ({}) + step"}
+
+
 def markdown(meta, throughput, traces) -> str:
   lines = ["# Where a training step spends its CPU", "",
            f"Command: `python benchmarks/train_step_profile.py {meta['argv']}`", "",
            f"Machine: {meta['machine']}. Data: {meta['data']}; fields {', '.join(FIELDS)}; "
            f"embedding 18, towers 360-200-80, batch {FLAGS.batch_size}; params {FLAGS.params}.", "",
            "## Examples per second (median; all runs in brackets)", "",
-           "| rows per table | input alone | train step alone (cached batch) | full (input + step) "
-           "| input's share of a full step's CPU |", "|---:|---:|---:|---:|---:|"]
+           "| rows per table | " + " | ".join(_HEAD[m.split(":")[0]].format(*m.split(":")[1:]) for m in modes())
+           + "".join(f" | input's share of a full step's CPU ({t})" for t in FLAGS.train_inputs) + " |",
+           "|---:" * (1 + len(modes()) + len(FLAGS.train_inputs)) + "|"]
   for rows, runs in throughput.items():
-    med = {m: statistics.median(runs[m]) for m in MODES}
-    share = (1 / med["input"]) / (1 / med["input"] + 1 / med["step"])
-    cells = [f"{med[m]:,.0f} ({', '.join(f'{r:,.0f}' for r in runs[m])})" for m in MODES]
-    lines.append(f"| {int(rows):,} | " + " | ".join(cells) + f" | {share:.0%} |")
+    med = {m: statistics.median(runs[m]) for m in modes()}
+    shares = [(1 / med[f"input:{t}"]) / (1 / med[f"input:{t}"] + 1 / med["step"]) for t in FLAGS.train_inputs]
+    cells = [f"{med[m]:,.0f} ({', '.join(f'{r:,.0f}' for r in runs[m])})" for m in modes()]
+    lines.append(f"| {int(rows):,} | " + " | ".join(cells) + "".join(f" | {x:.0%}" for x in shares) + " |")
   lines += ["", "Input's share: (1/input) / (1/input + 1/step), the share of the CPU a full step "
             "spends on input when the two share the cores without overlap.", ""]
   for rows, tr in traces.items():
@@ -178,10 +195,10 @@ def main(argv):
     raise SystemExit(f"{FLAGS.data} does not exist: run `python benchmarks/peer_throughput.py "
                      "--prepare_only` first, or give --data")
   sizes = [int(s) for s in FLAGS.table_rows]
-  throughput: Dict[str, Dict[str, List[float]]] = {str(s): {m: [] for m in MODES} for s in sizes}
+  throughput: Dict[str, Dict[str, List[float]]] = {str(s): {m: [] for m in modes()} for s in sizes}
   for r in range(FLAGS.repeats):
     for s in sizes:
-      for m in MODES:
+      for m in modes():
         eps = measure(m, s)
         throughput[str(s)][m].append(eps)
         print(f"repeat {r + 1}, {s:,} rows, {m}: {eps:,.0f} examples/s", flush=True)

@@ -208,12 +208,14 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
                        num_epochs: float = 1.0, train_steps: int = 0, eval_steps: int = 0,
                        seed: int = 42, save_checkpoints_steps: int = 1000,
                        do_export: bool = True, warm_start_from: Optional[str] = None,
-                       eval_throttle_secs: int = 30) -> Dict[str, Any]:
+                       eval_throttle_secs: int = 30, train_input: str = "auto") -> Dict[str, Any]:
   """Trains to the step budget (resuming), evaluates, exports. Returns metrics and export path.
 
   The step budget is global: on a cluster the chief and the workers together train
   ``train_steps`` steps. ``eval_throttle_secs``: on a cluster, the evaluator's shortest
-  interval between evaluations (on one machine every checkpoint is evaluated)."""
+  interval between evaluations (on one machine every checkpoint is evaluated). ``train_input``:
+  what training reads (input_fn.train_files: ``auto`` takes the column blocks when the
+  preprocessing run wrote them)."""
   tft_output = I.load_transform_output(transform_dir)
   params = resolve_params(params)
   I.require_labels(tft_output, params["model"], transform_dir)
@@ -227,11 +229,12 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   task = task_name(config)
   if config.is_chief:
     save_params(model_dir, params)
-  train_input = I.make_input_fn(I.split_files(transform_dir, "train"), tft_output, batch_size,
-                                training=True, num_epochs=None, seed=seed, fields=params["fields"])
+  train_pattern, block_rows = I.train_files(transform_dir, train_input)
+  train_fn = I.make_input_fn(train_pattern, tft_output, batch_size, training=True, num_epochs=None,
+                             seed=seed, fields=params["fields"], block_rows=block_rows)
   eval_input = I.make_input_fn(I.split_files(transform_dir, "eval"), tft_output, batch_size,
                                training=False, fields=params["fields"])
-  train_spec = tf.estimator.TrainSpec(train_input, max_steps=train_steps,
+  train_spec = tf.estimator.TrainSpec(train_fn, max_steps=train_steps,
                                       hooks=[TaskStepsHook(model_dir, task)])
   eval_spec = tf.estimator.EvalSpec(eval_input, steps=eval_steps or None,
                                     throttle_secs=eval_throttle_secs if is_distributed(config) else 0,

@@ -4,6 +4,7 @@ import json
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_transform as tft
 
@@ -71,11 +72,30 @@ def split_files(transform_dir: str, split: str) -> str:
   return os.path.join(transform_dir, split, "part-*.tfrecord.gz")
 
 
+TRAIN_INPUTS = ("auto", "blocks", "examples")
+
+
+def train_files(transform_dir: str, train_input: str = "auto") -> Tuple[str, int]:
+  """(file pattern, rows per block) of the training input: the column blocks when the run wrote
+  them (``auto``, ``blocks``), else the train tf.Examples (rows per block 0)."""
+  if train_input not in TRAIN_INPUTS:
+    raise ValueError(f"train_input must be one of {TRAIN_INPUTS}, got {train_input!r}")
+  blocks = _reconciliation(transform_dir)["splits"]["train"].get("blocks")
+  if train_input == "examples" or (train_input == "auto" and not blocks):
+    return split_files(transform_dir, "train"), 0
+  if not blocks:
+    raise ValueError(f"{transform_dir} has no train blocks (preprocessed with --train_block_rows=0 "
+                     "or before blocks existed): train on its tf.Examples (train_input 'examples' or "
+                     "'auto') or preprocess again")
+  return os.path.join(transform_dir, F.BLOCKS_DIR, "part-*.tfrecord.gz"), int(blocks["block_rows"])
+
+
 def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_size: int,
                   training: bool, num_epochs: Optional[int] = None, shuffle_buffer: int = 50_000,
                   seed: Optional[int] = None, labels_as_features: bool = False,
-                  fields: Optional[Sequence[str]] = None):
-  """An Estimator input_fn over gzip TFRecords of transformed tf.Examples.
+                  fields: Optional[Sequence[str]] = None, block_rows: int = 0):
+  """An Estimator input_fn over gzip TFRecords of transformed tf.Examples, or (``block_rows`` > 0)
+  of column blocks of up to ``block_rows`` rows each (train_files).
 
   Training: files shuffled, and examples in blocks of SHUFFLE_BLOCK consecutive records through a
   buffer of ``shuffle_buffer`` examples; repeated ``num_epochs`` times (None: forever). On a
@@ -86,25 +106,20 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
   so that parsing is vectorised. With ``labels_as_features`` the labels also stay in
   the features dict (for prediction with passthrough of labels and sample ids). With
   ``fields`` (a model's ``params['fields']``) only those fields' ids and weights are parsed.
+
+  Blocks: a block is the shuffled unit (its rows are a random draw from the ~1k rows around it,
+  see EncodeBlocks), and a batch is ``max(1, round(batch_size / block_rows))`` blocks, so it has
+  that many times ``block_rows`` rows, fewer where a block is short (the last of each of the
+  job's RecordBatches). Reading and parsing a few blocks per batch costs about a quarter of the CPU of
+  parsing a thousand tf.Examples (benchmarks/train_step_profile.py).
   """
   spec = feature_spec(tft_output, fields)
+  if block_rows:
+    return _block_input_fn(file_pattern, spec, batch_size, training, num_epochs, shuffle_buffer,
+                           seed, labels_as_features, block_rows)
 
   def input_fn(config=None):
-    files = tf.io.gfile.glob(file_pattern)
-    if not files:
-      raise ValueError(f"no TFRecord file matches {file_pattern}")
-    shards, index = training_shard(config) if training else (1, 0)
-    by_file = len(files) >= shards
-    ds = tf.data.Dataset.from_tensor_slices(sorted(files))
-    if shards > 1 and by_file:
-      ds = ds.shard(shards, index)
-    if training:
-      ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP", buffer_size=READ_BUFFER),
-                       cycle_length=min(4, len(files)), block_length=16,
-                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if shards > 1 and not by_file:
-      ds = ds.shard(shards, index)
+    ds = _records(file_pattern, training, seed, config)
     if training:
       # Shuffled in blocks of SHUFFLE_BLOCK consecutive records: a per-record shuffle cost
       # about as much CPU as reading and parsing together (benchmarks/peer_throughput.py).
@@ -119,6 +134,79 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
     return ds.prefetch(tf.data.AUTOTUNE)
 
   return input_fn
+
+
+def _records(file_pattern: str, training: bool, seed: Optional[int], config) -> tf.data.Dataset:
+  """The records of the files (this task's shard of them on a cluster), files shuffled in training."""
+  files = tf.io.gfile.glob(file_pattern)
+  if not files:
+    raise ValueError(f"no TFRecord file matches {file_pattern}")
+  shards, index = training_shard(config) if training else (1, 0)
+  by_file = len(files) >= shards
+  ds = tf.data.Dataset.from_tensor_slices(sorted(files))
+  if shards > 1 and by_file:
+    ds = ds.shard(shards, index)
+  if training:
+    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+  ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP", buffer_size=READ_BUFFER),
+                     cycle_length=min(4, len(files)), block_length=16,
+                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if shards > 1 and not by_file:
+    ds = ds.shard(shards, index)
+  return ds
+
+
+def _block_input_fn(file_pattern, spec, batch_size, training, num_epochs, shuffle_buffer, seed,
+                    labels_as_features, block_rows):
+  per_batch = max(1, round(batch_size / block_rows))
+  parse = block_parser(spec)
+
+  def input_fn(config=None):
+    ds = _records(file_pattern, training, seed, config)
+    if training:
+      ds = ds.shuffle(max(1, shuffle_buffer // block_rows), seed=seed, reshuffle_each_iteration=True)
+      ds = ds.repeat(num_epochs)
+    ds = ds.batch(per_batch)
+    ds = ds.map(lambda x: _split(parse(x), labels_as_features),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+  return input_fn
+
+
+def block_parser(spec: Dict[str, object]):
+  """serialized blocks [n] -> the features of all their rows, as tf.io.parse_example of the rows'
+  tf.Examples with ``spec`` would give them (SparseTensors for VarLen features)."""
+  block_spec = {}
+  for name, s in spec.items():
+    block_spec[name] = tf.io.VarLenFeature(s.dtype)
+    if isinstance(s, tf.io.VarLenFeature):
+      block_spec[name + F.BLOCK_LENGTHS_SUFFIX] = tf.io.VarLenFeature(tf.int64)
+    elif not isinstance(s, tf.io.FixedLenFeature):
+      raise ValueError(f"feature {name}: blocks hold VarLen and FixedLen features, not {type(s).__name__}")
+
+  def parse(serialized):
+    blocks = tf.io.parse_example(serialized, block_spec)
+    out, rows = {}, None
+    for name, s in spec.items():
+      if isinstance(s, tf.io.VarLenFeature):
+        lengths = blocks[name + F.BLOCK_LENGTHS_SUFFIX].values
+        out[name] = tf.RaggedTensor.from_row_lengths(blocks[name].values, lengths).to_sparse()
+        rows = tf.size(lengths, out_type=tf.int64)
+    for name, s in spec.items():
+      if isinstance(s, tf.io.FixedLenFeature):
+        values = blocks[name].values
+        width = int(np.prod(s.shape))
+        checks = []
+        if rows is not None:
+          checks.append(tf.debugging.assert_equal(
+              tf.size(values, out_type=tf.int64), rows * width,
+              message=f"a block's {name} does not have {width} value(s) per row"))
+        with tf.control_dependencies(checks):
+          out[name] = tf.reshape(values, [-1] + list(s.shape))
+    return out
+
+  return parse
 
 
 def feature_spec(tft_output: tft.TFTransformOutput, fields: Optional[Sequence[str]] = None):

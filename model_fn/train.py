@@ -73,6 +73,9 @@ def define_flags():
   flags.DEFINE_integer("eval_throttle_secs", 30, "On a cluster: the evaluator's shortest interval "
                        "between two evaluations.")
   flags.DEFINE_boolean("export", True, "Export a SavedModel at the end.")
+  flags.DEFINE_enum("train_input", "auto", list(I.TRAIN_INPUTS), "What training reads: the train "
+                    "split's column blocks (blocks), its tf.Examples (examples), or the blocks when "
+                    "the preprocessing run wrote them (auto).")
 
 
 def params_from_flags(tft_output, fmt: str) -> Dict[str, Any]:
@@ -113,7 +116,7 @@ def main(argv):
     out = E.train_and_evaluate(FLAGS.transform_dir, FLAGS.model_dir, params, FLAGS.batch_size,
                              FLAGS.num_epochs, FLAGS.train_steps, FLAGS.eval_steps, FLAGS.seed,
                              FLAGS.save_checkpoints_steps, FLAGS.export,
-                             eval_throttle_secs=FLAGS.eval_throttle_secs)
+                             eval_throttle_secs=FLAGS.eval_throttle_secs, train_input=FLAGS.train_input)
   except (I.IncompleteTransformOutput, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

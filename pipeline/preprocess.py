@@ -20,11 +20,14 @@ no ``conversion`` nor ``ctcvr``). --crosses lists the feature crosses hashed in 
 Then the TFT ``preprocessing_fn`` hashes every categorical field and the job writes:
 
   OUT/train/part-*.tfrecord.gz, OUT/eval/part-*.tfrecord.gz   transformed tf.Examples
+  OUT/train_blocks/part-*.tfrecord.gz   the train split again as column blocks of
+      --train_block_rows rows (what training reads; preprocessing.transform.EncodeBlocks)
   OUT/transform_fn/, OUT/transformed_metadata/                the TFT graph and schema
   OUT/dead_letter/{train,eval}-*.jsonl                        rows set aside, with reasons
   OUT/reconciliation.json                                     written last: marks the output complete
-      (format, inputs, labels, crosses, max_hash_buckets, and per split the rows read =
-      written + set aside per reason)
+      (format, inputs, labels, crosses, max_hash_buckets, per split the rows read =
+      written + set aside per reason, and the train blocks' rows, which must equal the train
+      split's rows written)
 
 The job writes into OUT.staging-<id> and renames it to OUT only when it has finished,
 every row is accounted for, and no split set aside more than --max_dead_letter_fraction
@@ -85,6 +88,9 @@ def define_flags():
                        "set aside rows whose copies differ (each with its reason).")
   flags.DEFINE_float("max_dead_letter_fraction", 0.5, "Do not publish the output when more than this "
                      "fraction of a split's rows was set aside (the wrong files or --format).")
+  flags.DEFINE_integer("train_block_rows", F.DEFAULT_BLOCK_ROWS, "Rows per column block of "
+                       "OUT/train_blocks, the training input (0: write no blocks; training then "
+                       "reads the train tf.Examples, about 4x the CPU per row).")
   flags.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
 
 SPLITS = (("train", "train"), ("eval", "test"))   # (output split, release file suffix)
@@ -188,12 +194,14 @@ def _scan_avazu(patterns) -> avazu.Inputs:
 
 def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_dir: str,
                    max_hash_buckets: int, num_shards: int, crosses: Sequence[F.Field] = (),
-                   inputs: Optional[avazu.Inputs] = None, dedup_sample_ids: bool = True) -> None:
+                   inputs: Optional[avazu.Inputs] = None, dedup_sample_ids: bool = True,
+                   train_block_rows: int = F.DEFAULT_BLOCK_ROWS) -> None:
   """Adds the whole job to pipeline ``p``.
 
   ``crosses``: cross fields (F.parse_crosses). ``inputs``: for Avazu, the scanned files
   and headers (scanned here if not given). ``dedup_sample_ids``: resolve rows sharing a
-  sample id (pipeline/sources/dedup.py).
+  sample id (pipeline/sources/dedup.py). ``train_block_rows``: rows per column block of
+  the train split written again under train_blocks/ (0: none).
   """
   if fmt == "aliccp":
     labels = F.RAW_LABELS
@@ -232,9 +240,22 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
            | f"Write_{split}" >> beam.io.WriteToTFRecord(
                os.path.join(output_dir, split, "part"), file_name_suffix=".tfrecord.gz",
                num_shards=num_shards, compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+      if split == "train" and train_block_rows:
+        _ = (data
+             | "EncodeBlocks_train" >> beam.ParDo(T.EncodeBlocks(f"{fmt}/{split}", train_block_rows))
+             | "WriteBlocks_train" >> beam.io.WriteToTFRecord(
+                 os.path.join(output_dir, F.BLOCKS_DIR, "part"), file_name_suffix=".tfrecord.gz",
+                 num_shards=num_shards, compression_type=beam.io.filesystem.CompressionTypes.GZIP))
       _ = (read[split][DEAD]
            | f"WriteDeadLetters_{split}" >> beam.io.WriteToText(
                os.path.join(output_dir, "dead_letter", split), file_name_suffix=".jsonl"))
+
+
+def reconcile_blocks(counters: Dict[str, int], ns: str, rows_written: int, block_rows: int) -> dict:
+  """The train blocks' counts; balanced when they hold exactly the rows written as tf.Examples."""
+  rows = int(counters.get(ns + "rows_written_in_blocks", 0))
+  return {"block_rows": block_rows, "blocks_written": int(counters.get(ns + "blocks_written", 0)),
+          "rows_written": rows, "balanced": rows == rows_written}
 
 
 def _balanced(fmt: str, r: dict) -> bool:
@@ -254,6 +275,7 @@ def format_reconciliation(rec: Dict[str, dict], fmt: str = "aliccp") -> str:
         lines.append(f"      {reason}: {n:,}")
       lines.append(f"    files {r['files']:,}, header lines {r['header_lines']:,} (not rows)")
       lines.append(_stage_line(r))
+      lines += _blocks_lines(r)
       continue
     dead = r["skeleton_rows_set_aside"]
     lines.append(f"  {split}: skeleton rows read {r['skeleton_rows_read']:,} = written "
@@ -270,7 +292,16 @@ def format_reconciliation(rec: Dict[str, dict], fmt: str = "aliccp") -> str:
     if r["unknown_field_items_skipped"]:
       lines.append(f"    feature items of unknown fields skipped: {r['unknown_field_items_skipped']:,}")
     lines.append(_stage_line(r))
+    lines += _blocks_lines(r)
   return "\n".join(lines)
+
+
+def _blocks_lines(r: dict) -> List[str]:
+  if "blocks" not in r:
+    return []
+  b = r["blocks"]
+  return [f"    train blocks: rows {b['rows_written']:,} in {b['blocks_written']:,} blocks of up to "
+          f"{b['block_rows']} rows  [{'OK' if b['balanced'] else 'MISMATCH with the rows written'}]"]
 
 
 def _stage_line(r: dict) -> str:
@@ -343,7 +374,8 @@ class BadOutput(UsageError):
 def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buckets: int = 0,
         num_shards: int = 0, overwrite: bool = False, temp_dir: str = None,
         crosses: Optional[Sequence[str]] = None, dedup_sample_ids: bool = True,
-        max_dead_letter_fraction: float = 0.5) -> Dict[str, dict]:
+        max_dead_letter_fraction: float = 0.5,
+        train_block_rows: int = F.DEFAULT_BLOCK_ROWS) -> Dict[str, dict]:
   """Runs the job to completion; returns the reconciliation per split.
 
   ``crosses``: ``a:b`` specs (None: the format's default crosses). For Avazu every
@@ -354,7 +386,10 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   of a split's rows were set aside; ``reconciliation.json`` is written last, into the
   published dir. A killed run leaves only its staging dir (removed by the next run), and
   with ``overwrite`` the previous output stays until the new one replaces it.
+  ``train_block_rows``: see build_pipeline; the blocks' rows must add up to the train split's.
   """
+  if train_block_rows < 0:
+    raise UsageError(f"--train_block_rows must be 0 (no blocks) or more, got {train_block_rows}")
   try:
     cross_fields = F.parse_crosses(fmt, crosses)
   except ValueError as e:
@@ -379,7 +414,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   options = PipelineOptions(beam_args, save_main_session=False)
   p = beam.Pipeline(options=options)
   build_pipeline(p, fmt, patterns, staging, temp_dir, max_hash_buckets, num_shards,
-                 cross_fields, inputs, dedup_sample_ids)
+                 cross_fields, inputs, dedup_sample_ids, train_block_rows)
   result = p.run()
   result.wait_until_finish()
   counters = _counters(result)
@@ -387,6 +422,9 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     rec = {split: avazu.reconcile(counters, split, len(inputs.files[split])) for split, _ in SPLITS}
   else:
     rec = {split: aliccp.reconcile(counters, split) for split, _ in SPLITS}
+  if train_block_rows:
+    rec["train"]["blocks"] = reconcile_blocks(counters, f"{fmt}/train/", rec["train"]["rows_written"],
+                                              train_block_rows)
   rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
              "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec,
              "dedup_sample_ids": dedup_sample_ids}
@@ -395,7 +433,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     rec_all["empty_files"] = {split: list(files) for split, files in inputs.empty_files.items()}
   if own_temp and tf.io.gfile.exists(temp_dir):
     tf.io.gfile.rmtree(temp_dir)
-  if not all(_balanced(fmt, r) for r in rec.values()):
+  if not all(_balanced(fmt, r) and r.get("blocks", {}).get("balanced", True) for r in rec.values()):
     hint = ("\n" + RUNNER_LOST_ROWS_HINT
             if any(r.get("rows_unaccounted_by_hop") for r in rec.values()) else "")
     raise RuntimeError(f"row counts do not reconcile; output not published (left in {staging}):\n"
@@ -426,7 +464,7 @@ def main(argv):
     patterns = _input_patterns(FLAGS.input_dir, overrides, FLAGS.format)
     rec = run(FLAGS.format, patterns, FLAGS.output_dir, beam_args, FLAGS.max_hash_buckets,
               FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir, FLAGS.crosses,
-              FLAGS.dedup_sample_ids, FLAGS.max_dead_letter_fraction)
+              FLAGS.dedup_sample_ids, FLAGS.max_dead_letter_fraction, FLAGS.train_block_rows)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -37,6 +37,12 @@ DAY = "day"
 # The run marker pipeline.preprocess writes last (row counts per split, format, labels);
 # the trainer refuses a directory without it.
 RECONCILIATION = "reconciliation.json"
+# The train split again as column blocks (preprocessing.transform.EncodeBlocks), under the output dir.
+BLOCKS_DIR = "train_blocks"
+# A column's row lengths in a block.
+BLOCK_LENGTHS_SUFFIX = "/lengths"
+# Rows per block (pipeline.preprocess --train_block_rows).
+DEFAULT_BLOCK_ROWS = 128
 # Counter of the rows the job hands to TFT, per split (<format>/<split>/rows_into_transform).
 ROWS_INTO_TRANSFORM = "rows_into_transform"
 

@@ -126,6 +126,74 @@ def test_join_attaches_the_right_user_side_to_each_impression(run):
   assert checked == 200
 
 
+def _rows_by_sample_id(features):
+  """Per sample id, each feature's values of that row (a list; VarLen rows without padding)."""
+  cols = {}
+  for name, t in features.items():
+    if isinstance(t, tf.SparseTensor):
+      rt = tf.RaggedTensor.from_sparse(t)
+      cols[name] = [r.tolist() for r in rt.numpy()] if rt.nrows() else []
+    else:
+      cols[name] = t.numpy().tolist()
+  ids = cols["sample_id"]
+  return {int(ids[i] if not isinstance(ids[i], list) else ids[i][0]): {k: v[i] for k, v in cols.items()}
+          for i in range(len(ids))}
+
+
+def test_train_blocks_hold_exactly_the_train_rows(run):
+  """The column blocks training reads decode to the same rows, value for value, as the train
+  tf.Examples; each row once; blocks of at most 128 rows, their rows drawn out of order."""
+  rec = run["rec"]["train"]
+  blocks = rec["blocks"]
+  assert blocks["balanced"] and blocks["rows_written"] == rec["rows_written"] == 3997
+  assert blocks["block_rows"] == F.DEFAULT_BLOCK_ROWS
+  assert blocks["blocks_written"] >= 3997 // F.DEFAULT_BLOCK_ROWS
+  pattern, block_rows = I.train_files(run["out"])
+  assert F.BLOCKS_DIR in pattern and block_rows == F.DEFAULT_BLOCK_ROWS
+  spec = run["tft_output"].transformed_feature_spec()
+  records = list(tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), "GZIP").as_numpy_iterator())
+  assert len(records) == blocks["blocks_written"]
+  parse = I.block_parser(spec)
+  sizes = [int(tf.size(parse(tf.constant([r]))["click"])) for r in records]
+  assert sum(sizes) == 3997 and max(sizes) <= F.DEFAULT_BLOCK_ROWS
+  from_blocks = _rows_by_sample_id(parse(tf.constant(records)))
+  examples = list(tf.data.TFRecordDataset(tf.io.gfile.glob(I.split_files(run["out"], "train")),
+                                          "GZIP").as_numpy_iterator())
+  from_examples = _rows_by_sample_id(tf.io.parse_example(tf.constant(examples), spec))
+  assert len(from_blocks) == len(from_examples) == 3997
+  assert from_blocks == from_examples
+  # Rows are permuted within each of the job's batches before being cut into blocks: no block
+  # is a run of consecutive rows of the tf.Example files.
+  position = {sid: i for i, sid in enumerate(
+      tf.io.parse_example(tf.constant(examples), {"sample_id": spec["sample_id"]})["sample_id"].numpy().ravel())}
+  runs = 0
+  for r in records:
+    at = sorted(position[sid] for sid in parse(tf.constant([r]))["sample_id"].numpy().ravel())
+    runs += len(at) >= 3 and at == list(range(at[0], at[0] + len(at)))
+  assert runs == 0
+
+
+def test_trainer_reads_blocks_or_examples_as_asked(run, tmp_path):
+  assert I.train_files(run["out"], "examples") == (I.split_files(run["out"], "train"), 0)
+  marker = json.load(open(os.path.join(run["out"], F.RECONCILIATION)))
+  del marker["splits"]["train"]["blocks"]
+  no_blocks = tmp_path / "no_blocks"
+  no_blocks.mkdir()
+  (no_blocks / F.RECONCILIATION).write_text(json.dumps(marker))
+  assert I.train_files(str(no_blocks)) == (I.split_files(str(no_blocks), "train"), 0)
+  with pytest.raises(ValueError, match="no train blocks"):
+    I.train_files(str(no_blocks), "blocks")
+  with pytest.raises(ValueError, match="train_input must be one of"):
+    I.train_files(run["out"], "columns")
+  # A training batch of 256 rows is two blocks of 128.
+  pattern, block_rows = I.train_files(run["out"])
+  features, labels = next(iter(I.make_input_fn(pattern, run["tft_output"], 256, training=True, seed=1,
+                                               block_rows=block_rows)()))
+  rows = labels["click"].shape[0]
+  assert 0 < rows <= 256 and features["id_101"].dense_shape[0] == rows and features["sample_id"].shape[0] == rows
+  assert set(labels) == set(F.LABELS)
+
+
 def test_training_reports_the_protocol_metrics_and_they_match_sklearn(run):
   m = run["result"]["metrics"]
   for key in ("auc/ctr", "auc/ctcvr", "auc/cvr", "log_loss/ctr", "log_loss/ctcvr", "log_loss/cvr",

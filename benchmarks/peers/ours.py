@@ -1,6 +1,7 @@
 """This project's ESMM in the peer benchmark (run with this project's .venv by
 benchmarks/peer_throughput.py): the Estimator and esmm_model_fn read the transformed gzip
-TFRecords through model_fn.input_fn, as `python -m model_fn.train` does; Adam on the dense
+TFRecords (the train column blocks when the data has them) through model_fn.input_fn, as
+`python -m model_fn.train` does; Adam on the dense
 layers, Adagrad (sparse: only the rows in the batch) on the tables. ``--data`` is the
 transform output; only ``--fields`` are parsed and embedded, each table ``--table_rows`` rows."""
 
@@ -43,9 +44,10 @@ def main():
   estimator = E.make_estimator(model_dir, params, seed=args.seed, save_checkpoints_steps=10**9)
   E.save_params(model_dir, params)
   clock = common.Clock(args.warmup_steps, args.seconds)
-  train_input = I.make_input_fn(I.split_files(args.data, "train"), tft_output, args.batch_size,
-                                training=True, num_epochs=None if args.seconds > 0 else args.epochs,
-                                seed=args.seed, fields=args.fields)
+  pattern, block_rows = I.train_files(args.data)
+  train_input = I.make_input_fn(pattern, tft_output, args.batch_size, training=True,
+                                num_epochs=None if args.seconds > 0 else args.epochs,
+                                seed=args.seed, fields=args.fields, block_rows=block_rows)
   estimator.train(train_input, hooks=[ClockHook(clock)])
   predictions = None
   if args.seconds <= 0:
