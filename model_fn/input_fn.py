@@ -111,7 +111,7 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
   see EncodeBlocks), and a batch is ``max(1, round(batch_size / block_rows))`` blocks, so it has
   that many times ``block_rows`` rows, fewer where a block is short (the last of each of the
   job's RecordBatches). Reading and parsing a few blocks per batch costs about a quarter of the CPU of
-  parsing a thousand tf.Examples (benchmarks/train_step_profile.py).
+  reading and parsing a thousand tf.Examples (benchmarks/train_step_profile.py).
   """
   spec = feature_spec(tft_output, fields)
   if block_rows:
