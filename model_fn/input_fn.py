@@ -114,13 +114,16 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
   reading and parsing a thousand tf.Examples (benchmarks/train_step_profile.py).
   """
   spec = feature_spec(tft_output, fields)
-  if block_rows:
-    return _block_input_fn(file_pattern, spec, batch_size, training, num_epochs, shuffle_buffer,
-                           seed, labels_as_features, block_rows)
+  parse = block_parser(spec) if block_rows else (lambda serialized: tf.io.parse_example(serialized, spec))
 
   def input_fn(config=None):
     ds = _records(file_pattern, training, seed, config)
-    if training:
+    if block_rows:
+      if training:
+        ds = ds.shuffle(max(1, shuffle_buffer // block_rows), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.repeat(num_epochs)
+      ds = ds.batch(max(1, round(batch_size / block_rows)))
+    elif training:
       # Shuffled in blocks of SHUFFLE_BLOCK consecutive records: a per-record shuffle cost
       # about as much CPU as reading and parsing together (benchmarks/peer_throughput.py).
       ds = ds.batch(SHUFFLE_BLOCK)
@@ -129,7 +132,7 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
       ds = ds.rebatch(batch_size)
     else:
       ds = ds.batch(batch_size)
-    ds = ds.map(lambda x: _split(tf.io.parse_example(x, spec), labels_as_features),
+    ds = ds.map(lambda x: _split(parse(x), labels_as_features),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -154,24 +157,6 @@ def _records(file_pattern: str, training: bool, seed: Optional[int], config) -> 
   if shards > 1 and not by_file:
     ds = ds.shard(shards, index)
   return ds
-
-
-def _block_input_fn(file_pattern, spec, batch_size, training, num_epochs, shuffle_buffer, seed,
-                    labels_as_features, block_rows):
-  per_batch = max(1, round(batch_size / block_rows))
-  parse = block_parser(spec)
-
-  def input_fn(config=None):
-    ds = _records(file_pattern, training, seed, config)
-    if training:
-      ds = ds.shuffle(max(1, shuffle_buffer // block_rows), seed=seed, reshuffle_each_iteration=True)
-      ds = ds.repeat(num_epochs)
-    ds = ds.batch(per_batch)
-    ds = ds.map(lambda x: _split(parse(x), labels_as_features),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
-
-  return input_fn
 
 
 def block_parser(spec: Dict[str, object]):

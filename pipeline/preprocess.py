@@ -237,18 +237,21 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
     for split, data in (("train", train_data), ("eval", eval_data)):
       _ = (data
            | f"Encode_{split}" >> beam.ParDo(T.EncodeRecordBatches(f"{fmt}/{split}"))
-           | f"Write_{split}" >> beam.io.WriteToTFRecord(
-               os.path.join(output_dir, split, "part"), file_name_suffix=".tfrecord.gz",
-               num_shards=num_shards, compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+           | f"Write_{split}" >> _write_tfrecords(os.path.join(output_dir, split), num_shards))
       if split == "train" and train_block_rows:
         _ = (data
              | "EncodeBlocks_train" >> beam.ParDo(T.EncodeBlocks(f"{fmt}/{split}", train_block_rows))
-             | "WriteBlocks_train" >> beam.io.WriteToTFRecord(
-                 os.path.join(output_dir, F.BLOCKS_DIR, "part"), file_name_suffix=".tfrecord.gz",
-                 num_shards=num_shards, compression_type=beam.io.filesystem.CompressionTypes.GZIP))
+             | "WriteBlocks_train" >> _write_tfrecords(os.path.join(output_dir, F.BLOCKS_DIR), num_shards))
       _ = (read[split][DEAD]
            | f"WriteDeadLetters_{split}" >> beam.io.WriteToText(
                os.path.join(output_dir, "dead_letter", split), file_name_suffix=".jsonl"))
+
+
+def _write_tfrecords(directory: str, num_shards: int) -> beam.PTransform:
+  """Writes serialized records as DIRECTORY/part-*.tfrecord.gz (what model_fn.input_fn reads)."""
+  return beam.io.WriteToTFRecord(os.path.join(directory, "part"), file_name_suffix=".tfrecord.gz",
+                                 num_shards=num_shards,
+                                 compression_type=beam.io.filesystem.CompressionTypes.GZIP)
 
 
 def reconcile_blocks(counters: Dict[str, int], ns: str, rows_written: int, block_rows: int) -> dict:
