@@ -2,7 +2,7 @@
 
   .venv/bin/python benchmarks/peer_throughput.py [--impressions=1000000] [--test_impressions=200000] \
       [--sizes=10000,100000,1000000] [--repeats=3] [--seconds=20] [--auc_sizes=10000,100000] \
-      [--epochs=1] [--systems=ours,ours_lazy_adam,deepctr,rechub]
+      [--epochs=1] [--auc_seeds=3] [--systems=ours,ours_lazy_adam,deepctr,rechub]
   .venv/bin/python benchmarks/peer_throughput.py --from_results=benchmarks/results/peer_throughput.json
 
 Systems (each in a process of its own, see benchmarks/peers/):
@@ -29,9 +29,13 @@ on its own.
 
 Throughput: examples/s between step --warmup_steps and --seconds later, --repeats runs per system
 and size, the systems alternating (the order rotates each repeat); the median is reported.
-Quality: one run per system and size in --auc_sizes trains --epochs full passes, then the
-test split is scored here with one AUC function for all: CTR and CTCVR AUC over all
-impressions, CVR AUC over clicked impressions (the paper's protocol). Peak memory: each run's
+Quality: --auc_seeds runs per system and size in --auc_sizes (model seeds --seed, --seed + 1,
+...; the data stays the same) each train --epochs full passes, then the test split is scored
+here with one AUC function for all: CTR and CTCVR AUC over all impressions, CVR AUC over
+clicked impressions (the paper's protocol). The tables give each AUC's mean and standard
+deviation over the seeds, and the targets compare means: on 200k test impressions the CTCVR
+and CVR AUCs of one run move by about 0.01 from seed to seed, twice the tolerance of the
+"no worse" target, so one run per system cannot tell the systems apart. Peak memory: each run's
 peak resident set (VmHWM). Writes benchmarks/results/peer_throughput.{json,md,png};
 --from_results renders them again from the per-run records of a results JSON.
 """
@@ -86,6 +90,8 @@ def define_flags():
   flags.DEFINE_list("auc_sizes", ["10000", "100000"], "Sizes at which every system trains "
                     "--epochs full passes and is scored on the test split.")
   flags.DEFINE_integer("epochs", 1, "Passes over the train split for the quality runs.")
+  flags.DEFINE_integer("auc_seeds", 3, "Quality runs per system and size, model seeds --seed, "
+                       "--seed + 1, ...")
   flags.DEFINE_integer("repeats", 3, "Throughput runs per system and size.")
   flags.DEFINE_float("seconds", 20.0, "Timed seconds of a throughput run.")
   flags.DEFINE_integer("warmup_steps", 20, "Steps before the timed window.")
@@ -202,7 +208,7 @@ def _aucs(pred_file: str) -> Dict[str, float]:
 
 
 def run_one(system: str, size: int, data: Dict[str, object], peers_python: str, tag: str,
-            seconds: float) -> Dict[str, object]:
+            seconds: float, seed: int) -> Dict[str, object]:
   python = sys.executable if system in OURS else peers_python
   run_dir = os.path.join(FLAGS.work_dir, "runs", tag)
   shutil.rmtree(run_dir, ignore_errors=True)
@@ -215,7 +221,7 @@ def run_one(system: str, size: int, data: Dict[str, object], peers_python: str, 
          f"--data={data['transform_dir'] if system in OURS else data['arrays']}",
          f"--fields={','.join(FIELDS)}", f"--table_rows={size}",
          f"--buckets={json.dumps({f: buckets[f] for f in FIELDS})}", f"--seconds={seconds}",
-         f"--epochs={FLAGS.epochs}", f"--warmup_steps={FLAGS.warmup_steps}", f"--seed={FLAGS.seed}",
+         f"--epochs={FLAGS.epochs}", f"--warmup_steps={FLAGS.warmup_steps}", f"--seed={seed}",
          f"--work_dir={run_dir}", f"--out={out}"]
   if system in OURS:
     cmd.append(f"--params={json.dumps(OURS[system])}")
@@ -223,6 +229,7 @@ def run_one(system: str, size: int, data: Dict[str, object], peers_python: str, 
   _run(cmd, os.path.join(run_dir, "log.txt"))
   result = json.load(open(out))
   result["wall_s"] = time.time() - t
+  result["model_seed"] = seed
   if "predictions" in result:
     result["auc"] = {k: float(v) for k, v in _aucs(result["predictions"]).items()}
   print(f"  {tag}: {result['examples_per_s']:,.0f} examples/s, peak {result['peak_rss_mb']:,.0f} MB"
@@ -244,10 +251,27 @@ def summarize(runs: List[Dict[str, object]], systems: List[str], sizes: List[int
       measured = [r["peak_rss_mb"] for r in rs if r.get("peak_rss_source") == "VmHWM"]
       if measured:
         mem[f"{s}@{n}"] = max(measured)
-      for r in rs:
-        if "auc" in r:
-          auc[f"{s}@{n}"] = {**r["auc"], "epoch_examples_per_s": r["examples_per_s"]}
+      scored = [r for r in rs if "auc" in r]
+      if scored:
+        auc[f"{s}@{n}"] = _auc_summary(scored)
   return {"throughput": thr, "peak_rss_mb": mem, "auc": auc}
+
+
+def _auc_summary(scored: List[Dict[str, object]]) -> Dict[str, object]:
+  """Each AUC's mean and standard deviation over the runs (seeds) of one system and size."""
+  out: Dict[str, object] = {"seeds": [r.get("model_seed") for r in scored],
+                            "epoch_examples_per_s": statistics.median(r["examples_per_s"] for r in scored)}
+  for metric in ("ctr", "ctcvr", "cvr_clicked"):
+    vals = [r["auc"][metric] for r in scored]
+    out[metric] = statistics.fmean(vals)
+    out[f"{metric}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
+    out[f"{metric}_runs"] = vals
+  return out
+
+
+def _mean_sd(a: Dict[str, object], metric: str) -> str:
+  sd = a.get(f"{metric}_sd")
+  return f"{a[metric]:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
 
 
 def targets(summary, systems, sizes) -> List[Dict[str, object]]:
@@ -276,7 +300,8 @@ def targets(summary, systems, sizes) -> List[Dict[str, object]]:
         peer_vals = [summary["auc"][f"{p}@{n}"][metric] for p in peers if f"{p}@{n}" in summary["auc"]]
         if peer_vals:
           best = max(peer_vals)
-          out.append({"target": f"{name}, {metric} AUC at {int(n):,} rows >= best peer - {AUC_TOLERANCE}",
+          out.append({"target": f"{name}, {metric} AUC at {int(n):,} rows >= best peer - {AUC_TOLERANCE} "
+                                f"(means over {len(a['seeds'])} seeds)",
                       "value": f"{a[metric]:.4f} vs {best:.4f}", "met": bool(a[metric] >= best - AUC_TOLERANCE)})
   return out
 
@@ -308,12 +333,13 @@ def markdown(meta, summary, goals, systems, sizes) -> str:
   if summary["auc"]:
     lines += ["", f"## Test AUCs after {FLAGS.epochs} epoch(s) of {meta['train_rows']:,} impressions "
               "(CTR, CTCVR over all test impressions; CVR over clicked ones)", "",
-              "| rows per table | system | CTR AUC | CTCVR AUC | CVR AUC (clicked) | examples/s over the epoch |",
-              "|---:|---|---:|---:|---:|---:|"]
+              "Mean ± standard deviation over the model seeds (the runs' values are in the JSON).", "",
+              "| rows per table | system | seeds | CTR AUC | CTCVR AUC | CVR AUC (clicked) | examples/s over the epoch |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
     for key, a in sorted(summary["auc"].items(), key=lambda kv: (int(kv[0].split("@")[1]), kv[0])):
       s, n = key.split("@")
-      lines.append(f"| {int(n):,} | {SYSTEMS[s][0]} | {a['ctr']:.4f} | {a['ctcvr']:.4f} | "
-                   f"{a['cvr_clicked']:.4f} | {a['epoch_examples_per_s']:,.0f} |")
+      lines.append(f"| {int(n):,} | {SYSTEMS[s][0]} | {len(a['seeds'])} | {_mean_sd(a, 'ctr')} | "
+                   f"{_mean_sd(a, 'ctcvr')} | {_mean_sd(a, 'cvr_clicked')} | {a['epoch_examples_per_s']:,.0f} |")
   if goals:
     lines += ["", "## Targets of the issue", "", "| target | value | met |", "|---|---:|---|"]
     lines += [f"| {g['target']} | {g['value']} | {'-' if g['met'] is None else ('yes' if g['met'] else 'NO')} |"
@@ -379,12 +405,13 @@ def main(argv):
     for rep in range(FLAGS.repeats):
       order = systems[rep % len(systems):] + systems[:rep % len(systems)]
       for s in order:
-        r = run_one(s, n, data, peers_python, f"{s}-{n}-r{rep}", FLAGS.seconds)
+        r = run_one(s, n, data, peers_python, f"{s}-{n}-r{rep}", FLAGS.seconds, FLAGS.seed)
         runs.append({**r, "key": s})
-  for n in auc_sizes:
-    for s in systems:
-      r = run_one(s, n, data, peers_python, f"{s}-{n}-epochs", 0.0)
-      runs.append({**r, "key": s})
+  for seed in range(FLAGS.seed, FLAGS.seed + FLAGS.auc_seeds):
+    for n in auc_sizes:
+      for s in systems:
+        r = run_one(s, n, data, peers_python, f"{s}-{n}-epochs-s{seed}", 0.0, seed)
+        runs.append({**r, "key": s})
   meta = {"command": "python benchmarks/peer_throughput.py " + " ".join(sys.argv[1:]),
           "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
           "seconds": time.time() - start, "train_rows": data["train_rows"],
