@@ -12,8 +12,8 @@ Systems (each in a process of its own, see benchmarks/peers/):
   ours_lazy_adam  the same with --embedding_optimizer=lazy_adam --embedding_learning_rate=1e-3
                   (Adam on the tables, updating only the batch's rows: model_fn/optimizers.py)
   ours_lazy_adam_small_init  (only when named in --systems) the same with
-                  --embedding_init_stddev=1e-4, DeepCTR's embedding init: ids the training never
-                  saw start near zero instead of as noise of stddev 0.05
+                  --embedding_init_stddev=1e-4, DeepCTR's embedding init: the tables' rows start
+                  near zero instead of as noise of stddev 0.05
   deepctr         DeepCTR 0.9.4 ESMM (Keras), model.fit on in-memory numpy arrays, Adam
   rechub          torch-rechub 0.9.0 ESMM (PyTorch 2.13.0 CPU), DataGenerator/DataLoader +
                   MTLTrainer, Adam
@@ -79,15 +79,16 @@ SYSTEMS = {
 }
 PEERS = ("deepctr", "rechub")
 # This project's configurations: model params over the defaults.
-OURS = {"ours": {}, "ours_lazy_adam": {"embedding_optimizer": "lazy_adam", "embedding_learning_rate": 1e-3},
-        "ours_lazy_adam_small_init": {"embedding_optimizer": "lazy_adam", "embedding_learning_rate": 1e-3,
-                                      "embedding_init_stddev": 1e-4}}
+LAZY_ADAM = {"embedding_optimizer": "lazy_adam", "embedding_learning_rate": 1e-3}
+OURS = {"ours": {}, "ours_lazy_adam": LAZY_ADAM,
+        "ours_lazy_adam_small_init": {**LAZY_ADAM, "embedding_init_stddev": 1e-4}}
 # The systems a plain invocation runs (--systems); the others are opt-in variants.
 DEFAULT_SYSTEMS = ("ours", "ours_lazy_adam", "deepctr", "rechub")
 # The issue's targets: this project's examples/s over the faster peer's, by table size.
 SPEEDUP_TARGETS = {10_000: 1.0, 100_000: 3.0, 1_000_000: 20.0}
 FLAT_TARGET = 1.25        # own examples/s at the smallest size / at the largest
 AUC_TOLERANCE = 0.005     # "no worse": at most this far below the best peer
+AUC_METRICS = ("ctr", "ctcvr", "cvr_clicked")  # the keys _aucs returns
 
 
 def define_flags():
@@ -270,7 +271,7 @@ def _auc_summary(scored: List[Dict[str, object]]) -> Dict[str, object]:
   """Each AUC's mean and standard deviation over the runs (seeds) of one system and size."""
   out: Dict[str, object] = {"seeds": [r.get("model_seed") for r in scored],
                             "epoch_examples_per_s": statistics.median(r["examples_per_s"] for r in scored)}
-  for metric in ("ctr", "ctcvr", "cvr_clicked"):
+  for metric in AUC_METRICS:
     vals = [r["auc"][metric] for r in scored]
     out[metric] = statistics.fmean(vals)
     out[f"{metric}_sd"] = statistics.stdev(vals) if len(vals) > 1 else None
@@ -305,7 +306,7 @@ def targets(summary, systems, sizes) -> List[Dict[str, object]]:
       s, n = key.split("@")
       if s != ours:
         continue
-      for metric in ("ctr", "ctcvr", "cvr_clicked"):
+      for metric in AUC_METRICS:
         peer_vals = [summary["auc"][f"{p}@{n}"][metric] for p in peers if f"{p}@{n}" in summary["auc"]]
         if peer_vals:
           best = max(peer_vals)
