@@ -205,11 +205,12 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
   """
   if fmt == "aliccp":
     labels = F.RAW_LABELS
-    reader = lambda split, pat: aliccp.ReadAliCCP(split, pat["skeleton"], pat["common"], dedup_sample_ids)
+    reader = lambda split, pat, arrow_schema: aliccp.ReadAliCCP(
+        split, pat["skeleton"], pat["common"], arrow_schema, dedup_sample_ids)
   elif fmt == "avazu":
     inputs = inputs or _scan_avazu(patterns)
     labels = inputs.labels
-    reader = lambda split, pat: avazu.ReadAvazu(
+    reader = lambda split, pat, arrow_schema: avazu.ReadAvazu(
         split, inputs.patterns[split], {f: inputs.headers[f] for f in inputs.files[split]},
         dedup_sample_ids)
   else:
@@ -217,16 +218,18 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
   raw_md = T.raw_metadata(fmt, labels)
   preprocessing_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None, crosses, labels)
   with tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
-    read = {split: p | f"Read_{split}" >> reader(split, pat) for split, pat in patterns.items()}
     # TFT reads Arrow RecordBatches built from the rows (its TFXIO input) and hands its output
     # over as RecordBatches too, encoded to tf.Examples a batch at a time in C++ (tfx_bsl). The
     # instance-dict path (each row encoded as a tf.Example in Python and decoded again on the
     # way in, converted back to a dict and encoded in Python on the way out) took about half
-    # of the job's CPU (benchmarks/preprocess_throughput.py).
+    # of the job's CPU (benchmarks/preprocess_throughput.py). The Ali-CCP reader builds the
+    # RecordBatches in its join; Avazu's reader hands over instance dicts, batched here.
     tfxio = T.raw_tfxio(raw_md)
-    batches = {split: T.to_record_batches(read[split]["rows"], tfxio.ArrowSchema(), f"_{split}",
-                                          f"{fmt}/{split}")
-               for split in read}
+    arrow_schema = tfxio.ArrowSchema()
+    read = {split: p | f"Read_{split}" >> reader(split, pat, arrow_schema) for split, pat in patterns.items()}
+    batches = {split: (out["record_batches"] if "record_batches" in out else
+                       T.to_record_batches(out["rows"], arrow_schema, f"_{split}", f"{fmt}/{split}"))
+               for split, out in read.items()}
     raw_config = tfxio.TensorAdapterConfig()
     (train_data, _), transform_fn = (
         (batches["train"], raw_config) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(

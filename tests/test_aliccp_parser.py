@@ -1,5 +1,7 @@
 """The raw Ali-CCP parser against hand-written lines."""
 
+import json
+
 import pytest
 
 from pipeline.sources import aliccp as A
@@ -119,6 +121,60 @@ def test_record_batches_for_tft_hold_what_its_instance_dict_path_would():
   assert built.column("w_150_14").to_pylist()[0] == [0.25]
   assert built.column("f_210").to_pylist()[3] == []
   assert built.column("click").to_pylist() == [[0], [1], [0], [1]]
+
+
+def test_the_join_builds_the_same_record_batches_as_the_instance_dicts_would():
+  # The job's join builds TFT's input columns straight from the parsed rows (RecordBatchBuilder),
+  # without a dict per row; the columns must be those of to_raw_instance + InstancesToRecordBatch,
+  # including a field that both the common row and the skeleton fill (common values first).
+  from preprocessing import transform as T
+
+  schema = T.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
+  common = A.parse_common_line(f"u1,3,{items(('101', 5, '1.0'), ('150_14', 9, '0.25'), ('150_14', 8, '2'))}",
+                               KNOWN)[0]["features"]
+  rows = [A.parse_skeleton_line(skeleton(sample_id=str(i), click=str(i % 2)), KNOWN)[0] for i in range(3)]
+  rows.append(A.parse_skeleton_line(skeleton(sample_id="9", num="0", flist=""), KNOWN)[0])
+  rows.append(A.parse_skeleton_line(skeleton(sample_id="10", flist=items(("150_14", 7, "0.5"), ("301", 2, "1"))),
+                                    KNOWN)[0])
+  builder = A.RecordBatchBuilder(schema)
+  for batch in (rows[:2], rows[2:]):   # two builds: the second holds only its own rows
+    for r in batch:
+      builder.add(r, common)
+    built = builder.build()
+    (want,) = list(T.InstancesToRecordBatch(schema).process([A.to_raw_instance(r, common) for r in batch]))
+    assert built.schema == want.schema and built.num_rows == len(batch)
+    assert built.to_pydict() == want.to_pydict()
+  assert len(builder) == 0
+  assert built.column("f_150_14").to_pylist()[-1] == [9, 8, 7]
+  assert built.column("w_150_14").to_pylist()[-1] == [0.25, 2.0, 0.5]
+  assert built.column("f_205").to_pylist()[1] == []
+
+
+def test_copies_of_a_sample_id_are_compared_as_parsed_rows_not_as_bytes():
+  # The job groups raw lines by sample id. Two lines that write the same row differently (a
+  # weight as 1 or 1.0) are one impression logged twice; rows that differ are a conflict.
+  import apache_beam as beam
+  from apache_beam.testing.test_pipeline import TestPipeline
+  from apache_beam.testing.util import assert_that, equal_to
+
+  from pipeline.sources import dedup
+
+  def element(line):
+    row = A.parse_skeleton_line(line, KNOWN)[0]
+    return row["sample_id"], row["index"], line.encode()
+
+  same = [skeleton(sample_id="1", flist=items(("205", 11, "1.0"))), skeleton(sample_id="1", flist=items(("205", 11, "1")))]
+  differ = [skeleton(sample_id="2", flist=items(("205", 11, "1"))), skeleton(sample_id="2", flist=items(("205", 12, "1")))]
+  single = [skeleton(sample_id="3")]
+  with TestPipeline() as p:
+    out = (p | beam.Create([element(l) for l in same + differ + single])
+           | dedup.ResolveSampleIds("train", "skeleton", "t", "dead/", lambda e: e[0], "kept",
+                                    canonical=A.parsed_skeleton))
+    assert_that(out.rows | beam.Map(lambda e: e[0]), equal_to([1, 3]), label="kept")
+    letters = out[dedup.DEAD] | beam.Map(lambda j: (json.loads(j)["reason"], json.loads(j)["sample_id"],
+                                                      json.loads(json.loads(j)["row"])["features"]["205"][0]))
+    assert_that(letters, equal_to([(dedup.DUPLICATE_SAMPLE_ID, 1, [11]), (dedup.CONFLICTING_SAMPLE_ID, 2, [11]),
+                                   (dedup.CONFLICTING_SAMPLE_ID, 2, [12])]), label="dead")
 
 
 def test_reconcile_names_the_hop_that_lost_rows_without_a_reason():

@@ -11,9 +11,14 @@ rows read = rows joined + rows set aside (per reason).
 """
 
 import math
+import operator
+import typing
 from typing import Dict, List, Mapping, Tuple
 
 import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.sources import dedup
 from pipeline.sources.deadletter import (DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage,
@@ -165,13 +170,29 @@ def to_raw_instance(skeleton: Mapping, common_features: Features, schema=None) -
   return instance
 
 
+# Tags of the two sides of the join (the first item of a grouped value).
+SKELETON, COMMON = 0, 1
+KNOWN_FIELDS = frozenset(f.name for f in F.fields(FMT))
+
+
+def parsed_skeleton(element) -> dict:
+  """A validated skeleton element (sample_id, common_feature_index, raw line) as its parsed row."""
+  return parse_skeleton_line(element[2], KNOWN_FIELDS)[0]
+
+
+@beam.typehints.with_output_types(typing.Any)  # the two files' elements differ (below)
 class _ParseFn(beam.DoFn):
-  """Parses raw lines; good rows keyed by common_feature_index, bad rows to DEAD."""
+  """Validates raw lines: bad rows to DEAD with their reason, good ones passed on as read.
+
+  The job groups raw lines, not parsed rows (two shuffles: the sample ids, the join): bytes
+  cost next to nothing to encode and decode between stages, a parsed row's nested dicts and
+  lists cost more than parsing the line again after the join does. Out: skeleton lines as
+  (sample_id, common_feature_index, line), common lines as (common_feature_index, (COMMON, line)).
+  """
 
   def __init__(self, split: str, source: str):
     self._split = split
     self._source = source
-    self._known = frozenset(f.name for f in F.fields(FMT))
     self._parse = parse_skeleton_line if source == "skeleton" else parse_common_line
     ns = f"{FMT}/{split}"
     self._read = counter(ns, f"{source}_rows_read")
@@ -181,31 +202,99 @@ class _ParseFn(beam.DoFn):
   def process(self, line):
     self._read.inc()
     try:
-      row, unknown = self._parse(line, self._known)
+      row, unknown = self._parse(line, KNOWN_FIELDS)
     except BadRecord as e:
       counter(self._ns, f"{self._source}_dead/{e.reason}").inc()
       yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._split, self._source, e.reason, e.detail, line=line))
       return
     if unknown:
       self._unknown.inc(unknown)
-    yield row["index"], row
+    if self._source == "skeleton":
+      yield row["sample_id"], row["index"], line
+    else:
+      yield row["index"], (COMMON, line)
+
+
+class RecordBatchBuilder:
+  """Joined rows -> Arrow RecordBatches of TFT's raw input (``arrow_schema``: raw_tfxio's
+  ArrowSchema), column by column: the columns of to_raw_instance's dicts, without a dict per row.
+  User-side values from the common row come first, then the skeleton's own."""
+
+  def __init__(self, arrow_schema: pa.Schema, schema=None):
+    self._arrow = arrow_schema
+    self._fields = [(f.name, f.raw_ids, f.raw_weights if f.weighted else None) for f in (schema or F.fields(FMT))]
+    self.clear()
+
+  def clear(self):
+    self._ids = {name: [] for name, _, _ in self._fields}
+    self._weights = {name: [] for name, _, w in self._fields if w}
+    self._lengths = {name: [] for name, _, _ in self._fields}
+    self._labels = {F.SAMPLE_ID: [], F.CLICK: [], F.CONVERSION: []}
+
+  def __len__(self) -> int:
+    return len(self._labels[F.SAMPLE_ID])
+
+  def add(self, skeleton: Mapping, common_features: Features):
+    for name in self._labels:
+      self._labels[name].append(skeleton[name])
+    own = skeleton["features"]
+    for name, _, weighted in self._fields:
+      ids = self._ids[name]
+      before = len(ids)
+      for source in (common_features, own):
+        got = source.get(name)
+        if got:
+          ids.extend(got[0])
+          if weighted:
+            self._weights[name].extend(got[1])
+      self._lengths[name].append(len(ids) - before)
+
+  def build(self) -> pa.RecordBatch:
+    """The rows added since the last build (or clear) as one RecordBatch; starts a new one."""
+    n = len(self)
+    columns = {}
+    one_each = pa.array(np.arange(n + 1, dtype=np.int64))
+    for name, values in self._labels.items():
+      columns[name] = pa.LargeListArray.from_arrays(one_each, pa.array(values, pa.int64()))
+    for name, raw_ids, raw_weights in self._fields:
+      offsets = pa.array(np.concatenate([[0], np.cumsum(self._lengths[name], dtype=np.int64)]))
+      columns[raw_ids] = pa.LargeListArray.from_arrays(offsets, pa.array(self._ids[name], pa.int64()))
+      if raw_weights:
+        columns[raw_weights] = pa.LargeListArray.from_arrays(offsets, pa.array(self._weights[name], pa.float32()))
+    self.clear()
+    return pa.RecordBatch.from_arrays([columns[f.name] for f in self._arrow], schema=self._arrow)
 
 
 class _JoinFn(beam.DoFn):
-  """Joins the skeleton rows of one common_feature_index with its common row."""
+  """Joins the skeleton lines of one common_feature_index with its common line; the joined rows
+  go out as RecordBatches of up to ``batch_rows`` rows (see RecordBatchBuilder)."""
 
-  def __init__(self, split: str):
+  def __init__(self, split: str, arrow_schema: pa.Schema, batch_rows: int):
     self._split = split
     self._ns = f"{FMT}/{split}"
-    self._schema = F.fields(FMT)
+    self._arrow = arrow_schema
+    self._batch_rows = batch_rows
     self._joined = counter(self._ns, "skeleton_rows_joined")
+    self._into_transform = counter(self._ns, F.ROWS_INTO_TRANSFORM)
     self._unused = counter(self._ns, "common_rows_unused")
     self._used = counter(self._ns, "common_rows_used")
+    self._builder = None
+
+  def setup(self):
+    self._builder = RecordBatchBuilder(self._arrow)
+
+  def start_bundle(self):
+    self._builder.clear()
+
+  def _batch(self) -> pa.RecordBatch:
+    self._into_transform.inc(len(self._builder))
+    return self._builder.build()
 
   def process(self, element):
     index, grouped = element
-    skeletons = grouped["skeleton"]
-    commons = list(grouped["common"])
+    skeletons, commons = [], []
+    for side, line in grouped:
+      (skeletons if side == SKELETON else commons).append(line)
     if len(commons) > 1:
       # An index must name one user-side context; keep none rather than guess.
       reason = DUPLICATE_COMMON_FEATURE_INDEX
@@ -217,37 +306,46 @@ class _JoinFn(beam.DoFn):
       commons = []
     elif not commons:
       reason, detail = UNKNOWN_COMMON_FEATURE_INDEX, "no common-features row has this index"
-    n = 0
-    for skeleton in skeletons:
-      n += 1
-      if not commons:
+    common_features = parse_common_line(commons[0], KNOWN_FIELDS)[0]["features"] if commons else None
+    for line in skeletons:
+      skeleton = parse_skeleton_line(line, KNOWN_FIELDS)[0]
+      if common_features is None:
         counter(self._ns, f"skeleton_dead/{reason}").inc()
         yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
             self._split, "skeleton", reason, detail,
             sample_id=skeleton["sample_id"], common_feature_index=index))
         continue
       self._joined.inc()
-      yield to_raw_instance(skeleton, commons[0]["features"], self._schema)
+      self._builder.add(skeleton, common_features)
+      if len(self._builder) >= self._batch_rows:
+        yield self._batch()
     if commons:
-      (self._used if n else self._unused).inc()
+      (self._used if skeletons else self._unused).inc()
+
+  def finish_bundle(self):
+    if len(self._builder):
+      yield GlobalWindows.windowed_value(self._batch())
 
 
 class ReadAliCCP(beam.PTransform):
   """Reads, parses, validates and joins one Ali-CCP split.
 
-  Returns a dict with ``rows`` (raw instance dicts) and ``dead_letter`` (JSON lines).
-  The join is a CoGroupByKey on common_feature_index, so neither file has to fit in
-  memory and their orders do not matter. With ``dedup_sample_ids`` (the default) skeleton
-  rows sharing a sample id are resolved first (pipeline/sources/dedup.py).
+  Returns a dict with ``record_batches`` (the joined rows as Arrow RecordBatches of
+  ``arrow_schema``, TFT's raw input: raw_tfxio(...).ArrowSchema()) and ``dead_letter`` (JSON
+  lines). The join is a GroupByKey on common_feature_index over both files' lines, so neither
+  file has to fit in memory and their orders do not matter. With ``dedup_sample_ids`` (the
+  default) skeleton rows sharing a sample id are resolved first (pipeline/sources/dedup.py).
   """
 
-  def __init__(self, split: str, skeleton_pattern: str, common_pattern: str,
-               dedup_sample_ids: bool = True):
+  def __init__(self, split: str, skeleton_pattern: str, common_pattern: str, arrow_schema: pa.Schema,
+               dedup_sample_ids: bool = True, batch_rows: int = 1024):
     super().__init__()
     self._split = split
     self._skeleton = skeleton_pattern
     self._common = common_pattern
+    self._arrow = arrow_schema
     self._dedup = dedup_sample_ids
+    self._batch_rows = batch_rows
 
   def expand(self, pbegin):
     read = lambda name, pattern: (
@@ -258,18 +356,21 @@ class ReadAliCCP(beam.PTransform):
               | "ParseCommon" >> beam.ParDo(_ParseFn(self._split, "common")).with_outputs(DEAD, main="rows"))
     skeleton_rows, dead = skeleton.rows, [skeleton[DEAD], common[DEAD]]
     if self._dedup:
-      resolved = (skeleton_rows
-                  | "Rows" >> beam.Values()
-                  | "ResolveSampleIds" >> dedup.ResolveSampleIds(
-                      self._split, "skeleton", f"{FMT}/{self._split}", "skeleton_dead/", "sample_id",
-                      "skeleton_rows_after_dedup"))
-      skeleton_rows = resolved.rows | "KeyByIndex" >> beam.Map(lambda row: (row["index"], row))
+      resolved = skeleton_rows | "ResolveSampleIds" >> dedup.ResolveSampleIds(
+          self._split, "skeleton", f"{FMT}/{self._split}", "skeleton_dead/", operator.itemgetter(0),
+          "skeleton_rows_after_dedup", canonical=parsed_skeleton)
+      skeleton_rows = resolved.rows
       dead.append(resolved[DEAD])
-    joined = ({"skeleton": skeleton_rows, "common": common.rows}
-              | "GroupByIndex" >> beam.CoGroupByKey()
-              | "Join" >> beam.ParDo(_JoinFn(self._split)).with_outputs(DEAD, main="rows"))
+    # A CoGroupByKey by hand: both sides tagged as they are keyed, one GroupByKey. (Beam's
+    # CoGroupByKey adds a tagging and an untagging step per row; the job's rows are many.)
+    skeleton_rows = skeleton_rows | "KeyByIndex" >> beam.Map(lambda e: (e[1], (SKELETON, e[2])))
+    joined = ((skeleton_rows, common.rows)
+              | "FlattenSides" >> beam.Flatten()
+              | "GroupByIndex" >> beam.GroupByKey()
+              | "Join" >> beam.ParDo(_JoinFn(self._split, self._arrow, self._batch_rows))
+              .with_outputs(DEAD, main="record_batches"))
     dead = (dead + [joined[DEAD]]) | "FlattenDeadLetters" >> beam.Flatten()
-    return {"rows": joined.rows, DEAD: dead}
+    return {"record_batches": joined.record_batches, DEAD: dead}
 
 
 def reconcile(counters: Mapping[str, int], split: str) -> dict:

@@ -9,9 +9,13 @@ training and evaluation see every impression once, and nothing is dropped silent
                          to tell which one is the impression; the dead letters keep them all)
 
 The grouping is a GroupByKey on the sample id, so it holds on any runner and any input order.
+A reader may group its raw lines instead of parsed rows (less to encode in the shuffle); it then
+names how a line parses (``canonical``), and copies whose raw forms differ are compared, and
+written to the dead letters, as parsed: the rule above is about rows, not bytes.
 """
 
 import json
+from typing import Any, Callable, Optional, Union
 
 import apache_beam as beam
 
@@ -24,7 +28,9 @@ REASONS = (DUPLICATE_SAMPLE_ID, CONFLICTING_SAMPLE_ID)
 
 class _ResolveFn(beam.DoFn):
 
-  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str, kept_counter: str):
+  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str, kept_counter: str,
+               canonical: Optional[Callable[[Any], dict]] = None):
+    self._canonical = canonical
     self._split = split
     self._source = source
     self._ns = namespace
@@ -37,6 +43,15 @@ class _ResolveFn(beam.DoFn):
         self._split, self._source, reason, detail, sample_id=sample_id,
         row=json.dumps(row, sort_keys=True, default=str)))
 
+  def _identical(self, rows) -> bool:
+    first = rows[0]
+    if all(r == first for r in rows[1:]):
+      return True
+    if self._canonical is None:
+      return False
+    first = self._canonical(first)
+    return all(self._canonical(r) == first for r in rows[1:])
+
   def process(self, element):
     sample_id, rows = element
     rows = list(rows)
@@ -44,35 +59,40 @@ class _ResolveFn(beam.DoFn):
       self._kept.inc()
       yield rows[0]
       return
-    first = rows[0]
-    if all(r == first for r in rows[1:]):
+    as_row = self._canonical or (lambda r: r)
+    if self._identical(rows):
       self._kept.inc()
-      yield first
+      yield rows[0]
       for r in rows[1:]:
-        yield self._dead(DUPLICATE_SAMPLE_ID, f"{len(rows)} identical rows; one is kept", sample_id, r)
+        yield self._dead(DUPLICATE_SAMPLE_ID, f"{len(rows)} identical rows; one is kept", sample_id, as_row(r))
       return
     for r in rows:
       yield self._dead(CONFLICTING_SAMPLE_ID, f"{len(rows)} rows with this sample id differ; none is kept",
-                       sample_id, r)
+                       sample_id, as_row(r))
 
 
 class ResolveSampleIds(beam.PTransform):
-  """Rows (dicts) -> the same rows with every sample id once; the rest to ``dead_letter``.
+  """Rows -> the same rows with every sample id once; the rest to ``dead_letter``.
 
-  ``key`` is the row's sample id field; counters ``<namespace>/<dead_prefix><reason>`` and
-  ``<namespace>/<kept_counter>`` (the rows passed on: one per sample id kept).
+  ``key``: the sample id field of a row (rows are dicts), or a function that returns an
+  element's sample id (elements of any form, e.g. raw lines with their keys). ``canonical``:
+  for elements that are not parsed rows, the function that parses one (see the module's
+  docstring). Counters ``<namespace>/<dead_prefix><reason>`` and ``<namespace>/<kept_counter>``
+  (the rows passed on: one per sample id kept).
   Returns a DoOutputsTuple with ``rows`` and ``dead_letter``.
   """
 
-  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str, key: str,
-               kept_counter: str = "rows_after_dedup"):
+  def __init__(self, split: str, source: str, namespace: str, dead_prefix: str,
+               key: Union[str, Callable[[Any], Any]], kept_counter: str = "rows_after_dedup",
+               canonical: Optional[Callable[[Any], dict]] = None):
     super().__init__()
-    self._fn = _ResolveFn(split, source, namespace, dead_prefix, kept_counter)
+    self._fn = _ResolveFn(split, source, namespace, dead_prefix, kept_counter, canonical)
     self._key = key
 
   def expand(self, rows):
     key = self._key
+    key_of = key if callable(key) else (lambda row: row[key])
     return (rows
-            | "KeyBySampleId" >> beam.Map(lambda row: (row[key], row))
+            | "KeyBySampleId" >> beam.Map(lambda row: (key_of(row), row))
             | "GroupBySampleId" >> beam.GroupByKey()
             | "Resolve" >> beam.ParDo(self._fn).with_outputs(DEAD, main="rows"))
