@@ -206,7 +206,7 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
   if fmt == "aliccp":
     labels = F.RAW_LABELS
     reader = lambda split, pat, arrow_schema: aliccp.ReadAliCCP(
-        split, pat["skeleton"], pat["common"], arrow_schema, dedup_sample_ids)
+        split, pat["skeleton"], pat["common"], arrow_schema, T.RECORD_BATCH_ROWS, dedup_sample_ids)
   elif fmt == "avazu":
     inputs = inputs or _scan_avazu(patterns)
     labels = inputs.labels

@@ -146,6 +146,9 @@ def parse_common_line(line, known_fields) -> Tuple[dict, int]:
   return {"index": index, "features": features}, unknown
 
 
+JOINED_LABELS = (F.SAMPLE_ID, F.CLICK, F.CONVERSION)   # the skeleton's keys a joined row keeps
+
+
 def to_raw_instance(skeleton: Mapping, common_features: Features, schema=None) -> dict:
   """A joined row as the raw instance dict that the TFT preprocessing_fn reads.
 
@@ -153,8 +156,7 @@ def to_raw_instance(skeleton: Mapping, common_features: Features, schema=None) -
   missing from both becomes an empty list.
   """
   schema = schema or F.fields(FMT)
-  instance = {F.SAMPLE_ID: skeleton["sample_id"], F.CLICK: skeleton["click"],
-              F.CONVERSION: skeleton["conversion"]}
+  instance = {name: skeleton[name] for name in JOINED_LABELS}
   own = skeleton["features"]
   for field in schema:
     ids: List[int] = []
@@ -229,7 +231,7 @@ class RecordBatchBuilder:
     self._ids = {name: [] for name, _, _ in self._fields}
     self._weights = {name: [] for name, _, w in self._fields if w}
     self._lengths = {name: [] for name, _, _ in self._fields}
-    self._labels = {F.SAMPLE_ID: [], F.CLICK: [], F.CONVERSION: []}
+    self._labels = {name: [] for name in JOINED_LABELS}
 
   def __len__(self) -> int:
     return len(self._labels[F.SAMPLE_ID])
@@ -241,7 +243,7 @@ class RecordBatchBuilder:
     for name, _, weighted in self._fields:
       ids = self._ids[name]
       before = len(ids)
-      for source in (common_features, own):
+      for source in (common_features, own):   # to_raw_instance's order, inline: this runs per row and field
         got = source.get(name)
         if got:
           ids.extend(got[0])
@@ -330,15 +332,15 @@ class _JoinFn(beam.DoFn):
 class ReadAliCCP(beam.PTransform):
   """Reads, parses, validates and joins one Ali-CCP split.
 
-  Returns a dict with ``record_batches`` (the joined rows as Arrow RecordBatches of
-  ``arrow_schema``, TFT's raw input: raw_tfxio(...).ArrowSchema()) and ``dead_letter`` (JSON
-  lines). The join is a GroupByKey on common_feature_index over both files' lines, so neither
+  Returns a dict with ``record_batches`` (the joined rows as Arrow RecordBatches of up to
+  ``batch_rows`` rows of ``arrow_schema``, TFT's raw input: raw_tfxio(...).ArrowSchema()) and
+  ``dead_letter`` (JSON lines). The join is a GroupByKey on common_feature_index over both files' lines, so neither
   file has to fit in memory and their orders do not matter. With ``dedup_sample_ids`` (the
   default) skeleton rows sharing a sample id are resolved first (pipeline/sources/dedup.py).
   """
 
   def __init__(self, split: str, skeleton_pattern: str, common_pattern: str, arrow_schema: pa.Schema,
-               dedup_sample_ids: bool = True, batch_rows: int = 1024):
+               batch_rows: int, dedup_sample_ids: bool = True):
     super().__init__()
     self._split = split
     self._skeleton = skeleton_pattern
