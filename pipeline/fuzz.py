@@ -226,11 +226,11 @@ def physical_lines(data: bytes) -> int:
 
 
 def records(data: bytes) -> List[bytes]:
-  """The records a text reader makes of ``data`` (``\\r\\n`` and ``\\n`` end a record)."""
+  """The records a text reader makes of ``data`` (``\\r\\n`` and ``\\n`` end a record; a last
+  record without an end keeps a final ``\\r``, as Beam's ReadFromText does)."""
   pieces = data.split(b"\n")
-  if pieces and pieces[-1] == b"":
-    pieces.pop()
-  return [p[:-1] if p.endswith(b"\r") else p for p in pieces]
+  last = pieces.pop()
+  return [p[:-1] if p.endswith(b"\r") else p for p in pieces] + ([last] if last else [])
 
 
 # Expected outcomes, computed line by line with the pure parse functions and plain Python

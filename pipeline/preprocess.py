@@ -1,7 +1,8 @@
 """Beam + TensorFlow Transform job: raw logs -> hashed gzip TFRecords + transform_fn.
 
   python -m pipeline.preprocess --format=aliccp --input_dir=RAW --output_dir=OUT \
-      [--max_hash_buckets=N] [Beam options: --runner=... --direct_num_workers=2 ...]
+      [--max_hash_buckets=N] [--partitions=K --parallel_partitions=J]
+      [Beam options: --runner=... --direct_num_workers=2 ...]
   python -m pipeline.preprocess --format=avazu --input_dir=RAW --output_dir=OUT \
       [--crosses=app_id:device_id,site_id:device_id] [--train_files=P,... --eval_files=P,...]
 
@@ -37,23 +38,31 @@ a sample id are resolved (identical copies: one kept; differing copies: all set 
 The first line of the inputs is checked against --format before anything runs.
 
 Any flag this module does not define is handed to Beam untouched, so the same job runs
-on DirectRunner, Dataflow, Flink or Spark.
+on DirectRunner, Dataflow, Flink or Spark. On the DirectRunner, which holds its shuffles in
+memory, --partitions=K runs an Ali-CCP job as K pipelines by common_feature_index, each in its
+own process (--parallel_partitions at a time), writing the output the whole job would
+(pipeline/partition.py).
 """
 
 import json
+import multiprocessing
 import os
 import sys
 import uuid
-from typing import Dict, List, Optional, Sequence
+from concurrent import futures
+from concurrent.futures.process import BrokenProcessPool
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import tensorflow as tf
+import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from absl import app, flags
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from pipeline import partition
 from pipeline.sources import aliccp, avazu
 from pipeline.sources.deadletter import DEAD
 from preprocessing import features as F
@@ -91,6 +100,11 @@ def define_flags():
   flags.DEFINE_integer("train_block_rows", F.DEFAULT_BLOCK_ROWS, "Rows per column block of "
                        "OUT/train_blocks, the training input (0: write no blocks; training then "
                        "reads the train tf.Examples, about 4x the CPU per row).")
+  flags.DEFINE_integer("partitions", 0, "Ali-CCP on the DirectRunner: run the job as this many "
+                       "partitions by common_feature_index, each a pipeline in its own process, so "
+                       "memory follows a partition's rows instead of the input's (0: one job). The "
+                       "output is the whole job's; see pipeline/partition.py.")
+  flags.DEFINE_integer("parallel_partitions", 1, "With --partitions: how many run at a time.")
   flags.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
 
 SPLITS = (("train", "train"), ("eval", "test"))   # (output split, release file suffix)
@@ -195,18 +209,25 @@ def _scan_avazu(patterns) -> avazu.Inputs:
 def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_dir: str,
                    max_hash_buckets: int, num_shards: int, crosses: Sequence[F.Field] = (),
                    inputs: Optional[avazu.Inputs] = None, dedup_sample_ids: bool = True,
-                   train_block_rows: int = F.DEFAULT_BLOCK_ROWS) -> None:
+                   train_block_rows: int = F.DEFAULT_BLOCK_ROWS, part: str = "",
+                   conflicts: Optional[Mapping[str, Mapping[int, int]]] = None,
+                   transform_fn_dir: Optional[str] = None) -> None:
   """Adds the whole job to pipeline ``p``.
 
   ``crosses``: cross fields (F.parse_crosses). ``inputs``: for Avazu, the scanned files
   and headers (scanned here if not given). ``dedup_sample_ids``: resolve rows sharing a
   sample id (pipeline/sources/dedup.py). ``train_block_rows``: rows per column block of
-  the train split written again under train_blocks/ (0: none).
+  the train split written again under train_blocks/ (0: none). For one partition of a
+  partitioned job (pipeline/partition.py): ``part`` goes into its file names
+  (part-<part>-*, <split>-<part>-*), ``conflicts`` are the sample ids per split whose copies
+  in other partitions differ, and ``transform_fn_dir`` is where it writes its transform_fn
+  (default ``output_dir``).
   """
   if fmt == "aliccp":
     labels = F.RAW_LABELS
     reader = lambda split, pat, arrow_schema: aliccp.ReadAliCCP(
-        split, pat["skeleton"], pat["common"], arrow_schema, T.RECORD_BATCH_ROWS, dedup_sample_ids)
+        split, pat["skeleton"], pat["common"], arrow_schema, T.RECORD_BATCH_ROWS, dedup_sample_ids,
+        (conflicts or {}).get(split))
   elif fmt == "avazu":
     inputs = inputs or _scan_avazu(patterns)
     labels = inputs.labels
@@ -236,23 +257,24 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
             preprocessing_fn, output_record_batches=True))
     eval_data, _ = (((batches["eval"], raw_config), transform_fn)
                     | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True))
-    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
+    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_fn_dir or output_dir)
+    infix = f"-{part}" if part else ""
     for split, data in (("train", train_data), ("eval", eval_data)):
       _ = (data
            | f"Encode_{split}" >> beam.ParDo(T.EncodeRecordBatches(f"{fmt}/{split}"))
-           | f"Write_{split}" >> _write_tfrecords(os.path.join(output_dir, split), num_shards))
+           | f"Write_{split}" >> _write_tfrecords(os.path.join(output_dir, split), num_shards, infix))
       if split == "train" and train_block_rows:
         _ = (data
              | "EncodeBlocks_train" >> beam.ParDo(T.EncodeBlocks(f"{fmt}/{split}", train_block_rows))
-             | "WriteBlocks_train" >> _write_tfrecords(os.path.join(output_dir, F.BLOCKS_DIR), num_shards))
+             | "WriteBlocks_train" >> _write_tfrecords(os.path.join(output_dir, F.BLOCKS_DIR), num_shards, infix))
       _ = (read[split][DEAD]
            | f"WriteDeadLetters_{split}" >> beam.io.WriteToText(
-               os.path.join(output_dir, "dead_letter", split), file_name_suffix=".jsonl"))
+               os.path.join(output_dir, "dead_letter", split + infix), file_name_suffix=".jsonl"))
 
 
-def _write_tfrecords(directory: str, num_shards: int) -> beam.PTransform:
+def _write_tfrecords(directory: str, num_shards: int, infix: str = "") -> beam.PTransform:
   """Writes serialized records as DIRECTORY/part-*.tfrecord.gz (what model_fn.input_fn reads)."""
-  return beam.io.WriteToTFRecord(os.path.join(directory, "part"), file_name_suffix=".tfrecord.gz",
+  return beam.io.WriteToTFRecord(os.path.join(directory, "part" + infix), file_name_suffix=".tfrecord.gz",
                                  num_shards=num_shards,
                                  compression_type=beam.io.filesystem.CompressionTypes.GZIP)
 
@@ -299,6 +321,11 @@ def format_reconciliation(rec: Dict[str, dict], fmt: str = "aliccp") -> str:
       lines.append(f"    feature items of unknown fields skipped: {r['unknown_field_items_skipped']:,}")
     lines.append(_stage_line(r))
     lines += _blocks_lines(r)
+    if "partitions" in r:
+      q = r["partitions"]
+      lines.append(f"    partitions: {q['count']}, holding {q['skeleton_records']:,} skeleton and "
+                   f"{q['common_records']:,} common rows  [{'OK' if q['balanced'] else 'MISMATCH with the rows read'}]"
+                   f"; sample ids with differing copies in two partitions: {q['cross_partition_conflicting_sample_ids']:,}")
   return "\n".join(lines)
 
 
@@ -373,6 +400,80 @@ def _check_quality(rec: Dict[str, dict], fmt: str, max_dead_fraction: float) -> 
     raise BadOutput("; ".join(problems) + f". Is --format={fmt} the format of these files?")
 
 
+DIRECT_RUNNERS = (None, "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
+
+
+def _check_partitionable(fmt: str, beam_args: Sequence[str], max_hash_buckets: int,
+                         cross_fields: Sequence[F.Field], parallel: int) -> None:
+  """--partitions: only where the partitions' outputs add up to the whole job's."""
+  if fmt != "aliccp":
+    raise UsageError(f"--partitions splits Ali-CCP jobs by common_feature_index; not with --format={fmt}")
+  if parallel < 1:
+    raise UsageError(f"--parallel_partitions must be 1 or more, got {parallel}")
+  runner = PipelineOptions(list(beam_args)).view_as(StandardOptions).runner
+  if runner not in DIRECT_RUNNERS:
+    raise UsageError(f"--partitions is for the DirectRunner, which holds its shuffles in memory; "
+                     f"--runner={runner} shuffles through disk: run the job whole there")
+  # Every partition writes the rows its own TFT transform makes; that is the whole job's
+  # transform only when nothing in it is computed from the data (an analyzer).
+  preprocessing_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None, cross_fields, F.RAW_LABELS)
+  analyzed = tft.get_analyze_input_columns(preprocessing_fn, T.raw_feature_spec(fmt), force_tf_compat_v1=True)
+  if analyzed:
+    raise UsageError("--partitions: the preprocessing_fn has analyzers (over "
+                     f"{', '.join(sorted(analyzed))}), which need the whole data in one job")
+
+
+def run_job(fmt: str, patterns, output_dir: str, temp_dir: str, beam_args: Sequence[str], **kwargs) -> Dict[str, int]:
+  """One Beam pipeline of the job (build_pipeline's arguments), run to the end; its counters."""
+  p = beam.Pipeline(options=PipelineOptions(list(beam_args), save_main_session=False))
+  build_pipeline(p, fmt, patterns, output_dir, temp_dir, **kwargs)
+  result = p.run()
+  result.wait_until_finish()
+  return _counters(result)
+
+
+def _run_job_kwargs(kwargs: dict) -> Dict[str, int]:
+  return run_job(**kwargs)
+
+
+def _run_partitions(parts: partition.Partitions, job: dict, output_dir: str, temp_dir: str,
+                    parallel: int) -> Dict[str, int]:
+  """Runs every partition's pipeline in a process of its own (``parallel`` at a time), all
+  writing into ``output_dir`` under their own file names; the first one writes the
+  transform_fn (the others' are the same graph, see _check_partitionable). Returns the
+  counters summed."""
+  jobs = []
+  for k, patterns in enumerate(parts.patterns):
+    name = f"p{k:05d}"
+    own_temp = FileSystems.join(temp_dir, name)
+    jobs.append(dict(job, patterns=patterns, output_dir=output_dir, temp_dir=own_temp, part=name,
+                     conflicts=parts.conflicts,
+                     transform_fn_dir=None if k == 0 else FileSystems.join(own_temp, "transform_fn_copy")))
+  # A fresh process per partition: what one partition's runner held is given back to the
+  # system before the next one starts (spawned, not forked: TensorFlow is loaded here).
+  try:
+    with futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
+                                     max_tasks_per_child=1) as pool:
+      results = list(pool.map(_run_job_kwargs, jobs))
+  except BrokenProcessPool as e:
+    raise RuntimeError(f"a partition's process died without an error of its own ({e}); if the "
+                       "system killed it for memory, run with more --partitions or fewer "
+                       "--parallel_partitions") from None
+  total: Dict[str, int] = {}
+  for counters in results:
+    for key, value in counters.items():
+      total[key] = total.get(key, 0) + value
+  return total
+
+
+def reconcile_partitions(parts: partition.Partitions, split: str, rec: dict) -> dict:
+  """A split's records put into the partitions against the rows its partitions' runs read."""
+  into = parts.records[split]
+  return {"count": parts.count, "skeleton_records": into["skeleton"], "common_records": into["common"],
+          "cross_partition_conflicting_sample_ids": len(parts.conflicts[split]),
+          "balanced": (into["skeleton"], into["common"]) == (rec["skeleton_rows_read"], rec["common_rows_read"])}
+
+
 class BadOutput(UsageError):
   """The run finished but its output is not fit to train on; it was not published."""
 
@@ -381,7 +482,8 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
         num_shards: int = 0, overwrite: bool = False, temp_dir: str = None,
         crosses: Optional[Sequence[str]] = None, dedup_sample_ids: bool = True,
         max_dead_letter_fraction: float = 0.5,
-        train_block_rows: int = F.DEFAULT_BLOCK_ROWS) -> Dict[str, dict]:
+        train_block_rows: int = F.DEFAULT_BLOCK_ROWS, partitions: int = 0,
+        parallel_partitions: int = 1) -> Dict[str, dict]:
   """Runs the job to completion; returns the reconciliation per split.
 
   ``crosses``: ``a:b`` specs (None: the format's default crosses). For Avazu every
@@ -393,6 +495,9 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   published dir. A killed run leaves only its staging dir (removed by the next run), and
   with ``overwrite`` the previous output stays until the new one replaces it.
   ``train_block_rows``: see build_pipeline; the blocks' rows must add up to the train split's.
+  ``partitions`` (2 or more; Ali-CCP on the DirectRunner): run the job as that many partitions
+  by common_feature_index (pipeline/partition.py), ``parallel_partitions`` of them at a time,
+  each in its own process; the output is the one the whole job would write, in more files.
   """
   if train_block_rows < 0:
     raise UsageError(f"--train_block_rows must be 0 (no blocks) or more, got {train_block_rows}")
@@ -400,6 +505,10 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     cross_fields = F.parse_crosses(fmt, crosses)
   except ValueError as e:
     raise UsageError(f"--crosses: {e}") from None
+  if partitions > 1:
+    _check_partitionable(fmt, beam_args, max_hash_buckets, cross_fields, parallel_partitions)
+  elif partitions < 0:
+    raise UsageError(f"--partitions must be 0 or 1 (one job) or more, got {partitions}")
   _check_format(fmt, patterns)
   inputs = None
   labels = F.RAW_LABELS
@@ -417,13 +526,16 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   tf.io.gfile.makedirs(staging)
   own_temp = temp_dir is None
   temp_dir = temp_dir or os.path.join(staging, "tmp")
-  options = PipelineOptions(beam_args, save_main_session=False)
-  p = beam.Pipeline(options=options)
-  build_pipeline(p, fmt, patterns, staging, temp_dir, max_hash_buckets, num_shards,
-                 cross_fields, inputs, dedup_sample_ids, train_block_rows)
-  result = p.run()
-  result.wait_until_finish()
-  counters = _counters(result)
+  job = dict(fmt=fmt, beam_args=list(beam_args), max_hash_buckets=max_hash_buckets, num_shards=num_shards,
+             crosses=cross_fields, inputs=inputs, dedup_sample_ids=dedup_sample_ids,
+             train_block_rows=train_block_rows)
+  parts = None
+  if partitions > 1:
+    parts = partition.split_inputs(patterns, partitions, FileSystems.join(temp_dir, "partitions"),
+                                   dedup_sample_ids)
+    counters = _run_partitions(parts, job, staging, temp_dir, parallel_partitions)
+  else:
+    counters = run_job(patterns=patterns, output_dir=staging, temp_dir=temp_dir, **job)
   if fmt == "avazu":
     rec = {split: avazu.reconcile(counters, split, len(inputs.files[split])) for split, _ in SPLITS}
   else:
@@ -431,15 +543,19 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   if train_block_rows:
     rec["train"]["blocks"] = reconcile_blocks(counters, f"{fmt}/train/", rec["train"]["rows_written"],
                                               train_block_rows)
+  if parts is not None:
+    for split, r in rec.items():
+      r["partitions"] = reconcile_partitions(parts, split, r)
   rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
              "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec,
-             "dedup_sample_ids": dedup_sample_ids}
+             "dedup_sample_ids": dedup_sample_ids, "partitions": partitions if parts else 0}
   if inputs is not None:
     rec_all["ignored_columns"] = list(inputs.ignored_columns)
     rec_all["empty_files"] = {split: list(files) for split, files in inputs.empty_files.items()}
   if own_temp and tf.io.gfile.exists(temp_dir):
     tf.io.gfile.rmtree(temp_dir)
-  if not all(_balanced(fmt, r) and r.get("blocks", {}).get("balanced", True) for r in rec.values()):
+  if not all(_balanced(fmt, r) and r.get("blocks", {}).get("balanced", True)
+             and r.get("partitions", {}).get("balanced", True) for r in rec.values()):
     hint = ("\n" + RUNNER_LOST_ROWS_HINT
             if any(r.get("rows_unaccounted_by_hop") for r in rec.values()) else "")
     raise RuntimeError(f"row counts do not reconcile; output not published (left in {staging}):\n"
@@ -470,7 +586,8 @@ def main(argv):
     patterns = _input_patterns(FLAGS.input_dir, overrides, FLAGS.format)
     rec = run(FLAGS.format, patterns, FLAGS.output_dir, beam_args, FLAGS.max_hash_buckets,
               FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir, FLAGS.crosses,
-              FLAGS.dedup_sample_ids, FLAGS.max_dead_letter_fraction, FLAGS.train_block_rows)
+              FLAGS.dedup_sample_ids, FLAGS.max_dead_letter_fraction, FLAGS.train_block_rows,
+              FLAGS.partitions, FLAGS.parallel_partitions)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

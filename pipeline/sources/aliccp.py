@@ -13,7 +13,7 @@ rows read = rows joined + rows set aside (per reason).
 import math
 import operator
 import typing
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -336,12 +336,15 @@ class ReadAliCCP(beam.PTransform):
   ``batch_rows`` rows of ``arrow_schema``, TFT's raw input: raw_tfxio(...).ArrowSchema()) and
   ``dead_letter`` (JSON lines). The join is a GroupByKey on common_feature_index over both files' lines, so neither
   file has to fit in memory and their orders do not matter. With ``dedup_sample_ids`` (the
-  default) skeleton rows sharing a sample id are resolved first (pipeline/sources/dedup.py).
+  default) skeleton rows sharing a sample id are resolved first (pipeline/sources/dedup.py);
+  ``conflicts``: see dedup.ResolveSampleIds (a partitioned job's sample ids whose copies in
+  other partitions differ).
   """
 
   def __init__(self, split: str, skeleton_pattern: str, common_pattern: str, arrow_schema: pa.Schema,
-               batch_rows: int, dedup_sample_ids: bool = True):
+               batch_rows: int, dedup_sample_ids: bool = True, conflicts: Optional[Mapping[int, int]] = None):
     super().__init__()
+    self._conflicts = conflicts
     self._split = split
     self._skeleton = skeleton_pattern
     self._common = common_pattern
@@ -360,7 +363,7 @@ class ReadAliCCP(beam.PTransform):
     if self._dedup:
       resolved = skeleton_rows | "ResolveSampleIds" >> dedup.ResolveSampleIds(
           self._split, "skeleton", f"{FMT}/{self._split}", "skeleton_dead/", operator.itemgetter(0),
-          "skeleton_rows_after_dedup", canonical=parsed_skeleton)
+          "skeleton_rows_after_dedup", canonical=parsed_skeleton, conflicts=self._conflicts)
       skeleton_rows = resolved.rows
       dead.append(resolved[DEAD])
     # A CoGroupByKey by hand: both sides tagged as they are keyed, one GroupByKey. (Beam's

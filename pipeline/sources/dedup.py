@@ -12,10 +12,15 @@ The grouping is a GroupByKey on the sample id, so it holds on any runner and any
 A reader may group its raw lines instead of parsed rows (less to encode in the shuffle); it then
 names how a line parses (``canonical``), and copies whose raw forms differ are compared, and
 written to the dead letters, as parsed: the rule above is about rows, not bytes.
+
+A job split into partitions (pipeline/partition.py) groups each partition on its own; the
+sample ids whose valid copies sit in more than one partition are found before it runs, and
+handed to every partition (``conflicts``) so that their copies are set aside as the one
+grouping would have: such copies differ (they name different common-feature rows).
 """
 
 import json
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import apache_beam as beam
 
@@ -29,8 +34,9 @@ REASONS = (DUPLICATE_SAMPLE_ID, CONFLICTING_SAMPLE_ID)
 class _ResolveFn(beam.DoFn):
 
   def __init__(self, split: str, source: str, namespace: str, dead_prefix: str, kept_counter: str,
-               canonical: Optional[Callable[[Any], dict]] = None):
+               canonical: Optional[Callable[[Any], dict]] = None, conflicts: Optional[Mapping[Any, int]] = None):
     self._canonical = canonical
+    self._conflicts = dict(conflicts or {})
     self._split = split
     self._source = source
     self._ns = namespace
@@ -55,11 +61,16 @@ class _ResolveFn(beam.DoFn):
   def process(self, element):
     sample_id, rows = element
     rows = list(rows)
+    as_row = self._canonical or (lambda r: r)
+    if sample_id in self._conflicts:   # copies in other partitions too, and they differ
+      for r in rows:
+        yield self._dead(CONFLICTING_SAMPLE_ID, f"{self._conflicts[sample_id]} rows with this sample id differ; "
+                         "none is kept", sample_id, as_row(r))
+      return
     if len(rows) == 1:
       self._kept.inc()
       yield rows[0]
       return
-    as_row = self._canonical or (lambda r: r)
     if self._identical(rows):
       self._kept.inc()
       yield rows[0]
@@ -78,15 +89,17 @@ class ResolveSampleIds(beam.PTransform):
   element's sample id (elements of any form, e.g. raw lines with their keys). ``canonical``:
   for elements that are not parsed rows, the function that parses one (see the module's
   docstring). Counters ``<namespace>/<dead_prefix><reason>`` and ``<namespace>/<kept_counter>``
-  (the rows passed on: one per sample id kept).
+  (the rows passed on: one per sample id kept). ``conflicts``: sample id -> the number of
+  its copies, for ids whose copies are known to differ from copies elsewhere (a partitioned
+  job, see the module's docstring): every copy here is set aside as conflicting.
   Returns a DoOutputsTuple with ``rows`` and ``dead_letter``.
   """
 
   def __init__(self, split: str, source: str, namespace: str, dead_prefix: str,
                key: Union[str, Callable[[Any], Any]], kept_counter: str = "rows_after_dedup",
-               canonical: Optional[Callable[[Any], dict]] = None):
+               canonical: Optional[Callable[[Any], dict]] = None, conflicts: Optional[Mapping[Any, int]] = None):
     super().__init__()
-    self._fn = _ResolveFn(split, source, namespace, dead_prefix, kept_counter, canonical)
+    self._fn = _ResolveFn(split, source, namespace, dead_prefix, kept_counter, canonical, conflicts)
     self._key = key
 
   def expand(self, rows):

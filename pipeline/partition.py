@@ -1,0 +1,151 @@
+"""An Ali-CCP job split into partitions that each fit in memory (``--partitions``).
+
+The DirectRunner holds each shuffle of the job (the sample-id dedup, the join) in memory, so
+its peak memory grows with the input (benchmarks/preprocess_throughput.py): 85M impressions
+would not fit in this machine's 24 GiB. Split by common_feature_index into K partitions, each
+partition is a whole job on about 1/K of the rows, run one after another or a few at a time,
+each in its own process. A skeleton row and the common-features row it joins with always land
+in the same partition, so every join is the one the whole job would make.
+
+The sample-id dedup is the one step that can span partitions. Copies of a sample id that name
+the same common_feature_index (identical copies always do) are in one partition and resolved
+there. Copies that name different indexes differ, so the whole job would set them all aside as
+conflicting; when they are in different partitions no partition sees them together. Those ids
+are found here, before any partition runs: a pass keeps every skeleton row's sample id (8 bytes
+a row), ids seen in more than one partition are candidates, and a second pass parses only the
+candidates' lines, since a copy that does not parse is set aside for its own reason and takes
+no part in the dedup. The ids left are handed to every partition's dedup
+(dedup.ResolveSampleIds(conflicts=...)).
+
+The partition files hold the records that Beam's text reader makes of the inputs (lines ended
+by \\n or \\r\\n), written so that the reader gives back exactly those bytes; every record goes
+to one partition, and the counts are kept so the job can check that the partitions' runs read
+them all.
+"""
+
+import array
+import dataclasses
+import zlib
+from typing import BinaryIO, Dict, Iterator, List, Mapping
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.sources import aliccp, avazu
+from pipeline.sources.deadletter import BadRecord
+
+KINDS = ("skeleton", "common")
+
+
+@dataclasses.dataclass
+class Partitions:
+  count: int
+  patterns: List[Dict[str, Dict[str, str]]]   # per partition: {split: {kind: file}}
+  records: Dict[str, Dict[str, int]]          # {split: {kind: records written to the partitions}}
+  conflicts: Dict[str, Dict[int, int]]        # {split: {sample id: its valid copies}}, see above
+
+
+def records(f: BinaryIO) -> Iterator[bytes]:
+  """The records Beam's text reader makes of a file: lines ended by \\n or \\r\\n, without the
+  end; a last line without an end is a record too."""
+  for line in iter(f.readline, b""):
+    if line.endswith(b"\n"):
+      line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+    yield line
+
+
+def record_line(record: bytes) -> bytes:
+  """A record as a line the text reader gives back unchanged (a record that ends with \\r
+  needs the \\r\\n end, or the reader would take its \\r for part of the end)."""
+  return record + (b"\r\n" if record.endswith(b"\r") else b"\n")
+
+
+def join_key(record: bytes, kind: str) -> bytes:
+  """The common_feature_index column as bytes (the 4th of a skeleton row, the 1st of a common
+  row); b"" when the row is too short to have one (it is set aside wherever it goes)."""
+  if kind == "common":
+    return record.partition(b",")[0]
+  parts = record.split(b",", 4)
+  return parts[3] if len(parts) > 3 else b""
+
+
+def partition_of(key: bytes, count: int) -> int:
+  return zlib.crc32(key) % count
+
+
+def _sample_id(record: bytes):
+  """The sample id of a skeleton record when it is one (aliccp.is_sample_id), else None."""
+  text = record.partition(b",")[0]
+  return int(text) if text.isdigit() and len(text) <= 18 else None
+
+
+def _path(out_dir: str, split: str, kind: str, k: int) -> str:
+  return FileSystems.join(out_dir, f"{split}-{kind}-{k:05d}.csv")
+
+
+def _files(pattern: str) -> List[str]:
+  return avazu.match_files(avazu.absolute(pattern))
+
+
+def _write_split(split: str, patterns: Mapping[str, str], count: int, out_dir: str, track_ids: bool):
+  """Writes one split's records to its partition files; returns (records per kind, sample ids
+  per partition)."""
+  counts = {}
+  ids = [array.array("q") for _ in range(count)] if track_ids else None
+  for kind in KINDS:
+    outs = [FileSystems.create(_path(out_dir, split, kind, k)) for k in range(count)]
+    n = 0
+    try:
+      for path in _files(patterns[kind]):
+        with FileSystems.open(path) as f:
+          for record in records(f):
+            k = partition_of(join_key(record, kind), count)
+            outs[k].write(record_line(record))
+            n += 1
+            if ids is not None and kind == "skeleton":
+              sample_id = _sample_id(record)
+              if sample_id is not None:
+                ids[k].append(sample_id)
+    finally:
+      for out in outs:
+        out.close()
+    counts[kind] = n
+  return counts, ids
+
+
+def _cross_partition_conflicts(pattern: str, ids: List[array.array], count: int) -> Dict[int, int]:
+  """Sample ids whose valid copies are in more than one partition -> their number of valid copies."""
+  seen = np.concatenate([np.unique(np.frombuffer(a, dtype=np.int64)) for a in ids] or [np.zeros(0, np.int64)])
+  values, times = np.unique(seen, return_counts=True)
+  candidates = set(values[times > 1].tolist())
+  if not candidates:
+    return {}
+  copies: Dict[int, List[int]] = {}
+  for path in _files(pattern):
+    with FileSystems.open(path) as f:
+      for record in records(f):
+        sample_id = _sample_id(record)
+        if sample_id not in candidates:
+          continue
+        try:
+          aliccp.parse_skeleton_line(record, aliccp.KNOWN_FIELDS)
+        except BadRecord:
+          continue
+        copies.setdefault(sample_id, []).append(partition_of(join_key(record, "skeleton"), count))
+  return {sample_id: len(ks) for sample_id, ks in copies.items() if len(set(ks)) > 1}
+
+
+def split_inputs(patterns: Mapping[str, Mapping[str, str]], count: int, out_dir: str,
+                 dedup_sample_ids: bool = True) -> Partitions:
+  """Writes every split's skeleton and common records into ``count`` partitions under
+  ``out_dir``; ``patterns`` as preprocess._input_patterns gives them."""
+  if count < 2:
+    raise ValueError(f"partitions must be 2 or more, got {count}")
+  parts = [{} for _ in range(count)]
+  written, conflicts = {}, {}
+  for split, pats in patterns.items():
+    written[split], ids = _write_split(split, pats, count, out_dir, dedup_sample_ids)
+    conflicts[split] = _cross_partition_conflicts(pats["skeleton"], ids, count) if dedup_sample_ids else {}
+    for k in range(count):
+      parts[k][split] = {kind: _path(out_dir, split, kind, k) for kind in KINDS}
+  return Partitions(count, parts, written, conflicts)
