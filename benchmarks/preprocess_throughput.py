@@ -1,21 +1,26 @@
 """Throughput, worker scaling and peak memory of the Ali-CCP Beam/TFT job on DirectRunner.
 
   .venv/bin/python benchmarks/preprocess_throughput.py \
-      [--runs=1000000:1,1000000:2,4000000:2,1000000:1:in_memory,4000000:1:in_memory,4000000:1]
+      [--runs=1000000:1,1000000:2,4000000:2,1000000:1:in_memory,4000000:1:in_memory,4000000:1,
+              1000000:1:in_memory:2,1000000:2:in_memory:2,4000000:2:in_memory:8]
       [--test_fraction=0.1] [--work_dir=runs/bench_preprocess]
 
-Each run is IMPRESSIONS:WORKERS[:MODE]: synthetic Ali-CCP data with IMPRESSIONS train
+Each run is IMPRESSIONS:WORKERS[:MODE[:PARTITIONS]]: synthetic Ali-CCP data with IMPRESSIONS train
 impressions (and --test_fraction of that in the test split) is generated once per size, then
 ``python -m pipeline.preprocess`` runs on it as its own process on DirectRunner with
 ``--direct_running_mode=MODE --direct_num_workers=WORKERS`` (MODE multi_processing unless
-given, or in_memory: one process; plus --beam_args).
+given, or in_memory: one process; plus --beam_args). With PARTITIONS the job runs with
+``--partitions=PARTITIONS --parallel_partitions=WORKERS`` (pipeline/partition.py), each
+partition a pipeline of one DirectRunner worker in MODE.
 Reported per run: impressions/s (rows read in both splits over the job's wall clock, from
 process start to exit), the peak resident memory of the whole process tree (the launcher
 and its worker processes, summed, sampled every --sample_seconds) and the bytes per
 impression of the raw CSV and of the gzip TFRecords. Then the targets: 2 workers over 1
-worker at the same size (>= 1.7x), peak memory of the largest size over the smallest at the
-same workers (<= 1.3x), and impressions/s against the 85M-impression public release in
-under 2 hours (>= 12,000/s). Writes benchmarks/results/preprocess_throughput.{json,md}.
+worker at the same size and mode (>= 1.7x), peak memory of the largest size over the smallest
+at the same workers and mode (<= 1.3x; partitioned runs are compared with each other, whatever
+their number of partitions), and impressions/s against the 85M-impression public release in
+under 2 hours (>= 12,000/s). Writes benchmarks/results/NAME.{json,md} (--name, default
+preprocess_throughput).
 
 A run whose rows do not reconcile is refused by the job (nothing published); the benchmark
 records it with the job's error and then locates the rows that went missing: it reads the
@@ -52,8 +57,10 @@ MEMORY_TARGET = 1.3           # peak memory, largest size over smallest
 
 def define_flags():
   flags.DEFINE_list("runs", ["1000000:1", "1000000:2", "4000000:2", "1000000:1:in_memory", "4000000:1:in_memory",
-                             "4000000:1"], "IMPRESSIONS:WORKERS[:MODE] per run (MODE: the DirectRunner's "
-                    "--direct_running_mode, multi_processing unless given).")
+                             "4000000:1", "1000000:1:in_memory:2", "1000000:2:in_memory:2", "4000000:2:in_memory:8"],
+                    "IMPRESSIONS:WORKERS[:MODE[:PARTITIONS]] per run (MODE: the DirectRunner's "
+                    "--direct_running_mode, multi_processing unless given; PARTITIONS: the job's "
+                    "--partitions, with WORKERS partitions at a time, each with one worker).")
   flags.DEFINE_float("test_fraction", 0.1, "Test impressions as a fraction of the train impressions.")
   flags.DEFINE_integer("max_hash_buckets", 1 << 20, "--max_hash_buckets of the job.")
   flags.DEFINE_list("beam_args", [], "More options for the job (comma-separated).")
@@ -62,6 +69,7 @@ def define_flags():
                       "Where the generated data and outputs go (data is reused across invocations).")
   flags.DEFINE_boolean("keep_outputs", False, "Keep each run's output (default: removed after measuring).")
   flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "Where to write the results.")
+  flags.DEFINE_string("name", "preprocess_throughput", "Results file name (RESULTS_DIR/NAME.{json,md}).")
 
 
 def _tree_rss_bytes(pid: int) -> int:
@@ -92,20 +100,31 @@ def _tree_rss_bytes(pid: int) -> int:
 MODES = ("multi_processing", "in_memory", "multi_threading")
 
 
-def parse_run(spec: str) -> Tuple[int, int, str]:
-  """IMPRESSIONS:WORKERS[:MODE] -> (impressions, workers, mode)."""
+def parse_run(spec: str) -> Tuple[int, int, str, int]:
+  """IMPRESSIONS:WORKERS[:MODE[:PARTITIONS]] -> (impressions, workers, mode, partitions)."""
   parts = spec.split(":")
-  if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in MODES):
-    raise ValueError(f"--runs: {spec!r} is not IMPRESSIONS:WORKERS[:MODE] (MODE one of {', '.join(MODES)})")
-  return int(parts[0]), int(parts[1]), parts[2] if len(parts) == 3 else MODES[0]
+  if (len(parts) not in (2, 3, 4) or (len(parts) >= 3 and parts[2] not in MODES)
+      or (len(parts) == 4 and not (parts[3].isdigit() and int(parts[3]) >= 2))):
+    raise ValueError(f"--runs: {spec!r} is not IMPRESSIONS:WORKERS[:MODE[:PARTITIONS]] (MODE one of "
+                     f"{', '.join(MODES)}; PARTITIONS 2 or more)")
+  return (int(parts[0]), int(parts[1]), parts[2] if len(parts) >= 3 else MODES[0],
+          int(parts[3]) if len(parts) == 4 else 0)
 
 
-def run_job(raw: str, out: str, workers: int, mode: str = MODES[0]) -> Tuple[float, int, str, int]:
+def mode_label(run: dict) -> str:
+  return run.get("mode", MODES[0]) + (f", {run['partitions']} partitions" if run.get("partitions") else "")
+
+
+def run_job(raw: str, out: str, workers: int, mode: str = MODES[0], partitions: int = 0) -> Tuple[float, int, str, int]:
   """Runs the job as a process (its output goes to OUT.log); (seconds, peak tree RSS bytes,
-  output, exit status)."""
+  output, exit status). With ``partitions``, ``workers`` partitions run at a time, each with one
+  DirectRunner worker."""
+  runner = [f"--direct_running_mode={mode}", f"--direct_num_workers={1 if partitions else workers}"]
+  if partitions:
+    runner += [f"--partitions={partitions}", f"--parallel_partitions={workers}"]
   cmd = [sys.executable, "-m", "pipeline.preprocess", "--format=aliccp", f"--input_dir={raw}",
          f"--output_dir={out}", f"--max_hash_buckets={FLAGS.max_hash_buckets}", "--overwrite",
-         f"--direct_running_mode={mode}", f"--direct_num_workers={workers}", *FLAGS.beam_args]
+         *runner, *FLAGS.beam_args]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
   log = out.rstrip("/") + ".log"
   start = time.perf_counter()
@@ -196,7 +215,7 @@ def main(argv):
   del argv
   runs = [parse_run(r) for r in FLAGS.runs]
   rows = []
-  for impressions, workers, mode in runs:
+  for impressions, workers, mode, partitions in runs:
     raw = os.path.join(FLAGS.work_dir, f"raw_{impressions}")
     stamp = os.path.join(raw, "generated.json")
     n_test = int(impressions * FLAGS.test_fraction)
@@ -207,13 +226,14 @@ def main(argv):
                          num_items=max(30_000, impressions // 8))
       with open(stamp, "w") as f:
         json.dump({"train": impressions, "test": n_test, "seconds": time.perf_counter() - start}, f)
-    out = os.path.join(FLAGS.work_dir, f"out_{impressions}_{workers}_{mode}")
-    print(f"preprocessing {impressions:,} + {n_test:,} impressions with {workers} worker(s), {mode} ...",
+    out = os.path.join(FLAGS.work_dir, f"out_{impressions}_{workers}_{mode}_{partitions}")
+    kind = {"mode": mode, "partitions": partitions}
+    print(f"preprocessing {impressions:,} + {n_test:,} impressions with {workers} worker(s), {mode_label(kind)} ...",
           flush=True)
-    seconds, peak, output, status = run_job(raw, out, workers, mode)
+    seconds, peak, output, status = run_job(raw, out, workers, mode, partitions)
     if status != 0:
       # Recorded, not hidden: a run whose rows do not reconcile is refused by the job itself.
-      rows.append({"impressions": impressions + n_test, "workers": workers, "mode": mode,
+      rows.append({"impressions": impressions + n_test, "workers": workers, **kind,
                    "seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2 ** 20),
                    "failed": _failure(output)})
       staging = [os.path.join(FLAGS.work_dir, p) for p in os.listdir(FLAGS.work_dir)
@@ -231,7 +251,7 @@ def main(argv):
     written = sum(r["rows_written"] for r in rec.values())
     raw_bytes = sum(os.path.getsize(os.path.join(raw, f)) for f in os.listdir(raw)
                     if f.endswith(".csv") and not f.startswith("ground_truth"))
-    rows.append({"impressions": read, "impressions_written": written, "workers": workers, "mode": mode,
+    rows.append({"impressions": read, "impressions_written": written, "workers": workers, **kind,
                  "seconds": round(seconds, 1), "impressions_per_second": round(read / seconds),
                  "peak_rss_mb": round(peak / 2 ** 20),
                  "raw_csv_bytes_per_impression": round(raw_bytes / read, 1),
@@ -243,26 +263,30 @@ def main(argv):
     write_results(rows)
 
 
-def write_results(rows: List[dict]) -> None:
-  """The results of the runs so far (rewritten after every run: a long invocation stopped
-  part-way keeps what it measured)."""
+def compute_targets(rows: List[dict]) -> List[Tuple[str, str, float, bool]]:
+  """(what, wanted, measured, met) of each target the runs so far can be held to."""
   targets = []
   ok = [r for r in rows if "failed" not in r]
-  # Worker scaling is the multi-process runner's (in_memory runs are one process).
-  mp = lambda rs: [r for r in rs if r.get("mode", MODES[0]) == MODES[0]]
-  by = {(r["impressions"], r["workers"]): r for r in mp(ok)}
-  for (n, w), r in sorted(by.items()):
-    if w == 2 and (n, 1) in by:
-      ratio = r["impressions_per_second"] / by[(n, 1)]["impressions_per_second"]
-      targets.append(("2 workers / 1 worker at %s impressions" % f"{n:,}", f">= {SCALING_TARGET}",
+  # Worker scaling: the multi-process runner's workers, or partitions run at a time (in_memory
+  # runs without partitions are one process).
+  scales = lambda r: r.get("mode", MODES[0]) == MODES[0] or r.get("partitions")
+  by = {(r["impressions"], mode_label(r), r["workers"]): r for r in ok if scales(r)}
+  for (n, label, w), r in sorted(by.items()):
+    if w == 2 and (n, label, 1) in by:
+      ratio = r["impressions_per_second"] / by[(n, label, 1)]["impressions_per_second"]
+      targets.append((f"2 workers / 1 worker at {n:,} impressions, {label}", f">= {SCALING_TARGET}",
                       round(ratio, 2), ratio >= SCALING_TARGET))
-  # Peak memory also of failed runs: they ran to the end, only their output was refused.
-  mem = {(r["impressions"], r["workers"], r.get("mode", MODES[0])): r["peak_rss_mb"] for r in rows}
-  for w, mode in sorted({(w, m) for _, w, m in mem}):
-    sizes = sorted(n for n, ww, m in mem if (ww, m) == (w, mode))
+  # Peak memory also of failed runs: they ran to the end, only their output was refused. Runs
+  # with partitions are compared whatever their number of partitions (it grows with the input).
+  group = lambda r: (r["workers"], r.get("mode", MODES[0]), bool(r.get("partitions")))
+  mem = {(r["impressions"],) + group(r): r for r in rows}
+  for key in sorted({k[1:] for k in mem}):
+    sizes = sorted(k[0] for k in mem if k[1:] == key)
     if len(sizes) > 1:
-      ratio = mem[(sizes[-1], w, mode)] / mem[(sizes[0], w, mode)]
-      targets.append((f"peak memory {sizes[-1]:,} / {sizes[0]:,} impressions, {w} worker(s), {mode}",
+      big, small = mem[(sizes[-1],) + key], mem[(sizes[0],) + key]
+      ratio = big["peak_rss_mb"] / small["peak_rss_mb"]
+      label = key[1] + (f", {small['partitions']} and {big['partitions']} partitions" if key[2] else "")
+      targets.append((f"peak memory {sizes[-1]:,} / {sizes[0]:,} impressions, {key[0]} worker(s), {label}",
                       f"<= {MEMORY_TARGET}", round(ratio, 2), ratio <= MEMORY_TARGET))
   if ok:
     best = max(ok, key=lambda r: r["impressions_per_second"])
@@ -271,10 +295,17 @@ def write_results(rows: List[dict]) -> None:
   if len(ok) < len(rows):
     targets.append(("runs that completed and published their output", f"{len(rows)} of {len(rows)}",
                     len(ok), False))
+  return targets
 
-  command = "python benchmarks/preprocess_throughput.py --runs=%s --test_fraction=%g --max_hash_buckets=%d%s" % (
+
+def write_results(rows: List[dict]) -> None:
+  """The results of the runs so far (rewritten after every run: a long invocation stopped
+  part-way keeps what it measured)."""
+  targets = compute_targets(rows)
+  command = "python benchmarks/preprocess_throughput.py --runs=%s --test_fraction=%g --max_hash_buckets=%d%s%s" % (
       ",".join(FLAGS.runs), FLAGS.test_fraction, FLAGS.max_hash_buckets,
-      f" --beam_args={','.join(FLAGS.beam_args)}" if FLAGS.beam_args else "")
+      f" --beam_args={','.join(FLAGS.beam_args)}" if FLAGS.beam_args else "",
+      f" --name={FLAGS.name}" if FLAGS.name != "preprocess_throughput" else "")
   machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
   numbers = {"command": command, "machine": machine, "runner": "DirectRunner",
              "runs": rows, "targets": [dict(zip(("what", "target", "measured", "met"), t)) for t in targets]}
@@ -283,7 +314,7 @@ def write_results(rows: List[dict]) -> None:
            "| impressions read | workers | mode | seconds | impressions/s | peak RSS (tree) MB | raw CSV B/impr. | gzip TFRecord B/impr. |",
            "|---:|---:|---|---:|---:|---:|---:|---:|"]
   for r in rows:
-    head = f"| {r['impressions']:,} | {r['workers']} | {r.get('mode', MODES[0])} | {r['seconds']} |"
+    head = f"| {r['impressions']:,} | {r['workers']} | {mode_label(r)} | {r['seconds']} |"
     if "failed" in r:
       lines.append(f"{head} FAILED (below) | {r['peak_rss_mb']:,} | | |")
       continue
@@ -295,7 +326,7 @@ def write_results(rows: List[dict]) -> None:
   for r in rows:
     if "failed" in r:
       lines += ["", f"Run of {r['impressions']:,} impressions with {r['workers']} worker(s), "
-                f"{r.get('mode', MODES[0])}, failed:", "", "```", r["failed"], "```"]
+                f"{mode_label(r)}, failed:", "", "```", r["failed"], "```"]
       for split, m in r.get("missing", {}).items():
         if not m["missing"]:
           continue
@@ -304,7 +335,7 @@ def write_results(rows: List[dict]) -> None:
                   "| first line | last line | rows missing | density |", "|---:|---:|---:|---:|"]
         lines += [f"| {x['first_line']:,} | {x['last_line']:,} | {x['rows']:,} | {x['density']} |"
                   for x in m["largest"]]
-  results_io.write(FLAGS.results_dir, "preprocess_throughput", numbers, "\n".join(lines))
+  results_io.write(FLAGS.results_dir, FLAGS.name, numbers, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -12,12 +12,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import preprocess_throughput as PT  # noqa: E402
 
 
-def test_parse_run_reads_impressions_workers_and_an_optional_mode():
-  assert PT.parse_run("1000000:2") == (1000000, 2, "multi_processing")
-  assert PT.parse_run("4000000:1:in_memory") == (4000000, 1, "in_memory")
-  for bad in ("1000000", "1000:2:fast", "1:2:3:4"):
+def test_parse_run_reads_impressions_workers_and_an_optional_mode_and_partitions():
+  assert PT.parse_run("1000000:2") == (1000000, 2, "multi_processing", 0)
+  assert PT.parse_run("4000000:1:in_memory") == (4000000, 1, "in_memory", 0)
+  assert PT.parse_run("4000000:2:in_memory:8") == (4000000, 2, "in_memory", 8)
+  for bad in ("1000000", "1000:2:fast", "1:2:3:4", "1:2:in_memory:1", "1:2:in_memory:x", "1:2:in_memory:4:5"):
     with pytest.raises(ValueError, match="IMPRESSIONS:WORKERS"):
       PT.parse_run(bad)
+
+
+def test_targets_compare_like_with_like():
+  run = lambda n, w, mode, parts, seconds, mb: {
+      "impressions": n, "workers": w, "mode": mode, "partitions": parts, "seconds": seconds,
+      "impressions_per_second": round(n / seconds), "peak_rss_mb": mb}
+  rows = [run(1_100_000, 1, "multi_processing", 0, 200, 4000), run(1_100_000, 2, "multi_processing", 0, 125, 5000),
+          run(4_400_000, 2, "multi_processing", 0, 500, 15000), run(1_100_000, 1, "in_memory", 0, 150, 2000),
+          run(1_100_000, 1, "in_memory", 2, 160, 1800), run(1_100_000, 2, "in_memory", 2, 90, 2600),
+          run(4_400_000, 2, "in_memory", 8, 330, 2860)]
+  got = {what: (measured, met) for what, _, measured, met in PT.compute_targets(rows)}
+  assert got["2 workers / 1 worker at 1,100,000 impressions, multi_processing"] == (1.6, False)
+  assert got["2 workers / 1 worker at 1,100,000 impressions, in_memory, 2 partitions"] == (1.78, True)
+  assert got["peak memory 4,400,000 / 1,100,000 impressions, 2 worker(s), multi_processing"] == (3.0, False)
+  assert got["peak memory 4,400,000 / 1,100,000 impressions, 2 worker(s), in_memory, 2 and 8 partitions"] == (1.1, True)
+  assert got["impressions/s, best run (85M in 2 h)"] == (13333, True)
+  assert len(got) == 5   # nothing compares a partitioned run with an unpartitioned one
 
 
 def test_missing_stretches_tells_a_contiguous_loss_from_every_other_row():
