@@ -25,9 +25,10 @@ def esmm_model_fn(features, labels, mode, params):
   if p["model"] not in ESMM_MODELS:
     raise ValueError(f"esmm_model_fn builds {ESMM_MODELS}, not {p['model']!r} (see model_fn.mmoe)")
   training = mode == tf.estimator.ModeKeys.TRAIN
+  dtype = layers.matmul_dtype(p, training)
   ctr_input = layers.embedding_input(features, p, "embeddings")
   cvr_input = ctr_input if p["share_embeddings"] else layers.embedding_input(features, p, "cvr_embeddings")
-  ctr_logit = layers.mlp_logit(ctr_input, p["ctr_hidden_units"], "ctr_tower", p["dropout"], training)
-  cvr_logit = layers.mlp_logit(cvr_input, p["cvr_hidden_units"], "cvr_tower", p["dropout"], training)
+  ctr_logit = layers.mlp_logit(ctr_input, p["ctr_hidden_units"], "ctr_tower", p["dropout"], training, dtype)
+  cvr_logit = layers.mlp_logit(cvr_input, p["cvr_hidden_units"], "cvr_tower", p["dropout"], training, dtype)
   return heads.estimator_spec(features, labels, mode, p, heads.heads_from_logits(ctr_logit, cvr_logit),
                               product=True)

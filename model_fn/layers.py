@@ -95,33 +95,63 @@ def embedding_input(features: Dict[str, tf.Tensor], params, scope: str) -> tf.Te
   return pooled
 
 
+def matmul_dtype(params, training: bool) -> tf.DType:
+  """The dense layers' matmul dtype: ``params['train_matmul_dtype']`` while training, else float32
+  (the variables are float32 either way, so a checkpoint serves the same in both)."""
+  return tf.as_dtype(params["train_matmul_dtype"]) if training else tf.float32
+
+
+def dense(x: tf.Tensor, units: int, name: str, activation=None,
+          matmul_dtype: tf.DType = tf.float32) -> tf.Tensor:
+  """A fully connected layer with tf.compat.v1.layers.dense's variables (NAME/kernel, NAME/bias,
+  Glorot-uniform and zeros), float32 in every case.
+
+  ``matmul_dtype`` bfloat16 runs the matmul on bfloat16 copies of the input and the kernel and
+  casts the product back (oneDNN accumulates in float32), so the variables, their gradients, the
+  optimizer and the bias add stay float32: mixed precision for the towers' matmuls, which are
+  most of a training step's CPU time (benchmarks/results/train_step_profile.md).
+  """
+  with tf.compat.v1.variable_scope(name):
+    kernel = tf.compat.v1.get_variable("kernel", [x.shape[-1], units], tf.float32,
+                                       initializer=tf.compat.v1.glorot_uniform_initializer())
+    bias = tf.compat.v1.get_variable("bias", [units], tf.float32,
+                                     initializer=tf.compat.v1.zeros_initializer())
+    if matmul_dtype == tf.float32:
+      y = tf.matmul(x, kernel)
+    else:
+      y = tf.cast(tf.matmul(tf.cast(x, matmul_dtype), tf.cast(kernel, matmul_dtype)), tf.float32)
+    y = tf.nn.bias_add(y, bias)
+    return activation(y) if activation is not None else y
+
+
 def mlp_logit(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
-              training: bool = False) -> tf.Tensor:
+              training: bool = False, matmul_dtype: tf.DType = tf.float32) -> tf.Tensor:
   """ReLU MLP tower ending in one logit: [batch, n] -> [batch]."""
   with tf.compat.v1.variable_scope(name):
-    x = _relu_layers(inputs, hidden_units, dropout, training)
-    logit = tf.compat.v1.layers.dense(x, 1, name="logit")
+    x = _relu_layers(inputs, hidden_units, dropout, training, matmul_dtype)
+    logit = dense(x, 1, "logit", matmul_dtype=matmul_dtype)
   return tf.squeeze(logit, axis=1)
 
 
-def _relu_layers(x: tf.Tensor, hidden_units: Sequence[int], dropout: float, training: bool) -> tf.Tensor:
+def _relu_layers(x: tf.Tensor, hidden_units: Sequence[int], dropout: float, training: bool,
+                 matmul_dtype: tf.DType) -> tf.Tensor:
   for i, units in enumerate(hidden_units):
-    x = tf.compat.v1.layers.dense(x, units, activation=tf.nn.relu, name=f"hidden_{i}")
+    x = dense(x, units, f"hidden_{i}", tf.nn.relu, matmul_dtype)
     if dropout > 0:
       x = tf.compat.v1.layers.dropout(x, rate=dropout, training=training)
   return x
 
 
 def mlp(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
-        training: bool = False) -> tf.Tensor:
+        training: bool = False, matmul_dtype: tf.DType = tf.float32) -> tf.Tensor:
   """ReLU MLP without an output layer: [batch, n] -> [batch, hidden_units[-1]]."""
   with tf.compat.v1.variable_scope(name):
-    return _relu_layers(inputs, hidden_units, dropout, training)
+    return _relu_layers(inputs, hidden_units, dropout, training, matmul_dtype)
 
 
 def mmoe(inputs: tf.Tensor, tasks: Sequence[str], num_experts: int, expert_units: Sequence[int],
-         name: str = "mmoe", dropout: float = 0.0,
-         training: bool = False) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+         name: str = "mmoe", dropout: float = 0.0, training: bool = False,
+         matmul_dtype: tf.DType = tf.float32) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
   """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018).
 
   ``num_experts`` ReLU MLPs read the shared input; each task has a softmax gate (a linear
@@ -131,11 +161,11 @@ def mmoe(inputs: tf.Tensor, tasks: Sequence[str], num_experts: int, expert_units
   Returns ({task: [batch, expert_units[-1]]}, {task: gate weights [batch, num_experts]}).
   """
   with tf.compat.v1.variable_scope(name):
-    experts = tf.stack([mlp(inputs, expert_units, f"expert_{e}", dropout, training)
+    experts = tf.stack([mlp(inputs, expert_units, f"expert_{e}", dropout, training, matmul_dtype)
                         for e in range(num_experts)], axis=1)          # [batch, E, d]
     mixed, gates = {}, {}
     for task in tasks:
-      logits = tf.compat.v1.layers.dense(inputs, num_experts, name=f"gate_{task}")
+      logits = dense(inputs, num_experts, f"gate_{task}", matmul_dtype=matmul_dtype)
       gate = tf.nn.softmax(logits, axis=-1)                             # [batch, E]
       gates[task] = gate
       mixed[task] = tf.reduce_sum(experts * gate[:, :, None], axis=1)

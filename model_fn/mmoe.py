@@ -27,14 +27,16 @@ def mmoe_model_fn(features, labels, mode, params):
   if p["model"] not in MMOE_MODELS:
     raise ValueError(f"mmoe_model_fn builds {MMOE_MODELS}, not {p['model']!r} (see model_fn.esmm)")
   training = mode == tf.estimator.ModeKeys.TRAIN
+  dtype = layers.matmul_dtype(p, training)
   product = p["model"] == "mmoe_esmm"
   second = "cvr" if product else "ctcvr"
   shared = layers.embedding_input(features, p, "embeddings")
   mixed, gates = layers.mmoe(shared, ("ctr", second), int(p["num_experts"]), p["expert_hidden_units"],
-                             "mmoe", p["dropout"], training)
-  ctr_logit = layers.mlp_logit(mixed["ctr"], p["tower_hidden_units"], "ctr_tower", p["dropout"], training)
+                             "mmoe", p["dropout"], training, dtype)
+  ctr_logit = layers.mlp_logit(mixed["ctr"], p["tower_hidden_units"], "ctr_tower", p["dropout"], training,
+                               dtype)
   second_logit = layers.mlp_logit(mixed[second], p["tower_hidden_units"], f"{second}_tower",
-                                  p["dropout"], training)
+                                  p["dropout"], training, dtype)
   if product:
     task_heads = heads.heads_from_logits(ctr_logit, cvr_logit=second_logit)
   else:

@@ -19,6 +19,7 @@ from typing import Any, Dict
 
 MODELS = ("esmm", "esmm_ns", "base", "mmoe", "mmoe_esmm")
 MMOE_MODELS = ("mmoe", "mmoe_esmm")
+MATMUL_DTYPES = ("float32", "bfloat16")
 
 DEFAULT_PARAMS: Dict[str, Any] = {
     "model": "esmm",
@@ -51,6 +52,11 @@ DEFAULT_PARAMS: Dict[str, Any] = {
     # Kendall et al. 2018: weight task i by exp(-s_i) and add s_i / 2, s_i = log sigma_i^2 learned.
     "uncertainty_weighting": False,
     "embedding_init_stddev": 0.05,
+    # "bfloat16": the dense layers' matmuls run in bfloat16 while training (mixed precision: float32
+    # variables, gradients and optimizer, see layers.dense); evaluation, export and serving always
+    # compute in float32. Fast where the CPU has bfloat16 instructions (AVX512_BF16, AMX) or on a
+    # GPU; elsewhere TensorFlow emulates it, which is slower than float32.
+    "train_matmul_dtype": "float32",
     "objective": None,               # derived from model
 }
 
@@ -100,6 +106,8 @@ def resolve_params(params) -> Dict[str, Any]:
     if not p["fields"] or unknown_fields:
       raise ValueError(f"fields must be a non-empty subset of the transform output's fields "
                        f"{sorted(p['hash_buckets'])}; unknown: {unknown_fields}")
+  if p["train_matmul_dtype"] not in MATMUL_DTYPES:
+    raise ValueError(f"train_matmul_dtype must be one of {MATMUL_DTYPES}, got {p['train_matmul_dtype']!r}")
   p["table_rows"] = int(p["table_rows"] or 0)
   if p["table_rows"] < 0:
     raise ValueError(f"table_rows must be >= 0 (0: the hash bucket counts), got {p['table_rows']}")

@@ -27,7 +27,7 @@ from absl import app, flags
 
 from model_fn import estimator as E
 from model_fn import input_fn as I
-from model_fn.params import MODELS
+from model_fn.params import MATMUL_DTYPES, MODELS
 from preprocessing import transform as T
 
 FLAGS = flags.FLAGS
@@ -66,6 +66,9 @@ def define_flags():
   flags.DEFINE_float("ctr_loss_weight", 1.0, "Weight of the CTR log loss.")
   flags.DEFINE_float("ctcvr_loss_weight", 1.0, "Weight of the CTCVR log loss (esmm).")
   flags.DEFINE_float("cvr_loss_weight", 1.0, "Weight of the clicked-only CVR log loss (base).")
+  flags.DEFINE_enum("train_matmul_dtype", "float32", list(MATMUL_DTYPES), "Dtype of the dense layers' "
+                    "matmuls while training; bfloat16 is mixed precision (float32 variables and "
+                    "optimizer), fast on CPUs with AVX512_BF16 or AMX. Eval and export use float32.")
   flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps.")
   flags.DEFINE_integer("seed", 42, "Graph-level random seed.")
   flags.DEFINE_integer("embedding_partitions", 0, "Shards per large embedding table (0: one per "
@@ -101,6 +104,7 @@ def params_from_flags(tft_output, fmt: str) -> Dict[str, Any]:
       "embedding_learning_rate": FLAGS.embedding_learning_rate,
       "ctr_loss_weight": FLAGS.ctr_loss_weight, "ctcvr_loss_weight": FLAGS.ctcvr_loss_weight,
       "cvr_loss_weight": FLAGS.cvr_loss_weight,
+      "train_matmul_dtype": FLAGS.train_matmul_dtype,
       "embedding_partitions": FLAGS.embedding_partitions,
   }
 

@@ -1,5 +1,7 @@
 """MMoE: layer shapes and gate softmax, independent experts, the model_fn's heads and loss,
-the division head, and uncertainty weighting -- on small graphs built here."""
+the division head, and uncertainty weighting; the dense layers of every model_fn and their mixed
+precision (train_matmul_dtype: bfloat16 matmuls while training, float32 variables, float32 eval
+and serving) -- on small graphs built here."""
 
 import numpy as np
 import pytest
@@ -185,3 +187,95 @@ def test_params_reject_contradictions():
   assert resolve_params(_params("esmm_ns"))["share_embeddings"] is False
   with tf.Graph().as_default(), pytest.raises(ValueError, match="mmoe_model_fn builds"):
     mmoe.mmoe_model_fn(_features(), None, tf.estimator.ModeKeys.PREDICT, _params("esmm"))
+
+
+def _variables():
+  return [(v.name, tuple(v.shape.as_list()), v.dtype.base_dtype)
+          for v in tf.compat.v1.global_variables()]
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_dense_has_the_variables_of_tf_layers_dense(dtype):
+  """Checkpoints written before layers.dense existed (tf.compat.v1.layers.dense) still load."""
+  with tf.Graph().as_default():
+    with tf.compat.v1.variable_scope("tower"):
+      tf.compat.v1.layers.dense(tf.zeros([3, 7]), 4, activation=tf.nn.relu, name="hidden_0")
+    want = _variables()
+  with tf.Graph().as_default():
+    with tf.compat.v1.variable_scope("tower"):
+      y = layers.dense(tf.zeros([3, 7]), 4, "hidden_0", tf.nn.relu, dtype)
+    assert _variables() == want == [("tower/hidden_0/kernel:0", (7, 4), tf.float32),
+                                    ("tower/hidden_0/bias:0", (4,), tf.float32)]
+    assert y.dtype == tf.float32 and y.name.startswith("tower/hidden_0/")
+
+
+def test_bfloat16_dense_rounds_the_matmul_and_keeps_float32_gradients():
+  rng = np.random.default_rng(0)
+  with tf.Graph().as_default():
+    x = tf.constant(rng.normal(size=(64, 33)), tf.float32)
+    y32 = layers.dense(x, 9, "a", tf.nn.relu)
+    y16 = layers.dense(x, 9, "b", tf.nn.relu, tf.bfloat16)
+    a = tf.compat.v1.global_variables("a")
+    b = tf.compat.v1.global_variables("b")
+    copy = [vb.assign(va) for va, vb in zip(a, b)]
+    g32 = tf.gradients(tf.reduce_sum(y32 ** 2), a + [x])
+    g16 = tf.gradients(tf.reduce_sum(y16 ** 2), b + [x])
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      sess.run(copy)
+      out32, out16, grads32, grads16 = sess.run([y32, y16, g32, g16])
+  assert [g.dtype for g in grads16] == [np.float32] * 3
+  # The same weights: equal to bfloat16's precision (8 bits of mantissa), but rounded.
+  np.testing.assert_allclose(out16, out32, rtol=3e-2, atol=3e-2)
+  assert not np.array_equal(out16, out32)
+  for g16_, g32_ in zip(grads16, grads32):
+    np.testing.assert_allclose(g16_, g32_, rtol=5e-2, atol=5e-2 * np.abs(g32_).max())
+
+
+def _matmul_dtypes(graph):
+  return sorted({op.get_attr("T").name for op in graph.get_operations() if op.type == "MatMul"})
+
+
+@pytest.mark.parametrize("model", ["esmm", "mmoe"])
+def test_bfloat16_matmuls_only_while_training(model):
+  fn = mmoe.mmoe_model_fn if model == "mmoe" else esmm.esmm_model_fn
+  params = _params(model, train_matmul_dtype="bfloat16")
+  for mode, want in [(tf.estimator.ModeKeys.TRAIN, ["bfloat16"]), (tf.estimator.ModeKeys.EVAL, ["float32"]),
+                     (tf.estimator.ModeKeys.PREDICT, ["float32"])]:
+    with tf.Graph().as_default() as g:
+      tf.compat.v1.train.create_global_step()
+      spec = fn(_features(), _labels() if mode != tf.estimator.ModeKeys.PREDICT else None, mode, params)
+      # Every MatMul of the graph: the towers' (and experts' and gates'), and in training their
+      # gradients' too.
+      assert _matmul_dtypes(g) == want, mode
+      if mode == tf.estimator.ModeKeys.TRAIN:
+        assert all(v.dtype.base_dtype == tf.float32 for v in tf.compat.v1.trainable_variables())
+        with tf.compat.v1.Session() as sess:
+          sess.run([tf.compat.v1.global_variables_initializer(), tf.compat.v1.local_variables_initializer()])
+          before = sess.run(tf.compat.v1.trainable_variables())
+          loss, _ = sess.run([spec.loss, spec.train_op])
+          after = sess.run(tf.compat.v1.trainable_variables())
+        assert np.isfinite(loss)
+        assert sum(not np.array_equal(x, y) for x, y in zip(before, after)) > len(before) // 2
+
+
+def test_bfloat16_training_loss_is_close_to_float32s():
+  """The same variables give the same loss to bfloat16 precision (so a checkpoint trained either
+  way evaluates and serves the same in float32)."""
+  losses = {}
+  for dtype in ("float32", "bfloat16"):
+    with tf.Graph().as_default():
+      tf.compat.v1.set_random_seed(5)
+      tf.compat.v1.train.create_global_step()
+      spec = esmm.esmm_model_fn(_features(), _labels(), tf.estimator.ModeKeys.TRAIN,
+                                _params("esmm", train_matmul_dtype=dtype))
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        losses[dtype] = sess.run(spec.loss)
+  np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)
+
+
+def test_params_reject_an_unknown_matmul_dtype():
+  assert resolve_params(_params("esmm"))["train_matmul_dtype"] == "float32"
+  with pytest.raises(ValueError, match="train_matmul_dtype must be one of"):
+    resolve_params(_params("esmm", train_matmul_dtype="float16"))
