@@ -74,16 +74,21 @@ SYSTEMS = {
     "ours": ("this project (Adagrad tables, default)", "ours.py"),
     "ours_lazy_adam": ("this project (lazy Adam tables)", "ours.py"),
     "ours_lazy_adam_small_init": ("this project (lazy Adam tables, init 1e-4)", "ours.py"),
+    "ours_bf16": ("this project (Adagrad tables, bfloat16 matmuls)", "ours.py"),
+    "ours_lazy_adam_small_init_bf16": ("this project (lazy Adam tables, init 1e-4, bfloat16 matmuls)", "ours.py"),
     "deepctr": ("DeepCTR 0.9.4", "deepctr_esmm.py"),
     "rechub": ("torch-rechub 0.9.0", "rechub_esmm.py"),
 }
 PEERS = ("deepctr", "rechub")
 # This project's configurations: model params over the defaults.
 LAZY_ADAM = {"embedding_optimizer": "lazy_adam", "embedding_learning_rate": 1e-3}
-OURS = {"ours": {}, "ours_lazy_adam": LAZY_ADAM,
-        "ours_lazy_adam_small_init": {**LAZY_ADAM, "embedding_init_stddev": 1e-4}}
+SMALL_INIT = {**LAZY_ADAM, "embedding_init_stddev": 1e-4}
+# Mixed precision: the towers' matmuls in bfloat16 while training (model_fn/layers.py dense).
+BF16 = {"train_matmul_dtype": "bfloat16"}
+OURS = {"ours": {}, "ours_lazy_adam": LAZY_ADAM, "ours_lazy_adam_small_init": SMALL_INIT,
+        "ours_bf16": BF16, "ours_lazy_adam_small_init_bf16": {**SMALL_INIT, **BF16}}
 # The systems a plain invocation runs (--systems); the others are opt-in variants.
-DEFAULT_SYSTEMS = ("ours", "ours_lazy_adam", "deepctr", "rechub")
+DEFAULT_SYSTEMS = ("ours", "ours_bf16", "ours_lazy_adam_small_init_bf16", "deepctr", "rechub")
 # The issue's targets: this project's examples/s over the faster peer's, by table size.
 SPEEDUP_TARGETS = {10_000: 1.0, 100_000: 3.0, 1_000_000: 20.0}
 FLAT_TARGET = 1.25        # own examples/s at the smallest size / at the largest
