@@ -156,7 +156,9 @@ def prepare_data(work: str, max_rows: int) -> Dict[str, object]:
   config = {"impressions": FLAGS.impressions, "test": FLAGS.test_impressions, "users": FLAGS.num_users,
             "items": FLAGS.num_items, "seed": FLAGS.seed, "max_hash_buckets": max_rows,
             # Data prepared before the train column blocks existed is prepared again.
-            "train_block_rows": F.DEFAULT_BLOCK_ROWS}
+            "train_block_rows": F.DEFAULT_BLOCK_ROWS,
+            # ... and so is data prepared before the job shuffled the blocks over the split.
+            "train_blocks_shuffled": True}
   raw, out = os.path.join(work, "raw"), os.path.join(work, "preprocessed")
   config_file = os.path.join(work, "data_config.json")
   if os.path.exists(config_file) and json.load(open(config_file)).get("config") == config:

@@ -108,7 +108,8 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
   ``fields`` (a model's ``params['fields']``) only those fields' ids and weights are parsed.
 
   Blocks: a block is the shuffled unit (its rows are a random draw from the ~1k rows around it,
-  see EncodeBlocks), and a batch is ``max(1, round(batch_size / block_rows))`` blocks, so it has
+  see EncodeBlocks, and the job writes the blocks in a random order over the whole split, see
+  ShuffleBlocks, so the buffer need not hold the split to mix users), and a batch is ``max(1, round(batch_size / block_rows))`` blocks, so it has
   that many times ``block_rows`` rows, fewer where a block is short (the last of each of the
   job's RecordBatches). Reading and parsing a few blocks per batch costs about a quarter of the CPU of
   reading and parsing a thousand tf.Examples (benchmarks/train_step_profile.py).

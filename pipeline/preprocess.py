@@ -22,7 +22,8 @@ Then the TFT ``preprocessing_fn`` hashes every categorical field and the job wri
 
   OUT/train/part-*.tfrecord.gz, OUT/eval/part-*.tfrecord.gz   transformed tf.Examples
   OUT/train_blocks/part-*.tfrecord.gz   the train split again as column blocks of
-      --train_block_rows rows (what training reads; preprocessing.transform.EncodeBlocks)
+      --train_block_rows rows, in a random order over the split (what training reads;
+      preprocessing.transform.EncodeBlocks, ShuffleBlocks)
   OUT/transform_fn/, OUT/transformed_metadata/                the TFT graph and schema
   OUT/dead_letter/{train,eval}-*.jsonl                        rows set aside, with reasons
   OUT/reconciliation.json                                     written last: marks the output complete
@@ -266,6 +267,7 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
       if split == "train" and train_block_rows:
         _ = (data
              | "EncodeBlocks_train" >> beam.ParDo(T.EncodeBlocks(f"{fmt}/{split}", train_block_rows))
+             | "ShuffleBlocks_train" >> T.ShuffleBlocks()
              | "WriteBlocks_train" >> _write_tfrecords(os.path.join(output_dir, F.BLOCKS_DIR), num_shards, infix))
       _ = (read[split][DEAD]
            | f"WriteDeadLetters_{split}" >> beam.io.WriteToText(

@@ -173,6 +173,41 @@ def test_train_blocks_hold_exactly_the_train_rows(run):
   assert runs == 0
 
 
+def _written_order(tmp_path, items, shuffle: bool):
+  """The order in which a one-shard text write receives ``items`` (after ShuffleBlocks)."""
+  import apache_beam as beam
+  out = tmp_path / f"order-{len(os.listdir(tmp_path))}"
+  with beam.Pipeline() as p:
+    pc = p | beam.Create(items, reshuffle=False)
+    if shuffle:
+      pc = pc | T.ShuffleBlocks(seed=3, groups=16)
+    _ = pc | beam.Map(lambda b: b.decode()) | beam.io.WriteToText(str(out), num_shards=1)
+  return [line.encode() for line in open(tf.io.gfile.glob(str(out) + "*")[0]).read().split()]
+
+
+def test_shuffle_blocks_is_a_seeded_permutation_of_the_whole_split(tmp_path):
+  """ShuffleBlocks outputs every block once, in an order unrelated to the input's, and each
+  group's blocks in key order whatever order they arrived in (so the runner cannot change it)."""
+  items = [b"block-%05d" % i for i in range(3000)]
+  position = {b: i for i, b in enumerate(items)}
+  control = _written_order(tmp_path, items, shuffle=False)
+  assert control == items      # the write keeps the order it is given, so the check below can fail
+  out = _written_order(tmp_path, items, shuffle=True)
+  backwards = _written_order(tmp_path, items[::-1], shuffle=True)
+  assert sorted(out) == sorted(backwards) == items
+  rho = np.corrcoef(np.arange(len(out)), [position[b] for b in out])[0, 1]
+  assert abs(rho) < 0.1, rho
+  # Every tenth of the output draws on every tenth of the input.
+  for k in range(10):
+    assert len({position[b] * 10 // len(items) for b in out[k * 300:(k + 1) * 300]}) == 10
+  keys = {b: T.shuffle_key(b, 3) for b in items}
+  for g in range(16):
+    in_group = [b for b in out if keys[b] % 16 == g]
+    assert in_group == [b for b in backwards if keys[b] % 16 == g]
+    assert in_group == sorted(in_group, key=keys.get)
+  assert T.shuffle_key(items[0], 3) != T.shuffle_key(items[0], 4)
+
+
 def test_trainer_reads_blocks_or_examples_as_asked(run, tmp_path):
   assert I.train_files(run["out"], "examples") == (I.split_files(run["out"], "train"), 0)
   marker = json.load(open(os.path.join(run["out"], F.RECONCILIATION)))
