@@ -45,6 +45,7 @@ own process (--parallel_partitions at a time), writing the output the whole job 
 (pipeline/partition.py).
 """
 
+import collections
 import json
 import multiprocessing
 import os
@@ -212,7 +213,7 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
                    inputs: Optional[avazu.Inputs] = None, dedup_sample_ids: bool = True,
                    train_block_rows: int = F.DEFAULT_BLOCK_ROWS, part: str = "",
                    conflicts: Optional[Mapping[str, Mapping[int, int]]] = None,
-                   transform_fn_dir: Optional[str] = None) -> None:
+                   write_transform_fn: bool = True) -> None:
   """Adds the whole job to pipeline ``p``.
 
   ``crosses``: cross fields (F.parse_crosses). ``inputs``: for Avazu, the scanned files
@@ -221,8 +222,8 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
   the train split written again under train_blocks/ (0: none). For one partition of a
   partitioned job (pipeline/partition.py): ``part`` goes into its file names
   (part-<part>-*, <split>-<part>-*), ``conflicts`` are the sample ids per split whose copies
-  in other partitions differ, and ``transform_fn_dir`` is where it writes its transform_fn
-  (default ``output_dir``).
+  in other partitions differ, and ``write_transform_fn`` False leaves the transform_fn to
+  another partition (they are all the same graph).
   """
   if fmt == "aliccp":
     labels = F.RAW_LABELS
@@ -258,7 +259,8 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
             preprocessing_fn, output_record_batches=True))
     eval_data, _ = (((batches["eval"], raw_config), transform_fn)
                     | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True))
-    _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(transform_fn_dir or output_dir)
+    if write_transform_fn:
+      _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
     infix = f"-{part}" if part else ""
     for split, data in (("train", train_data), ("eval", eval_data)):
       _ = (data
@@ -449,8 +451,7 @@ def _run_partitions(parts: partition.Partitions, job: dict, output_dir: str, tem
     name = f"p{k:05d}"
     own_temp = FileSystems.join(temp_dir, name)
     jobs.append(dict(job, patterns=patterns, output_dir=output_dir, temp_dir=own_temp, part=name,
-                     conflicts=parts.conflicts,
-                     transform_fn_dir=None if k == 0 else FileSystems.join(own_temp, "transform_fn_copy")))
+                     conflicts=parts.conflicts, write_transform_fn=k == 0))
   # A fresh process per partition: what one partition's runner held is given back to the
   # system before the next one starts (spawned, not forked: TensorFlow is loaded here).
   try:
@@ -461,11 +462,10 @@ def _run_partitions(parts: partition.Partitions, job: dict, output_dir: str, tem
     raise RuntimeError(f"a partition's process died without an error of its own ({e}); if the "
                        "system killed it for memory, run with more --partitions or fewer "
                        "--parallel_partitions") from None
-  total: Dict[str, int] = {}
+  total = collections.Counter()
   for counters in results:
-    for key, value in counters.items():
-      total[key] = total.get(key, 0) + value
-  return total
+    total.update(counters)      # update, not +: a counter that is 0 stays in
+  return dict(total)
 
 
 def reconcile_partitions(parts: partition.Partitions, split: str, rec: dict) -> dict:

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import signal
 
 import pytest
 import tensorflow as tf
@@ -192,6 +193,41 @@ def test_a_partition_that_reads_fewer_rows_than_it_was_given_is_refused(raw, tmp
     preprocess.run("aliccp", raw["patterns"], out, [], max_hash_buckets=512, max_dead_letter_fraction=1.0,
                    partitions=2)
   assert not os.path.exists(out)
+
+
+def _killed(job):
+  """A partition's process killed by the system, as the kernel's OOM killer does."""
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_partition_process_killed_by_the_system_is_a_clear_error(raw, tmp_path, monkeypatch):
+  monkeypatch.setattr(preprocess, "_run_job_kwargs", _killed)
+  out = str(tmp_path / "out")
+  with pytest.raises(RuntimeError, match="died without an error of its own .*more --partitions"):
+    preprocess.run("aliccp", raw["patterns"], out, [], max_hash_buckets=512, max_dead_letter_fraction=1.0,
+                   partitions=2)
+  assert not os.path.exists(out)
+
+
+def test_partitions_that_get_no_row_write_nothing_and_the_output_is_whole(tmp_path):
+  """One common row per split: all rows join with it, so two of the three partitions are empty."""
+  src = tmp_path / "raw"
+  synthetic.generate(str(src), num_train=60, num_test=20, num_users=5, num_items=20,
+                     impressions_per_common=1000, anomalies=0, seed=2)
+  patterns = preprocess._input_patterns(str(src), {})
+  split = partition.split_inputs(patterns, PARTS, str(tmp_path / "split"))
+  sizes = [sum(len(fuzz.records(open(q["train"][kind], "rb").read())) for kind in partition.KINDS)
+           for q in split.patterns]
+  assert sorted(sizes)[:2] == [0, 0] and sum(sizes) == 60 + 1
+  kw = dict(max_hash_buckets=512)
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  rec_whole = preprocess.run("aliccp", patterns, whole, [], **kw)
+  rec_parts = preprocess.run("aliccp", patterns, parts, [], partitions=PARTS, parallel_partitions=2, **kw)
+  for s in ("train", "eval"):
+    assert rec_parts[s]["rows_written"] == rec_whole[s]["rows_written"] == (60 if s == "train" else 20)
+    assert rec_parts[s]["partitions"]["balanced"]
+    assert _examples(parts, s) == _examples(whole, s)
+  assert os.path.isdir(os.path.join(parts, "transform_fn"))
 
 
 @pytest.mark.parametrize("kwargs,phrase", [
