@@ -52,21 +52,23 @@ DEFAULT_PARAMS: Dict[str, Any] = {
     # Kendall et al. 2018: weight task i by exp(-s_i) and add s_i / 2, s_i = log sigma_i^2 learned.
     "uncertainty_weighting": False,
     "embedding_init_stddev": 0.05,
-    # "bfloat16": the dense layers' matmuls run in bfloat16 while training (mixed precision: float32
-    # variables, gradients and optimizer, see layers.dense); evaluation, export and serving always
-    # compute in float32. Fast where the CPU has bfloat16 instructions (AVX512_BF16, AMX) or on a
-    # GPU; elsewhere TensorFlow emulates it, which is slower than float32.
-    "train_matmul_dtype": "float32",
     "objective": None,               # derived from model
 }
 
 
-# Placement, not model: a checkpoint loads under any value of these, so they are not recorded
-# in params.json and a model_dir may be resumed with another.
+# Placement and arithmetic, not model: a checkpoint loads under any value of these, so they are
+# not recorded in params.json and a model_dir may be resumed with another.
 RUNTIME_PARAMS: Dict[str, Any] = {
     # Shards of each embedding table (large tables only, see model_fn/layers.py); 0: one per
     # parameter server of the cluster in TF_CONFIG (1 on one machine).
     "embedding_partitions": 0,
+    # "bfloat16": the dense layers' matmuls run in bfloat16 while training (mixed precision: float32
+    # variables, gradients and optimizer, see layers.dense); evaluation, export and serving always
+    # compute in float32. The variables are the same either way, so a model dir resumes under the
+    # other value (on a machine without bfloat16 instructions, say). Fast where the CPU has
+    # bfloat16 instructions (AVX512_BF16, AMX) or on a GPU; elsewhere TensorFlow emulates it,
+    # which is slower than float32.
+    "train_matmul_dtype": "float32",
 }
 
 

@@ -27,7 +27,7 @@ from absl import app, flags
 
 from model_fn import estimator as E
 from model_fn import input_fn as I
-from model_fn.params import MATMUL_DTYPES, MODELS
+from model_fn.params import DEFAULT_PARAMS, MATMUL_DTYPES, MODELS
 from preprocessing import transform as T
 
 FLAGS = flags.FLAGS
@@ -51,6 +51,10 @@ def define_flags():
   flags.DEFINE_enum("embedding_optimizer", "adagrad", ["adagrad", "adam", "lazy_adam", "ftrl", "sgd"],
                     "Optimizer of the embedding tables (adagrad updates only the rows in the batch).")
   flags.DEFINE_integer("embedding_dim", 18, "Embedding size per field.")
+  flags.DEFINE_float("embedding_init_stddev", DEFAULT_PARAMS["embedding_init_stddev"],
+                     "Standard deviation of the embedding tables' truncated-normal initialiser "
+                     "(1e-4 with --embedding_optimizer=lazy_adam --embedding_learning_rate=1e-3 is "
+                     "the configuration of the README's quality table).")
   flags.DEFINE_list("fields", None, "Fields to embed (default: every field of the transform "
                     "output), e.g. 101,205,206 to train on a subset without preprocessing again.")
   flags.DEFINE_integer("table_rows", 0, "Rows per embedding table (0: each field's hash bucket "
@@ -90,7 +94,7 @@ def params_from_flags(tft_output, fmt: str) -> Dict[str, Any]:
   return {
       "model": FLAGS.model, "format": fmt,
       "hash_buckets": T.transformed_hash_buckets(tft_output),
-      "embedding_dim": FLAGS.embedding_dim,
+      "embedding_dim": FLAGS.embedding_dim, "embedding_init_stddev": FLAGS.embedding_init_stddev,
       "fields": FLAGS.fields, "table_rows": FLAGS.table_rows,
       "ctr_hidden_units": units(FLAGS.ctr_hidden_units),
       "cvr_hidden_units": units(FLAGS.cvr_hidden_units),

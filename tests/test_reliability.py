@@ -286,6 +286,8 @@ def test_training_mistakes_are_clear_errors(data, reference, other_schema, tmp_p
       # A model_dir holding another model, or checkpoints that are not this project's.
       (train(data["pre"], model_dir, "--embedding_dim=4"),
        ("holds checkpoints of another model", "embedding_dim 8 -> 4")),
+      (train(data["pre"], model_dir, "--embedding_init_stddev=0.0001"),
+       ("holds checkpoints of another model", "embedding_init_stddev 0.05 -> 0.0001")),
       (train(data["pre"], foreign), ("holds checkpoints", "no params.json")),
       # Resuming, or evaluating, on a transform output of another schema.
       (train(other_schema, model_dir), ("another schema", "1024 -> 64")),
@@ -296,6 +298,9 @@ def test_training_mistakes_are_clear_errors(data, reference, other_schema, tmp_p
     _clear_error(*result, *phrases)
   with pytest.raises(E.ModelDirError, match="cannot warm start .* other shapes"):
     E.check_warm_start(model_dir, dict(E.load_params(model_dir), embedding_dim=4))
+  # How the same variables are computed is not part of the model: it resumes under other values.
+  E.check_model_dir(model_dir, dict(E.load_params(model_dir), train_matmul_dtype="bfloat16",
+                                    embedding_partitions=2))
   # The model itself was left untouched by all of the above.
   assert E.load_params(model_dir)["embedding_dim"] == 8
   assert evaluation.predict(model_dir, data["pre"])["cvr"].shape[0] == 3000
