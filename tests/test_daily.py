@@ -5,8 +5,10 @@ One module-scoped simulation: six days of impressions and the conversion logs th
 4-day window, 1 day to maturity, keeping 2 versions. The tests read what the runs left.
 """
 
+import collections
 import datetime
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -14,9 +16,11 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.protobuf import json_format
 from tensorflow_serving.apis import prediction_log_pb2
 
 from pipeline import daily, publish, relabel, synthetic
+from preprocessing import features as F
 
 DAYS = [(synthetic.DAILY_START + datetime.timedelta(days=k)).strftime("%Y%m%d") for k in range(6)]
 RUN_DATES = DAYS[2:]                     # 4 consecutive runs
@@ -203,6 +207,23 @@ def test_a_run_killed_midway_completes_when_rerun(sim, tmp_path):
   r = daily.run(date, sim["logs"], work, serving, **SETTINGS)
   assert r["published"] and publish.versions(os.path.join(serving, "esmm")) == [int(date)]
   assert r["relabel"] == sim["results"][date]["relabel"]
+
+
+def test_the_days_transform_may_run_in_partitions(sim, tmp_path):
+  """--partitions goes through to the preprocessing job and gives the whole job's output."""
+  date = RUN_DATES[-1]
+  relabeled = os.path.join(sim["work"], "runs", date, "relabeled")
+  whole = os.path.join(sim["work"], "runs", date, "transformed")
+  parts = str(tmp_path / "transformed")
+  daily.run_transform(relabeled, parts, SETTINGS["max_hash_buckets"], [], partitions=2, parallel_partitions=2)
+  rec = {d: json.load(open(os.path.join(d, F.RECONCILIATION))) for d in (whole, parts)}
+  assert (rec[parts]["partitions"], rec[whole]["partitions"]) == (2, 0)
+  for split in ("train", "eval"):
+    assert rec[parts]["splits"][split]["rows_written"] == rec[whole]["splits"][split]["rows_written"] > 0
+    examples = lambda d: collections.Counter(
+        json.dumps(json_format.MessageToDict(tf.train.Example.FromString(r.numpy())), sort_keys=True)
+        for r in tf.data.TFRecordDataset(glob.glob(os.path.join(d, split, "part-*.tfrecord.gz")), "GZIP"))
+    assert examples(parts) == examples(whole)
 
 
 def test_a_changed_transform_stops_the_run(sim, tmp_path):
