@@ -76,7 +76,7 @@ def partition_of(key: bytes, count: int) -> int:
 def _sample_id(record: bytes):
   """The sample id of a skeleton record when it is one (aliccp.is_sample_id), else None."""
   text = record.partition(b",")[0]
-  return int(text) if text.isdigit() and len(text) <= 18 else None
+  return int(text) if aliccp.is_sample_id(text) else None
 
 
 def _path(out_dir: str, split: str, kind: str, k: int) -> str:

@@ -188,8 +188,13 @@ def test_a_partition_that_reads_fewer_rows_than_it_was_given_is_refused(raw, tmp
     return counters
 
   monkeypatch.setattr(preprocess, "_run_partitions", losing)
+  _assert_refused(raw, tmp_path, "MISMATCH with the rows read")
+
+
+def _assert_refused(raw, tmp_path, match):
+  """A job in 2 partitions fails with ``match`` and publishes nothing."""
   out = str(tmp_path / "out")
-  with pytest.raises(RuntimeError, match="MISMATCH with the rows read"):
+  with pytest.raises(RuntimeError, match=match):
     preprocess.run("aliccp", raw["patterns"], out, [], max_hash_buckets=512, max_dead_letter_fraction=1.0,
                    partitions=2)
   assert not os.path.exists(out)
@@ -202,11 +207,7 @@ def _killed(job):
 
 def test_a_partition_process_killed_by_the_system_is_a_clear_error(raw, tmp_path, monkeypatch):
   monkeypatch.setattr(preprocess, "_run_job_kwargs", _killed)
-  out = str(tmp_path / "out")
-  with pytest.raises(RuntimeError, match="died without an error of its own .*more --partitions"):
-    preprocess.run("aliccp", raw["patterns"], out, [], max_hash_buckets=512, max_dead_letter_fraction=1.0,
-                   partitions=2)
-  assert not os.path.exists(out)
+  _assert_refused(raw, tmp_path, "died without an error of its own .*more --partitions")
 
 
 def test_partitions_that_get_no_row_write_nothing_and_the_output_is_whole(tmp_path):

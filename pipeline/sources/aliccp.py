@@ -13,7 +13,7 @@ rows read = rows joined + rows set aside (per reason).
 import math
 import operator
 import typing
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
 import numpy as np
@@ -54,12 +54,13 @@ COMMON_REASONS = _PARSE_REASONS + (DUPLICATE_COMMON_FEATURE_INDEX,)
 Features = Dict[str, Tuple[List[int], List[float]]]
 
 
-def _is_uint(text: str) -> bool:
+def _is_uint(text: Union[str, bytes]) -> bool:
   return text.isascii() and text.isdigit()
 
 
-def is_sample_id(text: str) -> bool:
-  """A sample id as the release writes it: a non-negative decimal that fits int64."""
+def is_sample_id(text: Union[str, bytes]) -> bool:
+  """A sample id as the release writes it: a non-negative decimal that fits int64 (str, or
+  bytes for pipeline/partition.py's pass over raw lines)."""
   return _is_uint(text) and len(text) <= 18
 
 

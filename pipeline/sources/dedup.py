@@ -62,23 +62,22 @@ class _ResolveFn(beam.DoFn):
     sample_id, rows = element
     rows = list(rows)
     as_row = self._canonical or (lambda r: r)
-    if sample_id in self._conflicts:   # copies in other partitions too, and they differ
-      for r in rows:
-        yield self._dead(CONFLICTING_SAMPLE_ID, f"{self._conflicts[sample_id]} rows with this sample id differ; "
-                         "none is kept", sample_id, as_row(r))
-      return
-    if len(rows) == 1:
-      self._kept.inc()
-      yield rows[0]
-      return
-    if self._identical(rows):
-      self._kept.inc()
-      yield rows[0]
-      for r in rows[1:]:
-        yield self._dead(DUPLICATE_SAMPLE_ID, f"{len(rows)} identical rows; one is kept", sample_id, as_row(r))
-      return
+    # Copies in other partitions too (they differ from these): counted with them, all set aside.
+    copies = self._conflicts.get(sample_id)
+    if copies is None:
+      if len(rows) == 1:
+        self._kept.inc()
+        yield rows[0]
+        return
+      if self._identical(rows):
+        self._kept.inc()
+        yield rows[0]
+        for r in rows[1:]:
+          yield self._dead(DUPLICATE_SAMPLE_ID, f"{len(rows)} identical rows; one is kept", sample_id, as_row(r))
+        return
+      copies = len(rows)
     for r in rows:
-      yield self._dead(CONFLICTING_SAMPLE_ID, f"{len(rows)} rows with this sample id differ; none is kept",
+      yield self._dead(CONFLICTING_SAMPLE_ID, f"{copies} rows with this sample id differ; none is kept",
                        sample_id, as_row(r))
 
 
