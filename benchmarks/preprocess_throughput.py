@@ -211,6 +211,13 @@ def _size(path: str) -> int:
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
+def _train_dir(out: str) -> str:
+  """The train split's tf.Examples, or its blocks when the job wrote no tf.Examples for it
+  (--beam_args=--notrain_examples)."""
+  examples = os.path.join(out, "train")
+  return examples if os.path.isdir(examples) else os.path.join(out, F.BLOCKS_DIR)
+
+
 def main(argv):
   del argv
   runs = [parse_run(r) for r in FLAGS.runs]
@@ -256,7 +263,7 @@ def main(argv):
                  "peak_rss_mb": round(peak / 2 ** 20),
                  "raw_csv_bytes_per_impression": round(raw_bytes / read, 1),
                  "tfrecord_gzip_bytes_per_impression": round(
-                     (_size(os.path.join(out, "train")) + _size(os.path.join(out, "eval"))) / written, 1)})
+                     (_size(_train_dir(out)) + _size(os.path.join(out, "eval"))) / written, 1)})
     print(rows[-1], flush=True)
     if not FLAGS.keep_outputs:
       shutil.rmtree(out, ignore_errors=True)

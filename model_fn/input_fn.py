@@ -80,7 +80,12 @@ def train_files(transform_dir: str, train_input: str = "auto") -> Tuple[str, int
   them (``auto``, ``blocks``), else the train tf.Examples (rows per block 0)."""
   if train_input not in TRAIN_INPUTS:
     raise ValueError(f"train_input must be one of {TRAIN_INPUTS}, got {train_input!r}")
-  blocks = _reconciliation(transform_dir)["splits"]["train"].get("blocks")
+  rec = _reconciliation(transform_dir)
+  blocks = rec["splits"]["train"].get("blocks")
+  if train_input == "examples" and not rec.get("train_examples", True):
+    raise ValueError(f"{transform_dir} has no train tf.Examples (preprocessed with "
+                     "--notrain_examples): train on its blocks (train_input 'blocks' or 'auto') "
+                     "or preprocess again")
   if train_input == "examples" or (train_input == "auto" and not blocks):
     return split_files(transform_dir, "train"), 0
   if not blocks:

@@ -21,6 +21,7 @@ no ``conversion`` nor ``ctcvr``). --crosses lists the feature crosses hashed in 
 Then the TFT ``preprocessing_fn`` hashes every categorical field and the job writes:
 
   OUT/train/part-*.tfrecord.gz, OUT/eval/part-*.tfrecord.gz   transformed tf.Examples
+      (train: not with --notrain_examples)
   OUT/train_blocks/part-*.tfrecord.gz   the train split again as column blocks of
       --train_block_rows rows, in a random order over the split (what training reads;
       preprocessing.transform.EncodeBlocks, ShuffleBlocks)
@@ -29,7 +30,8 @@ Then the TFT ``preprocessing_fn`` hashes every categorical field and the job wri
   OUT/reconciliation.json                                     written last: marks the output complete
       (format, inputs, labels, crosses, max_hash_buckets, per split the rows read =
       written + set aside per reason, and the train blocks' rows, which must equal the train
-      split's rows written)
+      split's rows written; with --notrain_examples the blocks are the train split's rows
+      written)
 
 The job writes into OUT.staging-<id> and renames it to OUT only when it has finished,
 every row is accounted for, and no split set aside more than --max_dead_letter_fraction
@@ -102,6 +104,11 @@ def define_flags():
   flags.DEFINE_integer("train_block_rows", F.DEFAULT_BLOCK_ROWS, "Rows per column block of "
                        "OUT/train_blocks, the training input (0: write no blocks; training then "
                        "reads the train tf.Examples, about 4x the CPU per row).")
+  flags.DEFINE_boolean("train_examples", True, "Write the train split as one tf.Example per row "
+                       "under OUT/train besides the blocks. Training reads the blocks; the tf.Examples "
+                       "are for other readers (and --train_input=examples). --notrain_examples writes "
+                       "the blocks only: about 30% less work for the job "
+                       "(benchmarks/results/preprocess_blocks_only.md).")
   flags.DEFINE_integer("partitions", 0, "Ali-CCP on the DirectRunner: run the job as this many "
                        "partitions by common_feature_index, each a pipeline in its own process, so "
                        "memory follows a partition's rows instead of the input's (0: one job). The "
@@ -213,13 +220,14 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
                    inputs: Optional[avazu.Inputs] = None, dedup_sample_ids: bool = True,
                    train_block_rows: int = F.DEFAULT_BLOCK_ROWS, part: str = "",
                    conflicts: Optional[Mapping[str, Mapping[int, int]]] = None,
-                   write_transform_fn: bool = True) -> None:
+                   write_transform_fn: bool = True, train_examples: bool = True) -> None:
   """Adds the whole job to pipeline ``p``.
 
   ``crosses``: cross fields (F.parse_crosses). ``inputs``: for Avazu, the scanned files
   and headers (scanned here if not given). ``dedup_sample_ids``: resolve rows sharing a
   sample id (pipeline/sources/dedup.py). ``train_block_rows``: rows per column block of
-  the train split written again under train_blocks/ (0: none). For one partition of a
+  the train split written again under train_blocks/ (0: none); ``train_examples`` False
+  writes the train split as those blocks only (they then count as its rows written). For one partition of a
   partitioned job (pipeline/partition.py): ``part`` goes into its file names
   (part-<part>-*, <split>-<part>-*), ``conflicts`` are the sample ids per split whose copies
   in other partitions differ, and ``write_transform_fn`` False leaves the transform_fn to
@@ -263,12 +271,15 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
       _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
     infix = f"-{part}" if part else ""
     for split, data in (("train", train_data), ("eval", eval_data)):
-      _ = (data
-           | f"Encode_{split}" >> beam.ParDo(T.EncodeRecordBatches(f"{fmt}/{split}"))
-           | f"Write_{split}" >> _write_tfrecords(os.path.join(output_dir, split), num_shards, infix))
+      examples = split != "train" or train_examples
+      if examples:
+        _ = (data
+             | f"Encode_{split}" >> beam.ParDo(T.EncodeRecordBatches(f"{fmt}/{split}"))
+             | f"Write_{split}" >> _write_tfrecords(os.path.join(output_dir, split), num_shards, infix))
       if split == "train" and train_block_rows:
         _ = (data
-             | "EncodeBlocks_train" >> beam.ParDo(T.EncodeBlocks(f"{fmt}/{split}", train_block_rows))
+             | "EncodeBlocks_train" >> beam.ParDo(T.EncodeBlocks(f"{fmt}/{split}", train_block_rows,
+                                                                 count_rows_written=not examples))
              | "ShuffleBlocks_train" >> T.ShuffleBlocks()
              | "WriteBlocks_train" >> _write_tfrecords(os.path.join(output_dir, F.BLOCKS_DIR), num_shards, infix))
       _ = (read[split][DEAD]
@@ -485,7 +496,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
         crosses: Optional[Sequence[str]] = None, dedup_sample_ids: bool = True,
         max_dead_letter_fraction: float = 0.5,
         train_block_rows: int = F.DEFAULT_BLOCK_ROWS, partitions: int = 0,
-        parallel_partitions: int = 1) -> Dict[str, dict]:
+        parallel_partitions: int = 1, train_examples: bool = True) -> Dict[str, dict]:
   """Runs the job to completion; returns the reconciliation per split.
 
   ``crosses``: ``a:b`` specs (None: the format's default crosses). For Avazu every
@@ -497,12 +508,16 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   published dir. A killed run leaves only its staging dir (removed by the next run), and
   with ``overwrite`` the previous output stays until the new one replaces it.
   ``train_block_rows``: see build_pipeline; the blocks' rows must add up to the train split's.
+  ``train_examples`` False: the train split is written as blocks only (build_pipeline).
   ``partitions`` (2 or more; Ali-CCP on the DirectRunner): run the job as that many partitions
   by common_feature_index (pipeline/partition.py), ``parallel_partitions`` of them at a time,
   each in its own process; the output is the one the whole job would write, in more files.
   """
   if train_block_rows < 0:
     raise UsageError(f"--train_block_rows must be 0 (no blocks) or more, got {train_block_rows}")
+  if not train_examples and not train_block_rows:
+    raise UsageError("--notrain_examples writes the train split as blocks only, and "
+                     "--train_block_rows=0 writes no blocks: the train split would not be written")
   try:
     cross_fields = F.parse_crosses(fmt, crosses)
   except ValueError as e:
@@ -530,7 +545,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   temp_dir = temp_dir or os.path.join(staging, "tmp")
   job = dict(fmt=fmt, beam_args=list(beam_args), max_hash_buckets=max_hash_buckets, num_shards=num_shards,
              crosses=cross_fields, inputs=inputs, dedup_sample_ids=dedup_sample_ids,
-             train_block_rows=train_block_rows)
+             train_block_rows=train_block_rows, train_examples=train_examples)
   parts = None
   if partitions > 1:
     parts = partition.split_inputs(patterns, partitions, FileSystems.join(temp_dir, "partitions"),
@@ -550,7 +565,8 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
       r["partitions"] = reconcile_partitions(parts, split, r)
   rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
              "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec,
-             "dedup_sample_ids": dedup_sample_ids, "partitions": partitions if parts else 0}
+             "dedup_sample_ids": dedup_sample_ids, "partitions": partitions if parts else 0,
+             "train_examples": train_examples}
   if inputs is not None:
     rec_all["ignored_columns"] = list(inputs.ignored_columns)
     rec_all["empty_files"] = {split: list(files) for split, files in inputs.empty_files.items()}
@@ -589,7 +605,7 @@ def main(argv):
     rec = run(FLAGS.format, patterns, FLAGS.output_dir, beam_args, FLAGS.max_hash_buckets,
               FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir, FLAGS.crosses,
               FLAGS.dedup_sample_ids, FLAGS.max_dead_letter_fraction, FLAGS.train_block_rows,
-              FLAGS.partitions, FLAGS.parallel_partitions)
+              FLAGS.partitions, FLAGS.parallel_partitions, FLAGS.train_examples)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -220,17 +220,21 @@ class EncodeBlocks(beam.DoFn):
   a random draw from the rows around it and not a run of one user's consecutive impressions.
   Training parses a few blocks per batch instead of a thousand small tf.Examples, each repeating
   every feature's name (model_fn.input_fn; benchmarks/train_step_profile.py has the figures).
-  Counted as ``rows_written_in_blocks`` and ``blocks_written`` in ``namespace``; blocks are
-  encoded in C++ like the tf.Examples (a RecordBatch of one row per block).
+  Counted as ``rows_written_in_blocks`` and ``blocks_written`` in ``namespace``, and also as
+  ``rows_written`` when ``count_rows_written`` (the blocks are the split's only output, no
+  tf.Example per row is written); blocks are encoded in C++ like the tf.Examples (a RecordBatch
+  of one row per block).
   """
 
-  def __init__(self, namespace: str, block_rows: int = F.DEFAULT_BLOCK_ROWS, seed: int = 0):
+  def __init__(self, namespace: str, block_rows: int = F.DEFAULT_BLOCK_ROWS, seed: int = 0,
+               count_rows_written: bool = False):
     if block_rows < 1:
       raise ValueError(f"block_rows must be at least 1, got {block_rows}")
     self._block_rows = block_rows
     self._seed = seed
     self._rows = beam.metrics.Metrics.counter(namespace, "rows_written_in_blocks")
     self._blocks = beam.metrics.Metrics.counter(namespace, "blocks_written")
+    self._written = beam.metrics.Metrics.counter(namespace, "rows_written") if count_rows_written else None
     self._encoder = None
 
   def setup(self):
@@ -256,6 +260,8 @@ class EncodeBlocks(beam.DoFn):
                   pa.LargeListArray.from_arrays(pa.array(bounds, pa.int64()), pa.array(lengths, pa.int64()))]
     blocks = self._encoder.encode(pa.RecordBatch.from_arrays(columns, names))
     self._rows.inc(n)
+    if self._written is not None:
+      self._written.inc(n)
     self._blocks.inc(len(blocks))
     yield from blocks
 

@@ -208,6 +208,38 @@ def test_shuffle_blocks_is_a_seeded_permutation_of_the_whole_split(tmp_path):
   assert T.shuffle_key(items[0], 3) != T.shuffle_key(items[0], 4)
 
 
+def _block_rows(out, spec):
+  pattern, _ = I.train_files(out, "blocks")
+  records = list(tf.data.TFRecordDataset(tf.io.gfile.glob(pattern), "GZIP").as_numpy_iterator())
+  return _rows_by_sample_id(I.block_parser(spec)(tf.constant(records)))
+
+
+def test_without_train_examples_the_blocks_are_the_train_split(run, tmp_path):
+  """--notrain_examples: no train tf.Examples, the blocks hold the same rows as the full job's and
+  count as the rows written, so the reconciliation still balances; the trainer reads the blocks
+  and refuses to read train tf.Examples that were not written."""
+  out = str(tmp_path / "blocks_only")
+  rec = preprocess.run("aliccp", preprocess._input_patterns(run["raw"], {}), out, [], max_hash_buckets=1024,
+                       train_examples=False)
+  train = rec["train"]
+  assert train["skeleton_balanced"] and train["rows_written"] == run["rec"]["train"]["rows_written"] == 3997
+  assert train["blocks"]["balanced"] and train["blocks"]["rows_written"] == 3997
+  assert train["skeleton_rows_set_aside"] == run["rec"]["train"]["skeleton_rows_set_aside"]
+  assert rec["eval"]["rows_written"] == run["rec"]["eval"]["rows_written"]
+  assert not tf.io.gfile.exists(os.path.join(out, "train"))
+  assert tf.io.gfile.glob(I.split_files(out, "eval"))
+  assert json.load(open(os.path.join(out, F.RECONCILIATION)))["train_examples"] is False
+  spec = run["tft_output"].transformed_feature_spec()
+  assert _block_rows(out, spec) == _block_rows(run["out"], spec)
+  assert I.train_files(out) == I.train_files(out, "blocks")
+  with pytest.raises(ValueError, match="no train tf.Examples"):
+    I.train_files(out, "examples")
+  with pytest.raises(preprocess.UsageError, match="the train split would not be written"):
+    preprocess.run("aliccp", preprocess._input_patterns(run["raw"], {}), str(tmp_path / "none"), [],
+                   train_examples=False, train_block_rows=0)
+  assert not tf.io.gfile.exists(str(tmp_path / "none"))
+
+
 def test_trainer_reads_blocks_or_examples_as_asked(run, tmp_path):
   assert I.train_files(run["out"], "examples") == (I.split_files(run["out"], "train"), 0)
   marker = json.load(open(os.path.join(run["out"], F.RECONCILIATION)))
