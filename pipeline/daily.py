@@ -94,6 +94,9 @@ def define_flags():
   flags.DEFINE_integer("partitions", 0, "Run the day's preprocessing as this many pipelines, for a "
                        "window larger than the DirectRunner's memory (pipeline.preprocess --partitions).")
   flags.DEFINE_integer("parallel_partitions", 1, "Partitions run at once (with --partitions).")
+  flags.DEFINE_boolean("train_examples", True, "Write the day's train split as tf.Examples besides "
+                       "the blocks that training reads (pipeline.preprocess --train_examples); "
+                       "--notrain_examples: blocks only, a faster job.")
 
 
 UsageError = preprocess.UsageError   # a mistake in how the job was called (exit 2)
@@ -194,16 +197,18 @@ def run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, bea
 
 
 def run_transform(relabeled: str, out_dir: str, max_hash_buckets: int, beam_args: Sequence[str],
-                  partitions: int = 0, parallel_partitions: int = 1) -> None:
+                  partitions: int = 0, parallel_partitions: int = 1, train_examples: bool = True) -> None:
   """Step 3: the preprocessing job on the relabeled files (skipped when finished); with
-  ``partitions``, as that many pipelines (pipeline.preprocess --partitions)."""
+  ``partitions``, as that many pipelines (pipeline.preprocess --partitions); ``train_examples``
+  False writes the train split as blocks only."""
   if tf.io.gfile.exists(os.path.join(out_dir, F.RECONCILIATION)):
     return
   patterns = {split: {"skeleton": os.path.join(relabeled, split, "sample_skeleton*.csv"),
                       "common": os.path.join(relabeled, split, "common_features_*.csv")}
               for split in ("train", "eval")}
   preprocess.run("aliccp", patterns, out_dir, list(beam_args), max_hash_buckets=max_hash_buckets,
-                 overwrite=True, partitions=partitions, parallel_partitions=parallel_partitions)
+                 overwrite=True, partitions=partitions, parallel_partitions=parallel_partitions,
+                 train_examples=train_examples)
 
 
 def probe_examples(logs_dir: str, date: str, n: int = 32) -> List[bytes]:
@@ -337,7 +342,8 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
         keep_versions: int = 3, num_epochs: float = 1.0, batch_size: int = 1024,
         max_hash_buckets: int = 1 << 17, ground_truth_dir: Optional[str] = None, seed: int = 42,
         beam_args: Sequence[str] = (), holdout_percent: int = 20, warm_epochs: float = 0.0,
-        warm_start: bool = True, partitions: int = 0, parallel_partitions: int = 1) -> Dict:
+        warm_start: bool = True, partitions: int = 0, parallel_partitions: int = 1,
+        train_examples: bool = True) -> Dict:
   """One day's run (see the module doc). Returns the run's result (also RUN/result.json)."""
   from model_fn import estimator as E
   from model_fn import evaluation
@@ -357,7 +363,7 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
   rec = run_relabel(p, logs_dir, os.path.join(run_dir, "relabeled"), attribution_days, beam_args, holdout_percent)
   transform_dir = os.path.join(run_dir, "transformed")
   run_transform(os.path.join(run_dir, "relabeled"), transform_dir, max_hash_buckets, beam_args,
-                partitions, parallel_partitions)
+                partitions, parallel_partitions, train_examples)
   probes = probe_examples(logs_dir, p["eval_day"])
   transform_check = check_transform(os.path.join(work_dir, "transform_reference"), transform_dir, probes)
   served = served_run(serving_root, model_name)
@@ -436,7 +442,7 @@ def main(argv):
             FLAGS.gate_metrics, FLAGS.max_metric_drop, FLAGS.keep_versions, FLAGS.num_epochs,
             FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args,
             FLAGS.holdout_percent, FLAGS.warm_epochs, FLAGS.warm_start, FLAGS.partitions,
-            FLAGS.parallel_partitions)
+            FLAGS.parallel_partitions, FLAGS.train_examples)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

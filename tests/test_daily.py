@@ -19,6 +19,7 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow_serving.apis import prediction_log_pb2
 
+from model_fn import input_fn as I
 from pipeline import daily, publish, relabel, synthetic
 from preprocessing import features as F
 
@@ -224,6 +225,22 @@ def test_the_days_transform_may_run_in_partitions(sim, tmp_path):
         json.dumps(json_format.MessageToDict(tf.train.Example.FromString(r.numpy())), sort_keys=True)
         for r in tf.data.TFRecordDataset(glob.glob(os.path.join(d, split, "part-*.tfrecord.gz")), "GZIP"))
     assert examples(parts) == examples(whole)
+
+
+def test_the_days_transform_may_write_train_blocks_only(sim, tmp_path):
+  """--notrain_examples goes through to the preprocessing job: no train tf.Examples, the same rows
+  in the blocks, and training on that output reads them."""
+  date = RUN_DATES[-1]
+  relabeled = os.path.join(sim["work"], "runs", date, "relabeled")
+  whole = os.path.join(sim["work"], "runs", date, "transformed")
+  blocks_only = str(tmp_path / "transformed")
+  daily.run_transform(relabeled, blocks_only, SETTINGS["max_hash_buckets"], [], train_examples=False)
+  rec = {d: json.load(open(os.path.join(d, F.RECONCILIATION))) for d in (whole, blocks_only)}
+  assert (rec[blocks_only]["train_examples"], rec[whole]["train_examples"]) == (False, True)
+  train = {d: rec[d]["splits"]["train"] for d in rec}
+  assert train[blocks_only]["rows_written"] == train[whole]["rows_written"] == train[blocks_only]["blocks"]["rows_written"] > 0
+  assert not os.path.exists(os.path.join(blocks_only, "train")) and os.path.isdir(os.path.join(whole, "train"))
+  assert I.train_files(blocks_only)[0] == os.path.join(blocks_only, F.BLOCKS_DIR, "part-*.tfrecord.gz")
 
 
 def test_a_changed_transform_stops_the_run(sim, tmp_path):
