@@ -114,6 +114,27 @@ def test_records_and_lines_round_trip_as_the_text_reader_reads_them():
     assert fuzz.records(b"".join(partition.record_line(r) for r in got)) == want
 
 
+def _block_sample_ids(out):
+  ids = []
+  for r in tf.data.TFRecordDataset(glob.glob(os.path.join(out, "train_blocks", "part-*.tfrecord.gz")), "GZIP"):
+    ids += tf.io.parse_single_example(r, {"sample_id": tf.io.VarLenFeature(tf.int64)})["sample_id"].values.numpy().tolist()
+  return sorted(ids)
+
+
+def test_partitions_without_train_examples_write_the_whole_jobs_rows_as_blocks(raw, runs, tmp_path):
+  """--notrain_examples with --partitions: every partition writes its train rows as blocks only,
+  and together they hold the rows the whole job wrote, each once."""
+  (whole, rec_whole) = runs["whole"]
+  out = str(tmp_path / "blocks_only")
+  rec = preprocess.run("aliccp", raw["patterns"], out, [], max_hash_buckets=512, max_dead_letter_fraction=1.0,
+                       partitions=PARTS, parallel_partitions=2, train_examples=False)
+  assert rec["train"]["partitions"]["balanced"] and rec["train"]["skeleton_balanced"]
+  assert rec["train"]["rows_written"] == rec["train"]["blocks"]["rows_written"] == rec_whole["train"]["rows_written"]
+  assert not os.path.exists(os.path.join(out, "train"))
+  assert _block_sample_ids(out) == _block_sample_ids(whole) == fuzz.written_sample_ids(whole, "train")
+  assert _examples(out, "eval") == _examples(whole, "eval")
+
+
 def test_every_record_lands_in_one_partition_with_the_rows_it_joins(raw, tmp_path):
   parts = partition.split_inputs(raw["patterns"], PARTS, str(tmp_path))
   for split in ("train", "eval"):
