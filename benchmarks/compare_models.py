@@ -13,7 +13,8 @@ impressions; plus the CVR AUC over *all* impressions against the true counterfac
 conversions, which only synthetic data can give, and calibration. Writes mean +- std
 per model to benchmarks/results/compare_models.{json,md,png}. All models share the
 paper's settings (embedding 18, towers 360-200-80; MMoE 8 experts 256-128, towers
-128-64), batch 1024, Adam 1e-3 on dense layers, Adagrad 0.05 on the tables.
+128-64), batch 1024, Adam 1e-3 on dense layers, and the trainer's defaults on the tables
+(lazy Adam 1e-3, init stddev 1e-4; the results name the embedding params they ran with).
 """
 
 import json
@@ -31,7 +32,7 @@ from absl import app, flags, logging  # noqa: E402
 from model_fn import estimator as E  # noqa: E402
 from model_fn import evaluation  # noqa: E402
 from model_fn import input_fn as I  # noqa: E402
-from model_fn.params import MODELS  # noqa: E402
+from model_fn.params import MODELS, resolve_params  # noqa: E402
 from pipeline import preprocess, synthetic  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 from preprocessing import transform as T  # noqa: E402
@@ -123,6 +124,14 @@ def _data():
   return root, raw, out
 
 
+def embedding_params() -> str:
+  """The tables' optimizer, learning rate and init of the trainer's defaults, as the results
+  name them (a --models entry's overrides are in its name's spec)."""
+  p = resolve_params({"hash_buckets": {"101": 1}})
+  return (f"{p['embedding_optimizer']}, learning rate {p['embedding_learning_rate']:g}, init stddev "
+          f"{p['embedding_init_stddev']:g} (the trainer's defaults, unless a --models entry overrides them)")
+
+
 def _model_dir(root: str, model: str, seed) -> str:
   return os.path.join(root, "models", f"{model}_seed{seed}")
 
@@ -141,6 +150,7 @@ def _summary(runs):
 def _markdown(summary, meta) -> str:
   lines = [f"Command: `{meta['command']}`", "",
            f"Machine: {meta['machine']}. Data: {meta['data']}. Wall time {meta['seconds']:.0f} s.", "",
+           f"Embedding tables: {meta['embedding']}.", "",
            "AUC and calibration on the test split, mean ± std over model seeds "
            f"({', '.join(meta['seeds'])}); the oracle row scores the generator's true probabilities.", "",
            "| model | " + " | ".join(h for h, _ in METRICS) + " |",
@@ -215,6 +225,7 @@ def main(argv):
       "data": (f"{I.split_rows(out, 'train'):,} train / {I.split_rows(out, 'eval'):,} test impressions, "
                f"{int(oracle['clicks']):,} test clicks, {int(oracle['conversions']):,} test conversions"),
       "seeds": FLAGS.seeds, "seconds": time.perf_counter() - start,
+      "embedding": embedding_params(),
   }
   base = results_io.write(FLAGS.results_dir, results_name("compare_models"),
                           {"meta": meta, "summary": summary, "runs": runs}, _markdown(summary, meta))

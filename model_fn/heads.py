@@ -101,10 +101,10 @@ def _optimizer(name: str, learning_rate: float):
 def train_op(loss: tf.Tensor, params) -> tf.Operation:
   """Embedding tables and dense layers get their own optimizers.
 
-  Tables default to Adagrad, whose sparse update touches only the rows in the batch;
-  dense Adam on a table of 2^20 rows updates every row and its slots every step (20x
-  slower, see shared/docs/design.md); lazy_adam is Adam that touches only the batch's rows
-  (model_fn/optimizers.py). The dense layers use Adam, as in the paper.
+  Tables default to lazy_adam, Adam that touches only the batch's rows
+  (model_fn/optimizers.py); adagrad's sparse update does too. Plain Adam on a table of 2^20
+  rows updates every row and its slots every step (20x slower, see shared/docs/design.md).
+  The dense layers use Adam, as in the paper.
   """
   tables: List[tf.Variable] = tf.compat.v1.get_collection(EMBEDDING_COLLECTION)
   table_set = set(id(t) for t in tables)

@@ -17,7 +17,7 @@ MIN_SHARD_BYTES = 64 << 10
 
 def embed_fields(features: Dict[str, tf.Tensor], schema: Sequence[F.Field],
                  hash_buckets: Dict[str, int], dim: int, scope: str,
-                 init_stddev: float = 0.05, partitions: int = 1,
+                 init_stddev: float = P.DEFAULT_PARAMS["embedding_init_stddev"], partitions: int = 1,
                  table_rows: Optional[Dict[str, int]] = None) -> Tuple[tf.Tensor, List[tf.Variable]]:
   """One table per field; weighted sum pooling of every value of a field.
 

@@ -27,7 +27,7 @@ from absl import app, flags
 
 from model_fn import estimator as E
 from model_fn import input_fn as I
-from model_fn.params import DEFAULT_PARAMS, MATMUL_DTYPES, MODELS
+from model_fn.params import DEFAULT_PARAMS, EMBEDDING_LEARNING_RATES, MATMUL_DTYPES, MODELS
 from preprocessing import transform as T
 
 FLAGS = flags.FLAGS
@@ -47,14 +47,17 @@ def define_flags():
   flags.DEFINE_integer("train_steps", 0, "Total training steps (0: derived from --num_epochs).")
   flags.DEFINE_integer("eval_steps", 0, "Eval batches (0: the whole eval split).")
   flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the dense layers.")
-  flags.DEFINE_float("embedding_learning_rate", 0.05, "Learning rate of the embedding optimizer.")
-  flags.DEFINE_enum("embedding_optimizer", "adagrad", ["adagrad", "adam", "lazy_adam", "ftrl", "sgd"],
-                    "Optimizer of the embedding tables (adagrad updates only the rows in the batch).")
+  flags.DEFINE_float("embedding_learning_rate", None, "Learning rate of the embedding optimizer "
+                     f"(default: the optimizer's own, {EMBEDDING_LEARNING_RATES}).")
+  flags.DEFINE_enum("embedding_optimizer", DEFAULT_PARAMS["embedding_optimizer"],
+                    sorted(EMBEDDING_LEARNING_RATES),
+                    "Optimizer of the embedding tables: lazy_adam (Adam on the batch's rows only), "
+                    "adagrad (the default before 2026-12-05; updates only the batch's rows too), adam "
+                    "(decays every row's moments every step: slow on large tables), ftrl, sgd.")
   flags.DEFINE_integer("embedding_dim", 18, "Embedding size per field.")
   flags.DEFINE_float("embedding_init_stddev", DEFAULT_PARAMS["embedding_init_stddev"],
                      "Standard deviation of the embedding tables' truncated-normal initialiser "
-                     "(1e-4 with --embedding_optimizer=lazy_adam --embedding_learning_rate=1e-3 is "
-                     "the configuration of the README's quality table).")
+                     "(0.05 was the default before 2026-12-05, with adagrad).")
   flags.DEFINE_list("fields", None, "Fields to embed (default: every field of the transform "
                     "output), e.g. 101,205,206 to train on a subset without preprocessing again.")
   flags.DEFINE_integer("table_rows", 0, "Rows per embedding table (0: each field's hash bucket "

@@ -189,6 +189,30 @@ def test_params_reject_contradictions():
     mmoe.mmoe_model_fn(_features(), None, tf.estimator.ModeKeys.PREDICT, _params("esmm"))
 
 
+def test_embedding_optimizer_defaults_and_learning_rate_per_optimizer():
+  """The tables default to lazy Adam 1e-3 from a near-zero init; naming another optimizer
+  alone gives it its own learning rate (adagrad: 0.05, the defaults before 2026-12-05)."""
+  p = resolve_params(_params("esmm"))
+  assert (p["embedding_optimizer"], p["embedding_learning_rate"], p["embedding_init_stddev"]) == (
+      "lazy_adam", 1e-3, 1e-4)
+  assert resolve_params(_params("esmm", embedding_optimizer="adagrad"))["embedding_learning_rate"] == 0.05
+  assert resolve_params(_params("esmm", embedding_optimizer="adagrad",
+                                embedding_learning_rate=0.2))["embedding_learning_rate"] == 0.2
+  assert resolve_params(p) == p       # resolving again (the model_fn does) changes nothing
+  with pytest.raises(ValueError, match="embedding_optimizer must be one of"):
+    resolve_params(_params("esmm", embedding_optimizer="adadelta"))
+  with tf.Graph().as_default():
+    tf.compat.v1.set_random_seed(1)
+    esmm.esmm_model_fn(_features(), _labels(), tf.estimator.ModeKeys.TRAIN, _params("esmm"))
+    tables = tf.compat.v1.get_collection(layers.EMBEDDING_COLLECTION)
+    slots = {v.name for v in tf.compat.v1.global_variables() if "/table_" in v.name and v not in tables}
+    assert slots == {f"{t.name.split(':')[0]}/{s}:0" for t in tables for s in ("Adam", "Adam_1")}, slots
+    with tf.compat.v1.Session() as sess:
+      sess.run(tf.compat.v1.global_variables_initializer())
+      values = np.concatenate([sess.run(t).ravel() for t in tables])
+  assert 0.5e-4 < values.std() < 1.2e-4 and np.abs(values).max() <= 2e-4   # truncated at 2 stddev
+
+
 def _variables():
   return [(v.name, tuple(v.shape.as_list()), v.dtype.base_dtype)
           for v in tf.compat.v1.global_variables()]

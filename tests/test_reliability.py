@@ -26,6 +26,7 @@ import tensorflow as tf
 from model_fn import estimator as E
 from model_fn import evaluation
 from model_fn import input_fn as I
+from model_fn.params import resolve_params
 from pipeline import preprocess, synthetic
 from pipeline.sources import aliccp, dedup
 from preprocessing import features as F
@@ -273,6 +274,23 @@ def test_rows_a_runner_loses_between_stages_are_refused_and_the_hop_is_named(dat
   assert message.count("rows unaccounted for") == 2 and "--direct_running_mode=in_memory" in message
 
 
+def test_a_model_dir_of_the_old_embedding_defaults_resumes_with_their_flags(reference, tmp_path):
+  """A model dir trained before the defaults became lazy Adam (Adagrad 0.05, init 0.05) is refused
+  under the new defaults, naming the params, and accepted with --embedding_optimizer=adagrad
+  --embedding_init_stddev=0.05 (the learning rate follows the optimizer)."""
+  old = str(tmp_path / "old")
+  shutil.copytree(reference["model_dir"], old)
+  recorded = E.load_params(old)
+  with open(os.path.join(old, E.PARAMS_FILE), "w") as f:
+    json.dump(dict(recorded, embedding_optimizer="adagrad", embedding_learning_rate=0.05,
+                   embedding_init_stddev=0.05), f)
+  flags_given = dict(recorded, embedding_learning_rate=None, embedding_init_stddev=1e-4)
+  with pytest.raises(E.ModelDirError, match="embedding_optimizer 'adagrad' -> 'lazy_adam'"):
+    E.check_model_dir(old, resolve_params(dict(flags_given, embedding_optimizer="lazy_adam")))
+  E.check_model_dir(old, resolve_params(dict(flags_given, embedding_optimizer="adagrad",
+                                             embedding_init_stddev=0.05)))
+
+
 def test_training_mistakes_are_clear_errors(data, reference, other_schema, tmp_path):
   model_dir = reference["model_dir"]
   foreign = str(tmp_path / "foreign")     # checkpoints that model_fn.train did not write
@@ -286,8 +304,11 @@ def test_training_mistakes_are_clear_errors(data, reference, other_schema, tmp_p
       # A model_dir holding another model, or checkpoints that are not this project's.
       (train(data["pre"], model_dir, "--embedding_dim=4"),
        ("holds checkpoints of another model", "embedding_dim 8 -> 4")),
-      (train(data["pre"], model_dir, "--embedding_init_stddev=0.0001"),
-       ("holds checkpoints of another model", "embedding_init_stddev 0.05 -> 0.0001")),
+      (train(data["pre"], model_dir, "--embedding_init_stddev=0.05"),
+       ("holds checkpoints of another model", "embedding_init_stddev 0.0001 -> 0.05")),
+      (train(data["pre"], model_dir, "--embedding_optimizer=adagrad"),
+       ("holds checkpoints of another model", "embedding_learning_rate 0.001 -> 0.05",
+        "embedding_optimizer 'lazy_adam' -> 'adagrad'")),
       (train(data["pre"], foreign), ("holds checkpoints", "no params.json")),
       # Resuming, or evaluating, on a transform output of another schema.
       (train(other_schema, model_dir), ("another schema", "1024 -> 64")),

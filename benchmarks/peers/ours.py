@@ -2,7 +2,8 @@
 benchmarks/peer_throughput.py): the Estimator and esmm_model_fn read the transformed gzip
 TFRecords (the train column blocks when the data has them) through model_fn.input_fn, as
 `python -m model_fn.train` does; Adam on the dense
-layers, Adagrad (sparse: only the rows in the batch) on the tables. ``--data`` is the
+layers, and on the tables the optimizer of the configuration's params (the trainer's default:
+lazy Adam, updating only the batch's rows). ``--data`` is the
 transform output; only ``--fields`` are parsed and embedded, each table ``--table_rows`` rows."""
 
 import os
