@@ -3,10 +3,10 @@
 # synthetic logs -> Beam/TFT preprocessing -> ESMM, MMoE and the BASE baseline -> evaluation
 # (metrics table + HTML report with charts) -> SavedModel for TF Serving.
 #
-#   ./run_local.sh                      # defaults: Ali-CCP layout, 150k train / 75k test impressions
+#   ./run_local.sh                      # defaults: Ali-CCP layout, 600k train / 150k test impressions, 1 epoch
 #   MODELS=mmoe_esmm ./run_local.sh     # pick the models: esmm esmm_ns base mmoe mmoe_esmm
 #   FORMAT=avazu ./run_local.sh         # Avazu-style CSV instead of the Ali-CCP layout
-#   NUM_TRAIN=20000 NUM_TEST=10000 EPOCHS=1 ./run_local.sh    # a quicker run
+#   NUM_TRAIN=20000 NUM_TEST=10000 ./run_local.sh    # a quicker run
 #   ./run_local.sh --direct_num_workers=2 --direct_running_mode=multi_processing
 #                                       # extra arguments go to the Beam job unchanged
 #   MODE=daily ./run_local.sh           # the daily rolling retrain over DAYS simulated days:
@@ -20,9 +20,9 @@ FORMAT="${FORMAT:-aliccp}"
 MODELS="${MODELS:-esmm base mmoe}"
 MODELS="${MODELS//,/ }"
 OUT="${OUT:-runs/local}"
-NUM_TRAIN="${NUM_TRAIN:-150000}"
-NUM_TEST="${NUM_TEST:-75000}"
-EPOCHS="${EPOCHS:-3}"
+NUM_TRAIN="${NUM_TRAIN:-600000}"
+NUM_TEST="${NUM_TEST:-150000}"
+EPOCHS="${EPOCHS:-1}"
 SEED="${SEED:-2018}"
 MAX_HASH_BUCKETS="${MAX_HASH_BUCKETS:-32768}"
 LOG="$OUT/logs"
