@@ -2,7 +2,7 @@
 and MMoE with ESMM's head, several seeds each, on the same rows.
 
   .venv/bin/python benchmarks/compare_models.py [--num_train=300000] [--num_test=150000] \
-      [--seeds=1,2,3] [--num_epochs=3] [--models=base,esmm_ns,esmm,mmoe,mmoe_esmm]
+      [--seeds=1,2,3] [--num_epochs=1] [--models=base,esmm_ns,esmm,mmoe,mmoe_esmm]
 
 Generates synthetic Ali-CCP-layout data (pipeline.synthetic, data seed --data_seed),
 preprocesses it once with the Beam/TFT job, then trains every model with every seed
@@ -44,7 +44,8 @@ flags.DEFINE_integer("num_train", 300_000, "Train impressions.")
 flags.DEFINE_integer("num_test", 150_000, "Test impressions.")
 flags.DEFINE_integer("data_seed", 2018, "Seed of the synthetic data (one data set for every run).")
 flags.DEFINE_list("seeds", ["1", "2", "3"], "Model seeds; every model is trained once per seed.")
-flags.DEFINE_float("num_epochs", 1.0, "Epochs over the train split, the same for every model (lazy Adam tables overfit from the second).")
+flags.DEFINE_float("num_epochs", 1.0, "Epochs over the train split, the same for every model "
+                   "(lazy Adam tables overfit from the second).")
 flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
 flags.DEFINE_list("models", ["base", "esmm_ns", "esmm", "mmoe", "mmoe_esmm"],
                   "Models to compare: MODEL, or a variant NAME=MODEL:KEY=VALUE[;KEY=VALUE] with "
