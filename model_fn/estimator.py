@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
-from model_fn import esmm, export, mmoe
+from model_fn import esmm, export, layers, mmoe
 from model_fn import input_fn as I
 from model_fn.params import DEFAULT_PARAMS, MMOE_MODELS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params
 
@@ -253,7 +253,9 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
       eval_input, steps=eval_steps or None)
   metrics = {k: float(v) for k, v in eval_metrics.items()}
   out = {"task": task, "model_dir": model_dir, "train_steps": train_steps, "metrics": metrics,
-         "task_steps": task_steps(model_dir)}
+         "task_steps": task_steps(model_dir),
+         # What train_matmul_dtype "auto" became on this machine (a run's record of its arithmetic).
+         "train_compute_dtype": layers.matmul_dtype(params, training=True).name}
   if do_export:
     # The Estimator writes each export under export/temp-<time> and renames it when complete;
     # a run killed mid-export leaves such a dir, removed here.

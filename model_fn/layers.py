@@ -1,6 +1,7 @@
 """Composable pieces of the networks: field embeddings with weighted pooling, MLP towers,
 MMoE experts and gates."""
 
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
@@ -95,10 +96,45 @@ def embedding_input(features: Dict[str, tf.Tensor], params, scope: str) -> tf.Te
   return pooled
 
 
+# /proc/cpuinfo flags of native bfloat16 arithmetic (oneDNN runs bfloat16 matmuls on them).
+BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_has_native_bfloat16(cpuinfo: str) -> bool:
+  """Whether the ``flags`` lines of a /proc/cpuinfo text name a native bfloat16 instruction set."""
+  for line in cpuinfo.splitlines():
+    key, _, value = line.partition(":")
+    if key.strip() == "flags" and set(value.split()) & set(BFLOAT16_CPU_FLAGS):
+      return True
+  return False
+
+
+@functools.lru_cache(maxsize=None)
+def native_bfloat16() -> bool:
+  """Whether this machine trains faster in bfloat16 than in float32: every visible GPU has compute
+  capability 8.0 or more, or, without GPUs, the CPU has AMX-BF16 or AVX512_BF16 (read from
+  /proc/cpuinfo; False where there is none, as on macOS)."""
+  gpus = tf.config.list_physical_devices("GPU")
+  if gpus:
+    return all(tuple(tf.config.experimental.get_device_details(g).get("compute_capability") or (0, 0))
+               >= (8, 0) for g in gpus)
+  try:
+    with open("/proc/cpuinfo") as f:
+      return cpu_has_native_bfloat16(f.read())
+  except OSError:
+    return False
+
+
 def matmul_dtype(params, training: bool) -> tf.DType:
-  """The dense layers' matmul dtype: ``params['train_matmul_dtype']`` while training, else float32
-  (the variables are float32 either way, so a checkpoint serves the same in both)."""
-  return tf.as_dtype(params["train_matmul_dtype"]) if training else tf.float32
+  """The dense layers' compute dtype: ``params['train_matmul_dtype']`` while training ("auto":
+  bfloat16 where native_bfloat16(), else float32), float32 otherwise (the variables are float32
+  either way, so a checkpoint serves the same in both)."""
+  if not training:
+    return tf.float32
+  name = params["train_matmul_dtype"]
+  if name == "auto":
+    name = "bfloat16" if native_bfloat16() else "float32"
+  return tf.as_dtype(name)
 
 
 def dense(x: tf.Tensor, units: int, name: str, activation=None,
@@ -109,7 +145,10 @@ def dense(x: tf.Tensor, units: int, name: str, activation=None,
   ``matmul_dtype`` bfloat16 runs the matmul on bfloat16 copies of the input and the kernel and
   casts the product back (oneDNN accumulates in float32), so the variables, their gradients, the
   optimizer and the bias add stay float32: mixed precision for the towers' matmuls, which are
-  most of a training step's CPU time (benchmarks/results/train_step_profile.md).
+  most of a training step's CPU time (benchmarks/results/train_step_profile.md). The bias add and
+  the activation stay float32 on purpose: in bfloat16 as well (Keras's mixed_bfloat16), training
+  was faster but one-epoch CTCVR AUC fell by about 0.01
+  (benchmarks/results/peer_throughput_bf16_activations.md).
   """
   with tf.compat.v1.variable_scope(name):
     kernel = tf.compat.v1.get_variable("kernel", [x.shape[-1], units], tf.float32,

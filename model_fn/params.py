@@ -19,7 +19,7 @@ from typing import Any, Dict
 
 MODELS = ("esmm", "esmm_ns", "base", "mmoe", "mmoe_esmm")
 MMOE_MODELS = ("mmoe", "mmoe_esmm")
-MATMUL_DTYPES = ("float32", "bfloat16")
+MATMUL_DTYPES = ("auto", "float32", "bfloat16")
 # The embedding optimizers and the learning rate each gets when none is given.
 EMBEDDING_LEARNING_RATES = {"lazy_adam": 1e-3, "adam": 1e-3, "adagrad": 0.05, "ftrl": 0.05, "sgd": 0.05}
 
@@ -68,13 +68,15 @@ RUNTIME_PARAMS: Dict[str, Any] = {
     # Shards of each embedding table (large tables only, see model_fn/layers.py); 0: one per
     # parameter server of the cluster in TF_CONFIG (1 on one machine).
     "embedding_partitions": 0,
-    # "bfloat16": the dense layers' matmuls run in bfloat16 while training (mixed precision: float32
-    # variables, gradients and optimizer, see layers.dense); evaluation, export and serving always
-    # compute in float32. The variables are the same either way, so a model dir resumes under the
-    # other value (on a machine without bfloat16 instructions, say). Fast where the CPU has
-    # bfloat16 instructions (AVX512_BF16, AMX) or on a GPU; elsewhere TensorFlow emulates it,
-    # which is slower than float32.
-    "train_matmul_dtype": "float32",
+    # The dtype of the dense layers' (towers, experts, gates) matmuls while training. "bfloat16" is
+    # mixed precision: the matmuls on bfloat16 copies of input and kernel, everything else (bias
+    # add, activations, variables, gradients, optimizers) float32 (see layers.dense); evaluation, export and serving
+    # always compute in float32. "auto" (the default) is bfloat16 where the hardware has it natively
+    # (a CPU with AMX-BF16 or AVX512_BF16 instructions, or GPUs of compute capability 8.0 and up;
+    # layers.native_bfloat16) and float32 elsewhere, where TensorFlow would emulate bfloat16 more
+    # slowly than float32. The variables are the same either way, so a model dir resumes under any
+    # value, on any machine.
+    "train_matmul_dtype": "auto",
 }
 
 

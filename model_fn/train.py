@@ -73,9 +73,11 @@ def define_flags():
   flags.DEFINE_float("ctr_loss_weight", 1.0, "Weight of the CTR log loss.")
   flags.DEFINE_float("ctcvr_loss_weight", 1.0, "Weight of the CTCVR log loss (esmm).")
   flags.DEFINE_float("cvr_loss_weight", 1.0, "Weight of the clicked-only CVR log loss (base).")
-  flags.DEFINE_enum("train_matmul_dtype", "float32", list(MATMUL_DTYPES), "Dtype of the dense layers' "
-                    "matmuls while training; bfloat16 is mixed precision (float32 variables and "
-                    "optimizer), fast on CPUs with AVX512_BF16 or AMX. Eval and export use float32.")
+  flags.DEFINE_enum("train_matmul_dtype", "auto", list(MATMUL_DTYPES), "Dtype the dense layers "
+                    "compute in while training; bfloat16 is mixed precision (float32 variables and "
+                    "optimizer), fast on CPUs with AMX-BF16 or AVX512_BF16 and on GPUs of compute "
+                    "capability 8.0+; auto: bfloat16 where this machine has it natively, else "
+                    "float32. Eval and export use float32.")
   flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps.")
   flags.DEFINE_integer("seed", 42, "Graph-level random seed.")
   flags.DEFINE_integer("embedding_partitions", 0, "Shards per large embedding table (0: one per "
@@ -132,6 +134,8 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(f"task {out['task']} done; global step budget {out['train_steps']}")
+  if "train_compute_dtype" in out:
+    print(f"dense layers trained in {out['train_compute_dtype']} (--train_matmul_dtype={FLAGS.train_matmul_dtype})")
   for k in sorted(out.get("metrics", {})):
     print(f"{k:28s} {out['metrics'][k]:.5f}")
   if "saved_model" in out:

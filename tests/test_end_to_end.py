@@ -267,6 +267,8 @@ def test_training_reports_the_protocol_metrics_and_they_match_sklearn(run):
               "calibration/ctr", "calibration/cvr", "calibration/ctcvr"):
     assert key in m and np.isfinite(m[key]), key
   assert run["result"]["train_steps"] == 60
+  # The arithmetic the default train_matmul_dtype ("auto") chose on this machine is on record.
+  assert run["result"]["train_compute_dtype"] == ("bfloat16" if layers.native_bfloat16() else "float32")
   p = evaluation.predict(run["model_dir"], run["out"])
   click, conv = p["label_click"], p["label_conversion"]
   assert abs(m["auc/ctr"] - roc_auc_score(click, p["ctr"])) < 0.002
