@@ -2,23 +2,27 @@
 
   .venv/bin/python benchmarks/peer_throughput.py [--impressions=1000000] [--test_impressions=200000] \
       [--sizes=10000,100000,1000000] [--repeats=3] [--seconds=20] [--auc_sizes=10000,100000] \
-      [--epochs=1] [--auc_seeds=3] [--systems=ours_lazy_adam_small_init,ours,deepctr,rechub]
+      [--epochs=1] [--auc_seeds=3] [--systems=ours,ours_float32,deepctr,rechub]
   .venv/bin/python benchmarks/peer_throughput.py --from_results=benchmarks/results/peer_throughput.json
 
 Systems (each in a process of its own, see benchmarks/peers/):
-  ours            this project: Estimator + esmm_model_fn reading its gzip TFRecords (the train
-                  split's column blocks, as model_fn.train does; model_fn.input_fn); Adam on the
-                  dense layers, Adagrad 0.05 on the tables, init stddev 0.05 (the defaults before
-                  2026-12-05; each configuration names its params, whatever the defaults)
-  ours_lazy_adam  (only when named in --systems) the same with --embedding_optimizer=lazy_adam
-                  --embedding_learning_rate=1e-3 (Adam on the tables, updating only the batch's
-                  rows: model_fn/optimizers.py)
-  ours_lazy_adam_small_init  the same with --embedding_init_stddev=1e-4, DeepCTR's embedding
-                  init: the tables' rows start near zero. The trainer's defaults since 2026-12-05
-  ours_bf16, ours_lazy_adam_small_init_bf16  the same with --train_matmul_dtype=bfloat16
+  ours            this project with the trainer's defaults: Estimator + esmm_model_fn reading its
+                  gzip TFRecords (the train split's column blocks, as model_fn.train does;
+                  model_fn.input_fn); Adam on the dense layers, lazy Adam 1e-3 on the tables
+                  (updating only the batch's rows: model_fn/optimizers.py), init stddev 1e-4, and
+                  --train_matmul_dtype=auto: the towers in bfloat16 on a machine with native
+                  bfloat16 (the results' machine line says whether this one has), else float32
+  ours_float32    the same with the towers in float32 whatever the machine
+                  (--train_matmul_dtype=float32)
+  ours_adagrad    (opt-in, like the next ones) Adagrad 0.05 on the tables, init stddev 0.05,
+                  float32: the defaults before 2026-12-05
+  ours_adagrad_bf16  the same with --train_matmul_dtype=bfloat16
+  ours_lazy_adam  lazy Adam tables with init stddev 0.05, float32
   deepctr         DeepCTR 0.9.4 ESMM (Keras), model.fit on in-memory numpy arrays, Adam
   rechub          torch-rechub 0.9.0 ESMM (PyTorch 2.13.0 CPU), DataGenerator/DataLoader +
                   MTLTrainer, Adam
+Each configuration of this project names all its params, so a later change of the trainer's
+defaults does not change what an earlier results file measured.
 The peers live in their own virtual environment, .venv-peers, which this script creates from
 benchmarks/peers/requirements.lock when missing (never in the project's dependencies).
 
@@ -49,7 +53,6 @@ peak resident set (VmHWM). Writes benchmarks/results/peer_throughput.{json,md,pn
 import hashlib
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -73,27 +76,26 @@ PEERS_LOCK = os.path.join(PEERS_DIR, "requirements.lock")
 # The single-valued Ali-CCP fields (torch-rechub's ESMM takes no multi-valued or weighted field).
 FIELDS = ("101", "121", "122", "124", "125", "126", "127", "128", "129", "205", "206", "207", "216", "301")
 SYSTEMS = {
-    "ours": ("this project (Adagrad tables, init 0.05)", "ours.py"),
-    "ours_lazy_adam": ("this project (lazy Adam tables, init 0.05)", "ours.py"),
-    "ours_lazy_adam_small_init": ("this project (lazy Adam tables, init 1e-4: the defaults)", "ours.py"),
-    "ours_bf16": ("this project (Adagrad tables, bfloat16 matmuls)", "ours.py"),
-    "ours_lazy_adam_small_init_bf16": ("this project (lazy Adam tables, init 1e-4, bfloat16 matmuls)", "ours.py"),
+    "ours": ("this project (defaults: lazy Adam tables, towers bfloat16 where native)", "ours.py"),
+    "ours_float32": ("this project (defaults, towers float32)", "ours.py"),
+    "ours_adagrad": ("this project (Adagrad tables, init 0.05, float32: the defaults before 2026-12-05)", "ours.py"),
+    "ours_adagrad_bf16": ("this project (Adagrad tables, init 0.05, bfloat16)", "ours.py"),
+    "ours_lazy_adam": ("this project (lazy Adam tables, init 0.05, float32)", "ours.py"),
     "deepctr": ("DeepCTR 0.9.4", "deepctr_esmm.py"),
     "rechub": ("torch-rechub 0.9.0", "rechub_esmm.py"),
 }
 PEERS = ("deepctr", "rechub")
-# This project's configurations, each naming its embedding params so that a change of the
-# trainer's defaults does not change what a configuration measures.
-ADAGRAD = {"embedding_optimizer": "adagrad", "embedding_learning_rate": 0.05, "embedding_init_stddev": 0.05}
-LAZY_ADAM = {"embedding_optimizer": "lazy_adam", "embedding_learning_rate": 1e-3, "embedding_init_stddev": 0.05}
-SMALL_INIT = {**LAZY_ADAM, "embedding_init_stddev": 1e-4}
-# Mixed precision: the towers' matmuls in bfloat16 while training (model_fn/layers.py dense).
-BF16 = {"train_matmul_dtype": "bfloat16"}
-OURS = {"ours": ADAGRAD, "ours_lazy_adam": LAZY_ADAM, "ours_lazy_adam_small_init": SMALL_INIT,
-        "ours_bf16": {**ADAGRAD, **BF16}, "ours_lazy_adam_small_init_bf16": {**SMALL_INIT, **BF16}}
-# The systems a plain invocation runs (--systems): the trainer's defaults in float32 and with
-# bfloat16 matmuls, and the previous defaults; the others are opt-in variants.
-DEFAULT_SYSTEMS = ("ours_lazy_adam_small_init", "ours_lazy_adam_small_init_bf16", "ours", "deepctr", "rechub")
+# This project's configurations, each naming its embedding params and compute dtype.
+DEFAULTS = {"embedding_optimizer": "lazy_adam", "embedding_learning_rate": 1e-3,
+            "embedding_init_stddev": 1e-4, "train_matmul_dtype": "auto"}
+ADAGRAD = {"embedding_optimizer": "adagrad", "embedding_learning_rate": 0.05, "embedding_init_stddev": 0.05,
+           "train_matmul_dtype": "float32"}
+OURS = {"ours": DEFAULTS, "ours_float32": {**DEFAULTS, "train_matmul_dtype": "float32"},
+        "ours_adagrad": ADAGRAD, "ours_adagrad_bf16": {**ADAGRAD, "train_matmul_dtype": "bfloat16"},
+        "ours_lazy_adam": {**DEFAULTS, "embedding_init_stddev": 0.05, "train_matmul_dtype": "float32"}}
+# The systems a plain invocation runs (--systems): the trainer's defaults as they are, and with
+# float32 towers; the others are opt-in.
+DEFAULT_SYSTEMS = ("ours", "ours_float32", "deepctr", "rechub")
 # The issue's targets: this project's examples/s over the faster peer's, by table size.
 SPEEDUP_TARGETS = {10_000: 1.0, 100_000: 3.0, 1_000_000: 20.0}
 FLAT_TARGET = 1.25        # own examples/s at the smallest size / at the largest
@@ -436,7 +438,7 @@ def main(argv):
         r = run_one(s, n, data, peers_python, f"{s}-{n}-epochs-s{seed}", 0.0, seed)
         runs.append({**r, "key": s})
   meta = {"command": "python benchmarks/peer_throughput.py " + " ".join(sys.argv[1:]),
-          "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+          "machine": results_io.machine(),
           "seconds": time.time() - start, "train_rows": data["train_rows"],
           "data": (f"Data: {data['train_rows']:,} train / {data['test_rows']:,} test synthetic Ali-CCP "
                    f"impressions ({FLAGS.num_users:,} users, {FLAGS.num_items:,} items), fields "

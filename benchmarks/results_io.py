@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 
 
 def write(results_dir: str, name: str, numbers, markdown: str) -> str:
@@ -14,3 +15,23 @@ def write(results_dir: str, name: str, numbers, markdown: str) -> str:
     f.write(markdown if markdown.endswith("\n") else markdown + "\n")
   print(markdown)
   return base
+
+
+def machine() -> str:
+  """The machine in words: architecture, CPU model, cores, the CPU's native bfloat16 instructions
+  (what the trainer's train_matmul_dtype "auto" decides on: machines that differ there train at
+  different speeds) and Python."""
+  model, flags = platform.processor() or "", set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not model:
+          model = value.strip()
+        elif key.strip() == "flags" and not flags:
+          flags = set(value.split())
+  except OSError:
+    pass
+  bf16 = sorted(flags & {"amx_bf16", "avx512_bf16"})
+  return (f"{platform.machine()}, {model or 'CPU model unknown'}, {os.cpu_count()} cores, native bfloat16: "
+          f"{', '.join(bf16) if bf16 else 'none'}, Python {platform.python_version()}")

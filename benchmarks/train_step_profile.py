@@ -28,7 +28,6 @@ Writes benchmarks/results/train_step_profile.{json,md}.
 import collections
 import json
 import os
-import platform
 import re
 import statistics
 import sys
@@ -204,7 +203,7 @@ def main(argv):
         print(f"repeat {r + 1}, {s:,} rows, {m}: {eps:,.0f} examples/s", flush=True)
   traces = {str(s): trace(s) for s in sizes}
   meta = {"argv": " ".join(sys.argv[1:]),
-          "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+          "machine": results_io.machine(),
           "data": f"{I.split_rows(FLAGS.data, 'train'):,} train impressions in {os.path.relpath(FLAGS.data, ROOT)}"}
   results_io.write(FLAGS.results_dir, FLAGS.name,
                    {"meta": meta, "throughput": throughput, "trace": traces}, markdown(meta, throughput, traces))
