@@ -37,7 +37,8 @@ def parse_args(description: str) -> argparse.Namespace:
   ap.add_argument("--warmup_steps", type=int, default=20, help="Steps before the timed window.")
   ap.add_argument("--seed", type=int, default=1)
   ap.add_argument("--params", type=json.loads, default={},
-                  help="This project only: JSON of model params over its defaults.")
+                  help="JSON: this project's model params over its defaults; DeepCTR's "
+                  "keras_policy (a Keras mixed precision policy).")
   ap.add_argument("--work_dir", required=True, help="Scratch dir of this run.")
   ap.add_argument("--out", required=True, help="Result JSON path (predictions go next to it).")
   args = ap.parse_args()

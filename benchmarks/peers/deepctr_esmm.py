@@ -20,6 +20,12 @@ def main():
   from deepctr.models import ESMM
   tf.get_logger().setLevel("ERROR")
   tf.keras.utils.set_random_seed(args.seed)
+  unknown = set(args.params) - {"keras_policy"}
+  if unknown:
+    raise SystemExit(f"error: unknown DeepCTR params {sorted(unknown)}")
+  if args.params.get("keras_policy"):
+    # e.g. mixed_bfloat16: float32 variables, layers computing in bfloat16.
+    tf.keras.mixed_precision.set_global_policy(args.params["keras_policy"])
   ids, labels = common.load_split(args.data, "train", args.fields, args.rows)
   columns = [SparseFeat(f"f{f}", vocabulary_size=args.rows[f], embedding_dim=args.embedding_dim)
              for f in args.fields]
@@ -43,10 +49,13 @@ def main():
     test_ids, test_labels = common.load_split(args.data, "test", args.fields, args.rows)
     ctr, ctcvr = model.predict({f"f{f}": test_ids[:, j] for j, f in enumerate(args.fields)},
                                batch_size=8192, verbose=0)
-    ctr, ctcvr = ctr.reshape(-1), ctcvr.reshape(-1)
+    # float32 whatever the policy (under mixed_bfloat16 the heads' outputs are bfloat16).
+    ctr, ctcvr = ctr.reshape(-1).astype(np.float32), ctcvr.reshape(-1).astype(np.float32)
     predictions = {"ctr": ctr, "ctcvr": ctcvr, "cvr": np.clip(ctcvr / np.maximum(ctr, 1e-12), 0, 1),
                    "click": test_labels["click"], "conversion": test_labels["conversion"]}
-  common.write_result(args, "DeepCTR 0.9.4 ESMM (Keras, in-memory numpy)", clock, predictions)
+  policy = args.params.get("keras_policy")
+  common.write_result(args, "DeepCTR 0.9.4 ESMM (Keras, in-memory numpy" + (f", {policy})" if policy else ")"),
+                      clock, predictions)
 
 
 if __name__ == "__main__":
