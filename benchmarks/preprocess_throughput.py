@@ -14,12 +14,14 @@ given, or in_memory: one process; plus --beam_args). With PARTITIONS the job run
 partition a pipeline of one DirectRunner worker in MODE.
 Reported per run: impressions/s (rows read in both splits over the job's wall clock, from
 process start to exit), the peak resident memory of the whole process tree (the launcher
-and its worker processes, summed, sampled every --sample_seconds) and the bytes per
-impression of the raw CSV and of the gzip TFRecords. Then the targets: 2 workers over 1
+and its worker processes, summed, sampled every --sample_seconds), the CPU seconds of the
+launcher and of its descendants (read with the memory), and the bytes per impression of the
+raw CSV and of the gzip TFRecords. Then the targets: 2 workers over 1
 worker at the same size and mode (>= 1.7x), peak memory of the largest size over the smallest
 at the same workers and mode (<= 1.3x; partitioned runs are compared with each other, whatever
 their number of partitions), and impressions/s against the 85M-impression public release in
-under 2 hours (>= 12,000/s). Writes benchmarks/results/NAME.{json,md} (--name, default
+under 2 hours (>= 12,000/s). For each 2-worker/1-worker pair also the most scaling the
+2-worker run's CPU seconds allow on this machine's cores (all of them busy all the time). Writes benchmarks/results/NAME.{json,md} (--name, default
 preprocess_throughput).
 
 A run whose rows do not reconcile is refused by the job (nothing published); the benchmark
@@ -33,7 +35,6 @@ other line: the runner deals a shuffle's keys to its workers alternately).
 import glob
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -72,11 +73,13 @@ def define_flags():
   flags.DEFINE_string("name", "preprocess_throughput", "Results file name (RESULTS_DIR/NAME.{json,md}).")
 
 
-def _tree_rss_bytes(pid: int) -> int:
-  """Resident memory of ``pid`` and all its descendants, from /proc."""
+def _tree_stats(pid: int) -> Tuple[int, Dict[int, float]]:
+  """(resident bytes of ``pid`` and all its descendants, {pid: CPU seconds so far} of each of
+  them), from /proc."""
   children: Dict[int, List[int]] = {}
   rss: Dict[int, int] = {}
-  page = os.sysconf("SC_PAGE_SIZE")
+  cpu: Dict[int, float] = {}
+  page, tick = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
   for entry in os.listdir("/proc"):
     if not entry.isdigit():
       continue
@@ -87,14 +90,17 @@ def _tree_rss_bytes(pid: int) -> int:
         rss[int(entry)] = int(f.read().split()[1]) * page
     except (OSError, IndexError, ValueError):
       continue
-    ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-    children.setdefault(ppid, []).append(int(entry))
-  total, todo = 0, [pid]
+    fields = stat[stat.rindex(")") + 2:].split()
+    children.setdefault(int(fields[1]), []).append(int(entry))
+    cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick   # utime + stime
+  total, tree, todo = 0, {}, [pid]
   while todo:
     p = todo.pop()
     total += rss.get(p, 0)
+    if p in cpu:
+      tree[p] = cpu[p]
     todo.extend(children.get(p, ()))
-  return total
+  return total, tree
 
 
 MODES = ("multi_processing", "in_memory", "multi_threading")
@@ -115,9 +121,13 @@ def mode_label(run: dict) -> str:
   return run.get("mode", MODES[0]) + (f", {run['partitions']} partitions" if run.get("partitions") else "")
 
 
-def run_job(raw: str, out: str, workers: int, mode: str = MODES[0], partitions: int = 0) -> Tuple[float, int, str, int]:
+def run_job(raw: str, out: str, workers: int, mode: str = MODES[0],
+            partitions: int = 0) -> Tuple[float, int, str, int, Dict[str, float]]:
   """Runs the job as a process (its output goes to OUT.log); (seconds, peak tree RSS bytes,
-  output, exit status). With ``partitions``, ``workers`` partitions run at a time, each with one
+  output, exit status, CPU seconds {"launcher": the job's own process, "others": its
+  descendants: the runner's worker processes, or the partitions' jobs}). CPU is read at each
+  sample, so what a process spends after its last sample is missed (at most --sample_seconds
+  per core). With ``partitions``, ``workers`` partitions run at a time, each with one
   DirectRunner worker."""
   runner = [f"--direct_running_mode={mode}", f"--direct_num_workers={1 if partitions else workers}"]
   if partitions:
@@ -130,12 +140,15 @@ def run_job(raw: str, out: str, workers: int, mode: str = MODES[0], partitions: 
   start = time.perf_counter()
   with open(log, "w") as f:   # a file, not a pipe: the job logs more than a pipe buffer holds
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    peak = 0
+    peak, cpu = 0, {}
     while proc.poll() is None:
-      peak = max(peak, _tree_rss_bytes(proc.pid))
+      rss, tree = _tree_stats(proc.pid)
+      peak = max(peak, rss)
+      cpu.update(tree)     # processes that exited keep their last reading
       time.sleep(FLAGS.sample_seconds)
   seconds = time.perf_counter() - start
-  return seconds, peak, open(log).read(), proc.returncode
+  launcher = cpu.pop(proc.pid, 0.0)
+  return seconds, peak, open(log).read(), proc.returncode, {"launcher": launcher, "others": sum(cpu.values())}
 
 
 def _failure(output: str) -> str:
@@ -237,11 +250,12 @@ def main(argv):
     kind = {"mode": mode, "partitions": partitions}
     print(f"preprocessing {impressions:,} + {n_test:,} impressions with {workers} worker(s), {mode_label(kind)} ...",
           flush=True)
-    seconds, peak, output, status = run_job(raw, out, workers, mode, partitions)
+    seconds, peak, output, status, cpu = run_job(raw, out, workers, mode, partitions)
+    cpu_s = {"cpu_s_launcher": round(cpu["launcher"], 1), "cpu_s_others": round(cpu["others"], 1)}
     if status != 0:
       # Recorded, not hidden: a run whose rows do not reconcile is refused by the job itself.
       rows.append({"impressions": impressions + n_test, "workers": workers, **kind,
-                   "seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2 ** 20),
+                   "seconds": round(seconds, 1), "peak_rss_mb": round(peak / 2 ** 20), **cpu_s,
                    "failed": _failure(output)})
       staging = [os.path.join(FLAGS.work_dir, p) for p in os.listdir(FLAGS.work_dir)
                  if p.startswith(os.path.basename(out) + ".staging-")]
@@ -260,7 +274,7 @@ def main(argv):
                     if f.endswith(".csv") and not f.startswith("ground_truth"))
     rows.append({"impressions": read, "impressions_written": written, "workers": workers, **kind,
                  "seconds": round(seconds, 1), "impressions_per_second": round(read / seconds),
-                 "peak_rss_mb": round(peak / 2 ** 20),
+                 "peak_rss_mb": round(peak / 2 ** 20), **cpu_s,
                  "raw_csv_bytes_per_impression": round(raw_bytes / read, 1),
                  "tfrecord_gzip_bytes_per_impression": round(
                      (_size(_train_dir(out)) + _size(os.path.join(out, "eval"))) / written, 1)})
@@ -305,6 +319,29 @@ def compute_targets(rows: List[dict]) -> List[Tuple[str, str, float, bool]]:
   return targets
 
 
+def _busy_cores(r: dict) -> float:
+  return (r["cpu_s_launcher"] + r["cpu_s_others"]) / r["seconds"]
+
+
+def scaling_bounds(rows: List[dict]) -> List[dict]:
+  """For each 2-worker run with a 1-worker run of the same size and mode (both with CPU
+  readings): the 2-worker run's time had all of its CPU seconds been spread over every core, and
+  the scaling over the 1-worker run that this would have given."""
+  ok = [r for r in rows if "failed" not in r and "cpu_s_launcher" in r]
+  by = {(r["impressions"], mode_label(r), r["workers"]): r for r in ok}
+  out = []
+  for (n, label, w), r in sorted(by.items()):
+    one = by.get((n, label, 1))
+    if w != 2 or one is None:
+      continue
+    cpu = r["cpu_s_launcher"] + r["cpu_s_others"]
+    ideal = cpu / os.cpu_count()
+    out.append({"what": f"{n:,} impressions, {label}", "cpu_s": round(cpu, 1),
+                "ideal_seconds": round(ideal, 1), "bound": round(one["seconds"] / ideal, 2),
+                "measured": round(one["seconds"] / r["seconds"], 2)})
+  return out
+
+
 def write_results(rows: List[dict]) -> None:
   """The results of the runs so far (rewritten after every run: a long invocation stopped
   part-way keeps what it measured)."""
@@ -313,23 +350,38 @@ def write_results(rows: List[dict]) -> None:
       ",".join(FLAGS.runs), FLAGS.test_fraction, FLAGS.max_hash_buckets,
       f" --beam_args={','.join(FLAGS.beam_args)}" if FLAGS.beam_args else "",
       f" --name={FLAGS.name}" if FLAGS.name != "preprocess_throughput" else "")
-  machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-  numbers = {"command": command, "machine": machine, "runner": "DirectRunner",
-             "runs": rows, "targets": [dict(zip(("what", "target", "measured", "met"), t)) for t in targets]}
+  machine = results_io.machine()
+  bounds = scaling_bounds(rows)
+  numbers = {"command": command, "machine": machine, "runner": "DirectRunner", "runs": rows,
+             "targets": [dict(zip(("what", "target", "measured", "met"), t)) for t in targets],
+             "scaling_bounds": bounds}
   lines = [f"Command: `{command}`", "", f"Machine: {machine}; DirectRunner (--direct_running_mode as in the "
            "table; peak memory of the whole process tree)", "",
-           "| impressions read | workers | mode | seconds | impressions/s | peak RSS (tree) MB | raw CSV B/impr. | gzip TFRecord B/impr. |",
-           "|---:|---:|---|---:|---:|---:|---:|---:|"]
+           "| impressions read | workers | mode | seconds | impressions/s | peak RSS (tree) MB | CPU s: launcher / others | busy cores | raw CSV B/impr. | gzip TFRecord B/impr. |",
+           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     head = f"| {r['impressions']:,} | {r['workers']} | {mode_label(r)} | {r['seconds']} |"
+    cpu = (f"{r['cpu_s_launcher']} / {r['cpu_s_others']} | {_busy_cores(r):.2f}"
+           if "cpu_s_launcher" in r else " | ")
     if "failed" in r:
-      lines.append(f"{head} FAILED (below) | {r['peak_rss_mb']:,} | | |")
+      lines.append(f"{head} FAILED (below) | {r['peak_rss_mb']:,} | {cpu} | | |")
       continue
-    lines.append(f"{head} {r['impressions_per_second']:,} | "
-                 f"{r['peak_rss_mb']:,} | {r['raw_csv_bytes_per_impression']} | {r['tfrecord_gzip_bytes_per_impression']} |")
-  lines += ["", "| target | wanted | measured | met |", "|---|---|---:|---|"]
+    lines.append(f"{head} {r['impressions_per_second']:,} | {r['peak_rss_mb']:,} | {cpu} | "
+                 f"{r['raw_csv_bytes_per_impression']} | {r['tfrecord_gzip_bytes_per_impression']} |")
+  lines += ["", "CPU s: of the job's own process (the launcher: in multi_processing also the runner, "
+            "which holds every shuffle's data) and of all its descendants (the worker processes, or "
+            "the partitions' jobs), sampled with the memory. Busy cores: all of it over the wall time.",
+            "", "| target | wanted | measured | met |", "|---|---|---:|---|"]
   for what, want, got, met in targets:
     lines.append(f"| {what} | {want} | {got:,} | {'yes' if met else 'NO'} |")
+  if bounds:
+    lines += ["", f"What the CPU allows on {os.cpu_count()} cores: the 2-worker run's CPU seconds spread over "
+              "every core all the time would take the time below; 1 worker's seconds over that is "
+              "the most scaling that run's work could have shown.", "",
+              "| pair | 2-worker CPU s | its time at every core busy | 1 worker's seconds over it | measured |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {b['what']} | {b['cpu_s']} | {b['ideal_seconds']} | {b['bound']}x | {b['measured']}x |"
+              for b in bounds]
   for r in rows:
     if "failed" in r:
       lines += ["", f"Run of {r['impressions']:,} impressions with {r['workers']} worker(s), "

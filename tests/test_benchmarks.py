@@ -38,6 +38,44 @@ def test_targets_compare_like_with_like():
   assert len(got) == 5   # nothing compares a partitioned run with an unpartitioned one
 
 
+def test_tree_stats_reads_memory_and_cpu_of_a_process_and_its_descendants():
+  import subprocess
+  import time
+  # A child that spends about 0.3 s of CPU, then waits to be read.
+  child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                            "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
+  try:
+    deadline = time.time() + 20
+    while True:
+      rss, cpu = PT._tree_stats(os.getpid())
+      if cpu.get(child.pid, 0) >= 0.25 or time.time() > deadline:
+        break
+      time.sleep(0.1)
+    assert os.getpid() in cpu and child.pid in cpu
+    assert 0.25 <= cpu[child.pid] < 5
+    assert rss >= PT._tree_stats(child.pid)[0] > 0     # the tree holds the child's memory too
+    assert set(PT._tree_stats(child.pid)[1]) == {child.pid}   # a child's tree is only itself
+  finally:
+    child.kill()
+    child.wait()
+
+
+def test_scaling_bounds_spread_the_two_worker_run_s_cpu_over_the_cores(monkeypatch):
+  monkeypatch.setattr(PT.os, "cpu_count", lambda: 2)
+  run = lambda w, seconds, launcher, others: {
+      "impressions": 1_100_000, "workers": w, "mode": "multi_processing", "partitions": 0,
+      "seconds": seconds, "impressions_per_second": round(1_100_000 / seconds), "peak_rss_mb": 1,
+      "cpu_s_launcher": launcher, "cpu_s_others": others}
+  rows = [run(1, 200.0, 20.0, 180.0), run(2, 125.0, 20.0, 210.0)]
+  (b,) = PT.scaling_bounds(rows)
+  # 230 CPU s over 2 cores: 115 s at best, so 200 / 115 = 1.74x at most; measured 200 / 125.
+  assert (b["cpu_s"], b["ideal_seconds"], b["bound"], b["measured"]) == (230.0, 115.0, 1.74, 1.6)
+  assert PT._busy_cores(rows[1]) == 230.0 / 125.0
+  # Runs without CPU readings (older results) or without a 1-worker partner give no bound.
+  assert PT.scaling_bounds([{k: v for k, v in r.items() if not k.startswith("cpu")} for r in rows]) == []
+  assert PT.scaling_bounds(rows[1:]) == []
+
+
 def test_missing_stretches_tells_a_contiguous_loss_from_every_other_row():
   raw = list(range(100, 200))
   # Lines 10-29 lost entirely; every other line of 50-69 lost (one worker's half of a shuffle).
