@@ -52,8 +52,9 @@ worse" target (standard deviations over 3 seeds on 2026-12-05: CVR AUC on clicks
 0.009-0.010, this project 0.002-0.005, torch-rechub 0.010-0.046), so one run per system cannot
 tell the systems apart; 6 seeds (the default) bring the standard error of DeepCTR's mean CVR AUC
 to about 0.004 (0.006 with 3). Two invocations on the same preprocessed files have given the
-same AUCs to the last digit for the same system and seed (preprocessing again reorders the
-peers' arrays, which follow the order of the job's output files, and so moves their AUCs). Peak memory: each run's
+same AUCs to the last digit for the same system and seed. Preprocessing again reorders the
+train rows (the peers' arrays follow the job's output files, and the runner decides which rows
+share a column block), and so moves every system's AUCs by about a seed's noise. Peak memory: each run's
 peak resident set (VmHWM). Writes benchmarks/results/peer_throughput.{json,md,png};
 --from_results renders them again from the per-run records of a results JSON.
 """
