@@ -41,7 +41,8 @@ documented optimizer (above). The targets are checked for each of this project's
 on its own.
 
 Throughput: examples/s between step --warmup_steps and --seconds later, --repeats runs per system
-and size, the systems alternating (the order rotates each repeat); the median is reported.
+and size, the systems alternating (the order rotates each repeat) and each repeat running every
+size, so that drift in the machine's speed falls on all sizes alike; the median is reported.
 Quality: --auc_seeds runs per system and size in --auc_sizes (model seeds --seed, --seed + 1,
 ...; the data stays the same) each train --epochs full passes, then the test split is scored
 here with one AUC function for all: CTR and CTCVR AUC over all impressions, CVR AUC over
@@ -447,8 +448,10 @@ def main(argv):
   if FLAGS.prepare_only:
     return
   runs = []
-  for n in sizes:
-    for rep in range(FLAGS.repeats):
+  # Each repeat runs every size and every system (the order of the systems rotates), so that a
+  # drift in the machine's speed falls on all sizes alike, not on the last size measured.
+  for rep in range(FLAGS.repeats):
+    for n in sizes:
       order = systems[rep % len(systems):] + systems[:rep % len(systems)]
       for s in order:
         r = run_one(s, n, data, peers_python, f"{s}-{n}-r{rep}", FLAGS.seconds, FLAGS.seed)
