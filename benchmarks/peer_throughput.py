@@ -352,7 +352,8 @@ def markdown(meta, summary, goals, systems, sizes) -> str:
   thr = summary["throughput"]
   ours = [o for o in OURS if o in systems]
   # Ratio columns: against the faster documented peer, and against each peer variant run.
-  refs = [("faster peer", PEERS)] + [(SYSTEMS[v][0], (v,)) for v in PEER_PARAMS if v in systems]
+  refs = ([("faster peer", PEERS)] if any(p in systems for p in PEERS) else []) + \
+      [(SYSTEMS[v][0], (v,)) for v in PEER_PARAMS if v in systems]
   lines = ["# Training throughput against the peer libraries", "", f"Command: `{meta['command']}`", "",
            f"Machine: {meta['machine']}. Wall time {meta['seconds']:.0f} s. {meta['data']}", "",
            "## Examples per second (median of the runs; all runs in brackets)", "",
