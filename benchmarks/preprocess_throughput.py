@@ -284,19 +284,24 @@ def main(argv):
     write_results(rows)
 
 
+def scaling_pairs(ok: List[dict]) -> List[Tuple[int, str, dict, dict]]:
+  """(impressions, mode label, 1-worker run, 2-worker run) of the completed runs that scale with
+  workers: the multi-process runner's workers, or partitions run at a time (in_memory runs
+  without partitions are one process)."""
+  scales = lambda r: r.get("mode", MODES[0]) == MODES[0] or r.get("partitions")  # noqa: E731
+  by = {(r["impressions"], mode_label(r), r["workers"]): r for r in ok if scales(r)}
+  return [(n, label, by[(n, label, 1)], r) for (n, label, w), r in sorted(by.items())
+          if w == 2 and (n, label, 1) in by]
+
+
 def compute_targets(rows: List[dict]) -> List[Tuple[str, str, float, bool]]:
   """(what, wanted, measured, met) of each target the runs so far can be held to."""
   targets = []
   ok = [r for r in rows if "failed" not in r]
-  # Worker scaling: the multi-process runner's workers, or partitions run at a time (in_memory
-  # runs without partitions are one process).
-  scales = lambda r: r.get("mode", MODES[0]) == MODES[0] or r.get("partitions")
-  by = {(r["impressions"], mode_label(r), r["workers"]): r for r in ok if scales(r)}
-  for (n, label, w), r in sorted(by.items()):
-    if w == 2 and (n, label, 1) in by:
-      ratio = r["impressions_per_second"] / by[(n, label, 1)]["impressions_per_second"]
-      targets.append((f"2 workers / 1 worker at {n:,} impressions, {label}", f">= {SCALING_TARGET}",
-                      round(ratio, 2), ratio >= SCALING_TARGET))
+  for n, label, one, r in scaling_pairs(ok):   # worker scaling
+    ratio = r["impressions_per_second"] / one["impressions_per_second"]
+    targets.append((f"2 workers / 1 worker at {n:,} impressions, {label}", f">= {SCALING_TARGET}",
+                    round(ratio, 2), ratio >= SCALING_TARGET))
   # Peak memory also of failed runs: they ran to the end, only their output was refused. Runs
   # with partitions are compared whatever their number of partitions (it grows with the input).
   group = lambda r: (r["workers"], r.get("mode", MODES[0]), bool(r.get("partitions")))
@@ -328,12 +333,8 @@ def scaling_bounds(rows: List[dict]) -> List[dict]:
   readings): the 2-worker run's time had all of its CPU seconds been spread over every core, and
   the scaling over the 1-worker run that this would have given."""
   ok = [r for r in rows if "failed" not in r and "cpu_s_launcher" in r]
-  by = {(r["impressions"], mode_label(r), r["workers"]): r for r in ok}
   out = []
-  for (n, label, w), r in sorted(by.items()):
-    one = by.get((n, label, 1))
-    if w != 2 or one is None:
-      continue
+  for n, label, one, r in scaling_pairs(ok):
     cpu = r["cpu_s_launcher"] + r["cpu_s_others"]
     ideal = cpu / os.cpu_count()
     out.append({"what": f"{n:,} impressions, {label}", "cpu_s": round(cpu, 1),

@@ -21,17 +21,14 @@ def machine() -> str:
   """The machine in words: architecture, CPU model, cores, the CPU's native bfloat16 instructions
   (what the trainer's train_matmul_dtype "auto" decides on: machines that differ there train at
   different speeds) and Python."""
-  model, flags = platform.processor() or "", set()
+  from model_fn import layers   # TensorFlow: imported when results are written, not at start-up
   try:
     with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and not model:
-          model = value.strip()
-        elif key.strip() == "flags" and not flags:
-          flags = set(value.split())
-  except OSError:
-    pass
-  bf16 = sorted(flags & {"amx_bf16", "avx512_bf16"})
+      cpuinfo = f.read()
+  except OSError:               # no /proc (macOS): model from platform, no bfloat16 flags
+    cpuinfo = ""
+  model = next((line.partition(":")[2].strip() for line in cpuinfo.splitlines()
+                if line.partition(":")[0].strip() == "model name"), platform.processor())
+  bf16 = layers.native_bfloat16_flags(cpuinfo)
   return (f"{platform.machine()}, {model or 'CPU model unknown'}, {os.cpu_count()} cores, native bfloat16: "
           f"{', '.join(bf16) if bf16 else 'none'}, Python {platform.python_version()}")

@@ -100,13 +100,19 @@ def embedding_input(features: Dict[str, tf.Tensor], params, scope: str) -> tf.Te
 BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def cpu_has_native_bfloat16(cpuinfo: str) -> bool:
-  """Whether the ``flags`` lines of a /proc/cpuinfo text name a native bfloat16 instruction set."""
+def native_bfloat16_flags(cpuinfo: str) -> List[str]:
+  """The native bfloat16 instruction sets that the ``flags`` lines of a /proc/cpuinfo text name."""
+  found = set()
   for line in cpuinfo.splitlines():
     key, _, value = line.partition(":")
-    if key.strip() == "flags" and set(value.split()) & set(BFLOAT16_CPU_FLAGS):
-      return True
-  return False
+    if key.strip() == "flags":
+      found |= set(value.split()) & set(BFLOAT16_CPU_FLAGS)
+  return sorted(found)
+
+
+def cpu_has_native_bfloat16(cpuinfo: str) -> bool:
+  """Whether the ``flags`` lines of a /proc/cpuinfo text name a native bfloat16 instruction set."""
+  return bool(native_bfloat16_flags(cpuinfo))
 
 
 @functools.lru_cache(maxsize=None)

@@ -329,6 +329,9 @@ def test_native_bfloat16_is_read_from_the_cpu_flags():
   # A flag's name elsewhere than on a flags line (or as part of another word) does not count.
   assert not layers.cpu_has_native_bfloat16("model name\t: has avx512_bf16\nflags\t: avx2 xavx512_bf16\n")
   assert not layers.cpu_has_native_bfloat16("")
+  # The flags themselves, as the benchmarks' machine line names them (benchmarks/results_io.py).
+  assert layers.native_bfloat16_flags(CPUINFO.format(extra="amx_bf16 avx512_bf16")) == ["amx_bf16", "avx512_bf16"]
+  assert layers.native_bfloat16_flags(CPUINFO.format(extra="avx512_vnni")) == []
 
 
 @pytest.mark.parametrize("native", [True, False])
