@@ -110,13 +110,26 @@ class LocalCluster:
       failed = {n: c for n, c in codes.items() if c not in (None, 0)}
       dead_ps = {n: p.poll() for n, p in self.procs.items() if n.startswith("ps-") and p.poll() is not None}
       if failed or dead_ps:
-        raise RuntimeError(f"tasks failed: {failed or dead_ps}; logs in {self.log_dir}")
+        failed = failed or dead_ps
+        reasons = "".join(f"\n  {n}: {self.last_error(n)}" for n in sorted(failed))
+        raise RuntimeError(f"tasks failed: {failed}; logs in {self.log_dir}{reasons}")
       if all(c == 0 for c in codes.values()):
         return codes
       if deadline and time.monotonic() > deadline:
         raise RuntimeError(f"timed out after {timeout_s:g} s; still running: "
                            f"{sorted(n for n, c in codes.items() if c is None)}; logs in {self.log_dir}")
       time.sleep(0.5)
+
+  def last_error(self, name: str) -> str:
+    """The reason an exited task gave: the last ``error:`` line of its log, else its last line.
+    (When several tasks fail at once, the first seen is reported and the others are stopped,
+    possibly before they wrote their own reason, so the reason is read from the ones that
+    exited by themselves.)"""
+    task_type, index = name.rsplit("-", 1)
+    with open(self.log_path(task_type, int(index)), errors="replace") as f:
+      lines = [line.strip() for line in f if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(empty log)"])[-1]
 
   def stop(self) -> None:
     """SIGTERM to every task's process group, SIGKILL to what is left after 10 s."""

@@ -122,12 +122,17 @@ def test_a_failing_cluster_is_reported_and_every_process_stopped(data, tmp_path)
   assert len(cluster.procs) == 3 and all(p.poll() is not None for p in cluster.procs.values())
   bad = L.LocalCluster([f"--transform_dir={tmp_path / 'missing'}", f"--model_dir={tmp_path / 'm2'}"],
                        str(tmp_path / "logs2"), num_ps=1, num_workers=0, evaluator=False)
-  with pytest.raises(RuntimeError, match="tasks failed"):
+  with pytest.raises(RuntimeError, match="tasks failed") as failure:
     with bad:
       bad.wait(timeout_s=120)
   assert all(p.poll() is not None for p in bad.procs.values())
-  log = open(bad.log_path("chief", 0)).read()
-  assert "missing does not exist (give the --output_dir of a pipeline.preprocess run)" in log
+  # Both tasks read the missing directory; whichever exited first is reported with its reason
+  # (the other may be stopped before it wrote its own), and its log holds the same line.
+  reason = "missing does not exist (give the --output_dir of a pipeline.preprocess run)"
+  failed = re.findall(r"^  (ps-0|chief-0): error: (.*)$", str(failure.value), re.M)
+  assert failed and all(reason in line for _, line in failed), str(failure.value)
+  for name, _ in failed:
+    assert reason in open(bad.log_path(*name.split("-"))).read()
 
 
 def test_the_kubernetes_example_runs_the_same_command_with_known_flags():
