@@ -3,7 +3,7 @@
   .venv/bin/python benchmarks/preprocess_throughput.py \
       [--runs=1000000:1,1000000:2,4000000:2,1000000:1:in_memory,4000000:1:in_memory,4000000:1,
               1000000:1:in_memory:2,1000000:2:in_memory:2,4000000:2:in_memory:8]
-      [--test_fraction=0.1] [--work_dir=runs/bench_preprocess]
+      [--repeats=1] [--test_fraction=0.1] [--work_dir=runs/bench_preprocess]
 
 Each run is IMPRESSIONS:WORKERS[:MODE[:PARTITIONS]]: synthetic Ali-CCP data with IMPRESSIONS train
 impressions (and --test_fraction of that in the test split) is generated once per size, then
@@ -20,7 +20,9 @@ raw CSV and of the gzip TFRecords. Then the targets: 2 workers over 1
 worker at the same size and mode (>= 1.7x), peak memory of the largest size over the smallest
 at the same workers and mode (<= 1.3x; partitioned runs are compared with each other, whatever
 their number of partitions), and impressions/s against the 85M-impression public release in
-under 2 hours (>= 12,000/s). For each 2-worker/1-worker pair also the most scaling the
+under 2 hours (>= 12,000/s). With --repeats=N the list runs N times over, and the scaling
+target is the median of the N pairs, each 2-worker run over the 1-worker run of its own
+repeat (the machine's speed drifts by the hour; a pair measured minutes apart shares it). For each 2-worker/1-worker pair also the most scaling the
 2-worker run's CPU seconds allow on this machine's cores (all of them busy all the time). Writes benchmarks/results/NAME.{json,md} (--name, default
 preprocess_throughput).
 
@@ -36,6 +38,7 @@ import glob
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +65,9 @@ def define_flags():
                     "IMPRESSIONS:WORKERS[:MODE[:PARTITIONS]] per run (MODE: the DirectRunner's "
                     "--direct_running_mode, multi_processing unless given; PARTITIONS: the job's "
                     "--partitions, with WORKERS partitions at a time, each with one worker).")
+  flags.DEFINE_integer("repeats", 1, "Run the whole --runs list this many times, one list after the "
+                       "other (a drift of the machine's speed then falls on every run alike); worker "
+                       "scaling is the median over the repeats of each repeat's own 2-worker/1-worker pair.")
   flags.DEFINE_float("test_fraction", 0.1, "Test impressions as a fraction of the train impressions.")
   flags.DEFINE_integer("max_hash_buckets", 1 << 20, "--max_hash_buckets of the job.")
   flags.DEFINE_list("beam_args", [], "More options for the job (comma-separated).")
@@ -235,7 +241,7 @@ def main(argv):
   del argv
   runs = [parse_run(r) for r in FLAGS.runs]
   rows = []
-  for impressions, workers, mode, partitions in runs:
+  for repeat, (impressions, workers, mode, partitions) in ((i, r) for i in range(FLAGS.repeats) for r in runs):
     raw = os.path.join(FLAGS.work_dir, f"raw_{impressions}")
     stamp = os.path.join(raw, "generated.json")
     n_test = int(impressions * FLAGS.test_fraction)
@@ -247,9 +253,11 @@ def main(argv):
       with open(stamp, "w") as f:
         json.dump({"train": impressions, "test": n_test, "seconds": time.perf_counter() - start}, f)
     out = os.path.join(FLAGS.work_dir, f"out_{impressions}_{workers}_{mode}_{partitions}")
-    kind = {"mode": mode, "partitions": partitions}
-    print(f"preprocessing {impressions:,} + {n_test:,} impressions with {workers} worker(s), {mode_label(kind)} ...",
-          flush=True)
+    if FLAGS.repeats > 1:
+      out += f"_r{repeat}"
+    kind = {"mode": mode, "partitions": partitions, "repeat": repeat}
+    print(f"preprocessing {impressions:,} + {n_test:,} impressions with {workers} worker(s), {mode_label(kind)}"
+          f"{f', repeat {repeat + 1} of {FLAGS.repeats}' if FLAGS.repeats > 1 else ''} ...", flush=True)
     seconds, peak, output, status, cpu = run_job(raw, out, workers, mode, partitions)
     cpu_s = {"cpu_s_launcher": round(cpu["launcher"], 1), "cpu_s_others": round(cpu["others"], 1)}
     if status != 0:
@@ -287,25 +295,35 @@ def main(argv):
 def scaling_pairs(ok: List[dict]) -> List[Tuple[int, str, dict, dict]]:
   """(impressions, mode label, 1-worker run, 2-worker run) of the completed runs that scale with
   workers: the multi-process runner's workers, or partitions run at a time (in_memory runs
-  without partitions are one process)."""
+  without partitions are one process). A 2-worker run is paired with the 1-worker run of its
+  own repeat (--repeats), so each pair ran at about the same time."""
   scales = lambda r: r.get("mode", MODES[0]) == MODES[0] or r.get("partitions")  # noqa: E731
-  by = {(r["impressions"], mode_label(r), r["workers"]): r for r in ok if scales(r)}
-  return [(n, label, by[(n, label, 1)], r) for (n, label, w), r in sorted(by.items())
-          if w == 2 and (n, label, 1) in by]
+  by = {(r["impressions"], mode_label(r), r.get("repeat", 0), r["workers"]): r for r in ok if scales(r)}
+  return [(n, label, by[(n, label, rep, 1)], r) for (n, label, rep, w), r in sorted(by.items())
+          if w == 2 and (n, label, rep, 1) in by]
 
 
 def compute_targets(rows: List[dict]) -> List[Tuple[str, str, float, bool]]:
   """(what, wanted, measured, met) of each target the runs so far can be held to."""
   targets = []
   ok = [r for r in rows if "failed" not in r]
-  for n, label, one, r in scaling_pairs(ok):   # worker scaling
-    ratio = r["impressions_per_second"] / one["impressions_per_second"]
-    targets.append((f"2 workers / 1 worker at {n:,} impressions, {label}", f">= {SCALING_TARGET}",
+  ratios: Dict[Tuple[int, str], List[float]] = {}
+  for n, label, one, r in scaling_pairs(ok):   # worker scaling, one ratio per repeat
+    ratios.setdefault((n, label), []).append(r["impressions_per_second"] / one["impressions_per_second"])
+  for (n, label), rs in ratios.items():
+    ratio = statistics.median(rs)
+    each = f" (median of {len(rs)} pairs: {', '.join(f'{x:.2f}' for x in rs)})" if len(rs) > 1 else ""
+    targets.append((f"2 workers / 1 worker at {n:,} impressions, {label}{each}", f">= {SCALING_TARGET}",
                     round(ratio, 2), ratio >= SCALING_TARGET))
   # Peak memory also of failed runs: they ran to the end, only their output was refused. Runs
   # with partitions are compared whatever their number of partitions (it grows with the input).
+  # Over repeats, each size's highest peak.
   group = lambda r: (r["workers"], r.get("mode", MODES[0]), bool(r.get("partitions")))
-  mem = {(r["impressions"],) + group(r): r for r in rows}
+  mem: Dict[tuple, dict] = {}
+  for r in rows:
+    key = (r["impressions"],) + group(r)
+    if key not in mem or r["peak_rss_mb"] > mem[key]["peak_rss_mb"]:
+      mem[key] = r
   for key in sorted({k[1:] for k in mem}):
     sizes = sorted(k[0] for k in mem if k[1:] == key)
     if len(sizes) > 1:
@@ -337,7 +355,8 @@ def scaling_bounds(rows: List[dict]) -> List[dict]:
   for n, label, one, r in scaling_pairs(ok):
     cpu = r["cpu_s_launcher"] + r["cpu_s_others"]
     ideal = cpu / os.cpu_count()
-    out.append({"what": f"{n:,} impressions, {label}", "cpu_s": round(cpu, 1),
+    again = f", repeat {r['repeat'] + 1}" if any(x.get("repeat") for x in rows) else ""
+    out.append({"what": f"{n:,} impressions, {label}{again}", "cpu_s": round(cpu, 1),
                 "ideal_seconds": round(ideal, 1), "bound": round(one["seconds"] / ideal, 2),
                 "measured": round(one["seconds"] / r["seconds"], 2)})
   return out
@@ -347,21 +366,23 @@ def write_results(rows: List[dict]) -> None:
   """The results of the runs so far (rewritten after every run: a long invocation stopped
   part-way keeps what it measured)."""
   targets = compute_targets(rows)
-  command = "python benchmarks/preprocess_throughput.py --runs=%s --test_fraction=%g --max_hash_buckets=%d%s%s" % (
+  command = "python benchmarks/preprocess_throughput.py --runs=%s --test_fraction=%g --max_hash_buckets=%d%s%s%s" % (
       ",".join(FLAGS.runs), FLAGS.test_fraction, FLAGS.max_hash_buckets,
       f" --beam_args={','.join(FLAGS.beam_args)}" if FLAGS.beam_args else "",
+      f" --repeats={FLAGS.repeats}" if FLAGS.repeats > 1 else "",
       f" --name={FLAGS.name}" if FLAGS.name != "preprocess_throughput" else "")
   machine = results_io.machine()
   bounds = scaling_bounds(rows)
+  repeated = any(r.get("repeat") for r in rows)
   numbers = {"command": command, "machine": machine, "runner": "DirectRunner", "runs": rows,
              "targets": [dict(zip(("what", "target", "measured", "met"), t)) for t in targets],
              "scaling_bounds": bounds}
   lines = [f"Command: `{command}`", "", f"Machine: {machine}; DirectRunner (--direct_running_mode as in the "
            "table; peak memory of the whole process tree)", "",
-           "| impressions read | workers | mode | seconds | impressions/s | peak RSS (tree) MB | CPU s: launcher / others | busy cores | raw CSV B/impr. | gzip TFRecord B/impr. |",
-           "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+           "| " + ("repeat | " if repeated else "") + "impressions read | workers | mode | seconds | impressions/s | peak RSS (tree) MB | CPU s: launcher / others | busy cores | raw CSV B/impr. | gzip TFRecord B/impr. |",
+           "|" + ("---:|" if repeated else "") + "---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
-    head = f"| {r['impressions']:,} | {r['workers']} | {mode_label(r)} | {r['seconds']} |"
+    head = "| " + (f"{r.get('repeat', 0) + 1} | " if repeated else "") + f"{r['impressions']:,} | {r['workers']} | {mode_label(r)} | {r['seconds']} |"
     cpu = (f"{r['cpu_s_launcher']} / {r['cpu_s_others']} | {_busy_cores(r):.2f}"
            if "cpu_s_launcher" in r else " | ")
     if "failed" in r:
@@ -385,8 +406,9 @@ def write_results(rows: List[dict]) -> None:
               for b in bounds]
   for r in rows:
     if "failed" in r:
+      which = f" (repeat {r.get('repeat', 0) + 1})" if repeated else ""
       lines += ["", f"Run of {r['impressions']:,} impressions with {r['workers']} worker(s), "
-                f"{mode_label(r)}, failed:", "", "```", r["failed"], "```"]
+                f"{mode_label(r)}{which}, failed:", "", "```", r["failed"], "```"]
       for split, m in r.get("missing", {}).items():
         if not m["missing"]:
           continue

@@ -38,6 +38,21 @@ def test_targets_compare_like_with_like():
   assert len(got) == 5   # nothing compares a partitioned run with an unpartitioned one
 
 
+def test_repeated_pairs_scale_within_their_repeat_and_the_target_is_their_median():
+  run = lambda w, seconds, repeat, mb=1000: {
+      "impressions": 1_100_000, "workers": w, "mode": "in_memory", "partitions": 2, "repeat": repeat,
+      "seconds": seconds, "impressions_per_second": round(1_100_000 / seconds), "peak_rss_mb": mb}
+  # The machine slows down over the repeats: across repeats the pairs would read 1.0 to 2.5.
+  rows = [run(1, 100, 0), run(2, 55, 0), run(1, 150, 1), run(2, 100, 1), run(1, 200, 2), run(2, 110, 2, mb=1200)]
+  pairs = PT.scaling_pairs(rows)
+  assert [(one["seconds"], two["seconds"]) for _, _, one, two in pairs] == [(100, 55), (150, 100), (200, 110)]
+  targets = {what: (measured, met) for what, _, measured, met in PT.compute_targets(rows)}
+  assert targets["2 workers / 1 worker at 1,100,000 impressions, in_memory, 2 partitions "
+                 "(median of 3 pairs: 1.82, 1.50, 1.82)"] == (1.82, True)
+  assert [b["what"] for b in PT.scaling_bounds([dict(r, cpu_s_launcher=1.0, cpu_s_others=1.0) for r in rows])] == [
+      f"1,100,000 impressions, in_memory, 2 partitions, repeat {i}" for i in (1, 2, 3)]
+
+
 def test_tree_stats_reads_memory_and_cpu_of_a_process_and_its_descendants():
   import subprocess
   import time
