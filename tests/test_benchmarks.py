@@ -85,6 +85,7 @@ def test_scaling_bounds_spread_the_two_worker_run_s_cpu_over_the_cores(monkeypat
   (b,) = PT.scaling_bounds(rows)
   # 230 CPU s over 2 cores: 115 s at best, so 200 / 115 = 1.74x at most; measured 200 / 125.
   assert (b["cpu_s"], b["ideal_seconds"], b["bound"], b["measured"]) == (230.0, 115.0, 1.74, 1.6)
+  assert (b["cpu_s_one_worker"], b["cpu_ratio"]) == (200.0, 1.15)
   assert PT._busy_cores(rows[1]) == 230.0 / 125.0
   # Runs without CPU readings (older results) or without a 1-worker partner give no bound.
   assert PT.scaling_bounds([{k: v for k, v in r.items() if not k.startswith("cpu")} for r in rows]) == []
