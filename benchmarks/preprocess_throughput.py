@@ -22,9 +22,10 @@ at the same workers and mode (<= 1.3x; partitioned runs are compared with each o
 their number of partitions), and impressions/s against the 85M-impression public release in
 under 2 hours (>= 12,000/s). With --repeats=N the list runs N times over, and the scaling
 target is the median of the N pairs, each 2-worker run over the 1-worker run of its own
-repeat (the machine's speed drifts by the hour; a pair measured minutes apart shares it). For each 2-worker/1-worker pair also the most scaling the
-2-worker run's CPU seconds allow on this machine's cores (all of them busy all the time). Writes benchmarks/results/NAME.{json,md} (--name, default
-preprocess_throughput).
+repeat (the machine's speed drifts by the hour; a pair measured minutes apart shares it).
+For each 2-worker/1-worker pair also the most scaling the 2-worker run's CPU seconds allow on
+this machine's cores (all of them busy all the time). Writes benchmarks/results/NAME.{json,md}
+(--name, default preprocess_throughput).
 
 A run whose rows do not reconcile is refused by the job (nothing published); the benchmark
 records it with the job's error and then locates the rows that went missing: it reads the
@@ -342,8 +343,18 @@ def compute_targets(rows: List[dict]) -> List[Tuple[str, str, float, bool]]:
   return targets
 
 
+def _cpu_s(r: dict) -> float:
+  """A run's CPU seconds: the launcher's and its descendants'."""
+  return r["cpu_s_launcher"] + r["cpu_s_others"]
+
+
 def _busy_cores(r: dict) -> float:
-  return (r["cpu_s_launcher"] + r["cpu_s_others"]) / r["seconds"]
+  return _cpu_s(r) / r["seconds"]
+
+
+def _repeated(rows: List[dict]) -> bool:
+  """Whether the rows come from more than one repeat (--repeats): tables then name the repeat."""
+  return any(r.get("repeat") for r in rows)
 
 
 def scaling_bounds(rows: List[dict]) -> List[dict]:
@@ -351,12 +362,12 @@ def scaling_bounds(rows: List[dict]) -> List[dict]:
   readings): the 2-worker run's time had all of its CPU seconds been spread over every core, and
   the scaling over the 1-worker run that this would have given."""
   ok = [r for r in rows if "failed" not in r and "cpu_s_launcher" in r]
+  repeated = _repeated(rows)
   out = []
   for n, label, one, r in scaling_pairs(ok):
-    cpu = r["cpu_s_launcher"] + r["cpu_s_others"]
+    cpu, one_cpu = _cpu_s(r), _cpu_s(one)
     ideal = cpu / os.cpu_count()
-    again = f", repeat {r['repeat'] + 1}" if any(x.get("repeat") for x in rows) else ""
-    one_cpu = one["cpu_s_launcher"] + one["cpu_s_others"]
+    again = f", repeat {r['repeat'] + 1}" if repeated else ""
     out.append({"what": f"{n:,} impressions, {label}{again}", "cpu_s": round(cpu, 1),
                 "cpu_s_one_worker": round(one_cpu, 1), "cpu_ratio": round(cpu / one_cpu, 2),
                 "ideal_seconds": round(ideal, 1), "bound": round(one["seconds"] / ideal, 2),
@@ -375,7 +386,7 @@ def write_results(rows: List[dict]) -> None:
       f" --name={FLAGS.name}" if FLAGS.name != "preprocess_throughput" else "")
   machine = results_io.machine()
   bounds = scaling_bounds(rows)
-  repeated = any(r.get("repeat") for r in rows)
+  repeated = _repeated(rows)
   numbers = {"command": command, "machine": machine, "runner": "DirectRunner", "runs": rows,
              "targets": [dict(zip(("what", "target", "measured", "met"), t)) for t in targets],
              "scaling_bounds": bounds}
