@@ -162,3 +162,13 @@ def test_train_step_profile_sorts_every_op_of_an_esmm_train_graph_into_its_part(
   assert any(t in ("ResourceSparseApplyAdagrad", "ResourceScatterSub") for t in updates), updates
   assert "ResourceApplyAdam" in [op.type for op in parts["dense optimizer"]]
   assert "ResourceApplyAdam" not in updates
+
+
+def test_onednn_checks_tells_bfloat16_arithmetic_from_float32_by_its_error():
+  """The yardstick onednn_checks.py reads an fpmath setting against: in one process, the explicit
+  bfloat16 matmul's error against float64 is orders of magnitude above the float32 forms'."""
+  import onednn_checks
+  errors = onednn_checks.matmul_errors(64, 32)
+  assert set(errors) == {"float32 MatMul", "float32 MatMul + BiasAdd + ReLU", "bfloat16 MatMul (explicit casts)"}
+  assert errors["float32 MatMul"] < 1e-5 and errors["float32 MatMul + BiasAdd + ReLU"] < 1e-5
+  assert errors["bfloat16 MatMul (explicit casts)"] > 100 * errors["float32 MatMul"]
