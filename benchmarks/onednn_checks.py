@@ -5,8 +5,8 @@
 1. What a cast between float32 and bfloat16 costs alone: ``tf.cast`` of a [rows, cols] tensor in
    a ``tf.function`` (10 independent casts per call, --calls calls), both directions, next to a
    float32 multiply of the same tensor. The trace of a training step
-   (benchmarks/train_step_profile.py) times each op from its start to its end, waits for the
-   thread pool included; this is the cast's own cost to compare with.
+   (benchmarks/train_step_profile.py) times each op from its start to its end, which can include
+   what it waits for inside a step; this is the cast's own cost to compare with.
 2. Whether oneDNN's implicit bfloat16 for float32 math reaches TensorFlow's float32 matmuls:
    ``TF_SET_ONEDNN_FPMATH_MODE=BF16`` (read by TF 2.15) and oneDNN's ``ONEDNN_DEFAULT_FPMATH_MODE=BF16``.
    Each setting runs in a fresh process (both are read once per process) a float32 MatMul and a
@@ -35,7 +35,9 @@ import results_io  # noqa: E402
 FLAGS = flags.FLAGS
 SETTINGS = (("none", {}), ("TF_SET_ONEDNN_FPMATH_MODE=BF16", {"TF_SET_ONEDNN_FPMATH_MODE": "BF16"}),
             ("ONEDNN_DEFAULT_FPMATH_MODE=BF16", {"ONEDNN_DEFAULT_FPMATH_MODE": "BF16"}))
+FPMATH_VARIABLES = tuple(k for _, env in SETTINGS for k in env)
 INNER = 10   # casts per tf.function call
+WIDTH = 252  # the matmuls' inner dimension: the peer benchmark's 14 fields x embedding 18
 
 
 def define_flags():
@@ -52,8 +54,8 @@ def define_flags():
 def matmul_errors(rows: int, cols: int) -> dict:
   """Largest |result - float64| / largest |float64| of each matmul form, in this process."""
   rng = np.random.default_rng(0)
-  a = rng.standard_normal((rows, 252)).astype(np.float32)
-  b = rng.standard_normal((252, cols)).astype(np.float32)
+  a = rng.standard_normal((rows, WIDTH)).astype(np.float32)
+  b = rng.standard_normal((WIDTH, cols)).astype(np.float32)
   c = rng.standard_normal(cols).astype(np.float32)
   exact = a.astype(np.float64) @ b.astype(np.float64)
   forms = {
@@ -94,22 +96,22 @@ def main(argv):
     print(json.dumps(matmul_errors(FLAGS.rows, FLAGS.cols)))
     return
   errors = {}
+  clean = {k: v for k, v in os.environ.items() if k not in FPMATH_VARIABLES}
   for label, env in SETTINGS:
-    clean = {k: v for k, v in os.environ.items() if k not in ("TF_SET_ONEDNN_FPMATH_MODE",
-                                                              "ONEDNN_DEFAULT_FPMATH_MODE")}
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--matmul_errors_only",
                            f"--rows={FLAGS.rows}", f"--cols={FLAGS.cols}"],
                           env={**clean, **env}, capture_output=True, text=True, check=True)
     errors[label] = json.loads(proc.stdout.strip().splitlines()[-1])
   casts = cast_ms(FLAGS.rows, FLAGS.cols, FLAGS.calls)
   forms = list(next(iter(errors.values())))
+  machine = results_io.machine()
   lines = ["# oneDNN checks: casts alone, and implicit bfloat16 for float32 matmuls", "",
            f"Command: `python benchmarks/onednn_checks.py {' '.join(argv[1:])}`", "",
-           f"Machine: {results_io.machine()}. TensorFlow {tf.__version__}.", "",
+           f"Machine: {machine}. TensorFlow {tf.__version__}.", "",
            f"## A cast alone ([{FLAGS.rows}, {FLAGS.cols}], ms per op, {FLAGS.calls} x {INNER} ops)", "",
            "| op | ms |", "|---|---:|"]
   lines += [f"| {k} | {v:.3f} |" for k, v in casts.items()]
-  lines += ["", f"## Largest error against float64 ([{FLAGS.rows}, 252] x [252, {FLAGS.cols}], "
+  lines += ["", f"## Largest error against float64 ([{FLAGS.rows}, {WIDTH}] x [{WIDTH}, {FLAGS.cols}], "
             "relative to the largest value), by fpmath setting", "",
             "| setting | " + " | ".join(forms) + " |", "|---|" + "---:|" * len(forms)]
   lines += [f"| {label} | " + " | ".join(f"{errors[label][f]:.2e}" for f in forms) + " |"
@@ -120,7 +122,7 @@ def main(argv):
             f"bfloat16 one. Reached: {', '.join(reached) if reached else 'none'}."]
   results_io.write(FLAGS.results_dir, FLAGS.name,
                    {"casts_ms": casts, "matmul_errors": errors, "fpmath_reaches_float32_matmul": reached,
-                    "meta": {"machine": results_io.machine(), "tensorflow": tf.__version__,
+                    "meta": {"machine": machine, "tensorflow": tf.__version__,
                              "argv": argv[1:]}},
                    "\n".join(lines))
 
