@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.transforms.window import GlobalWindows
 
-from pipeline.sources import dedup
+from pipeline.sources import dedup, grouping
 from pipeline.sources.deadletter import (DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage,
                                         unaccounted_by_hop)
 from preprocessing import features as F
@@ -368,11 +368,12 @@ class ReadAliCCP(beam.PTransform):
       skeleton_rows = resolved.rows
       dead.append(resolved[DEAD])
     # A CoGroupByKey by hand: both sides tagged as they are keyed, one GroupByKey. (Beam's
-    # CoGroupByKey adds a tagging and an untagging step per row; the job's rows are many.)
+    # CoGroupByKey adds a tagging and an untagging step per row; the job's rows are many.) The
+    # shuffle carries buckets of rows, not rows, and the two sides are flattened as buckets
+    # (pipeline/sources/grouping.py).
     skeleton_rows = skeleton_rows | "KeyByIndex" >> beam.Map(lambda e: (e[1], (SKELETON, e[2])))
     joined = ((skeleton_rows, common.rows)
-              | "FlattenSides" >> beam.Flatten()
-              | "GroupByIndex" >> beam.GroupByKey()
+              | "GroupByIndex" >> grouping.GroupByKeyInBuckets()
               | "Join" >> beam.ParDo(_JoinFn(self._split, self._arrow, self._batch_rows))
               .with_outputs(DEAD, main="record_batches"))
     dead = (dead + [joined[DEAD]]) | "FlattenDeadLetters" >> beam.Flatten()

@@ -8,7 +8,8 @@ training and evaluation see every impression once, and nothing is dropped silent
   copies differ          every copy is set aside as conflicting_sample_id (there is no way
                          to tell which one is the impression; the dead letters keep them all)
 
-The grouping is a GroupByKey on the sample id, so it holds on any runner and any input order.
+The grouping is a GroupByKey on the sample id (through buckets, pipeline/sources/grouping.py),
+so it holds on any runner and any input order.
 A reader may group its raw lines instead of parsed rows (less to encode in the shuffle); it then
 names how a line parses (``canonical``), and copies whose raw forms differ are compared, and
 written to the dead letters, as parsed: the rule above is about rows, not bytes.
@@ -25,6 +26,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import apache_beam as beam
 
 from pipeline.sources.deadletter import DEAD, counter, dead_letter
+from pipeline.sources.grouping import GroupByKeyInBuckets
 
 DUPLICATE_SAMPLE_ID = "duplicate_sample_id"
 CONFLICTING_SAMPLE_ID = "conflicting_sample_id"
@@ -106,5 +108,5 @@ class ResolveSampleIds(beam.PTransform):
     key_of = key if callable(key) else (lambda row: row[key])
     return (rows
             | "KeyBySampleId" >> beam.Map(lambda row: (key_of(row), row))
-            | "GroupBySampleId" >> beam.GroupByKey()
+            | "GroupBySampleId" >> GroupByKeyInBuckets()
             | "Resolve" >> beam.ParDo(self._fn).with_outputs(DEAD, main="rows"))
