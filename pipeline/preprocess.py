@@ -58,6 +58,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import apache_beam as beam
+import pyarrow as pa
 import tensorflow as tf
 import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
@@ -262,9 +263,21 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
                        T.to_record_batches(out["rows"], arrow_schema, f"_{split}", f"{fmt}/{split}"))
                for split, out in read.items()}
     raw_config = tfxio.TensorAdapterConfig()
-    (train_data, _), transform_fn = (
-        (batches["train"], raw_config) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
-            preprocessing_fn, output_record_batches=True))
+    if T.has_analyzers(preprocessing_fn, raw_config):
+      (train_data, _), transform_fn = (
+          (batches["train"], raw_config) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
+              preprocessing_fn, output_record_batches=True))
+    else:
+      # Nothing in the transform is computed from the data, so the transform_fn is analyzed
+      # over no rows, and is ready before the first row is read. Analyzed over the train
+      # rows, it would be a side input that waits for all of them: the runner would hold
+      # every joined row between the join and the transform, and send it on once the last
+      # one arrived (on the DirectRunner, through the job's own process, while the workers
+      # wait). This way the join, the transform and the writes run as one stage.
+      no_rows = p | "NoRowsToAnalyze" >> beam.Create([]).with_output_types(pa.RecordBatch)
+      transform_fn = (no_rows, raw_config) | "Analyze" >> tft_beam.AnalyzeDataset(preprocessing_fn)
+      train_data, _ = (((batches["train"], raw_config), transform_fn)
+                       | "TransformTrain" >> tft_beam.TransformDataset(output_record_batches=True))
     eval_data, _ = (((batches["eval"], raw_config), transform_fn)
                     | "TransformEval" >> tft_beam.TransformDataset(output_record_batches=True))
     if write_transform_fn:

@@ -277,3 +277,36 @@ def test_a_preprocessing_fn_with_an_analyzer_cannot_be_partitioned(monkeypatch):
   monkeypatch.setattr(preprocess.T, "make_preprocessing_fn", make)
   with pytest.raises(preprocess.UsageError, match="has analyzers .over click"):
     preprocess._check_partitionable("aliccp", [], 512, (), 1)
+
+
+def test_a_preprocessing_fn_with_an_analyzer_is_analyzed_over_the_rows_and_writes_the_same(raw, runs, monkeypatch):
+  # Without analyzers (this project's transform) the transform_fn is analyzed over no rows, so
+  # the join, the transform and the writes run as one stage; with an analyzer it must still be
+  # analyzed over the train rows. An analyzer that changes nothing (the smallest click, times
+  # 0) takes the job down the second path, which must write what the first wrote.
+  import tensorflow_transform as tft
+  real_fn, real_analyze = preprocess.T.make_preprocessing_fn, preprocess.tft_beam.AnalyzeAndTransformDataset
+  raw_config = preprocess.T.raw_tfxio(preprocess.T.raw_metadata("aliccp")).TensorAdapterConfig()
+  assert not preprocess.T.has_analyzers(real_fn("aliccp", 512), raw_config)
+
+  def make(*args, **kwargs):
+    fn = real_fn(*args, **kwargs)
+
+    def with_analyzer(inputs):
+      out = fn(inputs)
+      out["click"] = out["click"] + tft.min(inputs["click"]) * 0
+      return out
+    return with_analyzer
+
+  analyzed_over_rows = []
+  monkeypatch.setattr(preprocess.T, "make_preprocessing_fn", make)
+  monkeypatch.setattr(preprocess.tft_beam, "AnalyzeAndTransformDataset",
+                      lambda *a, **k: analyzed_over_rows.append(1) or real_analyze(*a, **k))
+  assert preprocess.T.has_analyzers(make("aliccp", 512), raw_config)
+  whole, rec_whole = runs["whole"]
+  out = str(raw["root"] / "with_analyzer")
+  rec = preprocess.run("aliccp", raw["patterns"], out, [], max_hash_buckets=512, max_dead_letter_fraction=1.0)
+  assert analyzed_over_rows == [1]
+  for split in ("train", "eval"):
+    assert rec[split] == rec_whole[split]
+    assert _examples(out, split) == _examples(whole, split)
