@@ -24,8 +24,12 @@ under 2 hours (>= 12,000/s). With --repeats=N the list runs N times over, and th
 target is the median of the N pairs, each 2-worker run over the 1-worker run of its own
 repeat (the machine's speed drifts by the hour; a pair measured minutes apart shares it).
 For each 2-worker/1-worker pair also the most scaling the 2-worker run's CPU seconds allow on
-this machine's cores (all of them busy all the time). Writes benchmarks/results/NAME.{json,md}
-(--name, default preprocess_throughput).
+this machine's cores (all of them busy all the time), and the machine's own scaling in the same
+minutes (--control_loops): a fixed pure-Python loop (short byte strings split, parsed and
+hashed, as the job does per row) timed in one process and in two at once, before and after each
+repeat's runs. What a 2-worker run can gain is bounded by it: on a virtual machine whose cores
+share the host's, the same work takes more CPU seconds while both are busy. Writes
+benchmarks/results/NAME.{json,md} (--name, default preprocess_throughput).
 
 A run whose rows do not reconcile is refused by the job (nothing published); the benchmark
 records it with the job's error and then locates the rows that went missing: it reads the
@@ -37,12 +41,14 @@ other line: the runner deals a shuffle's keys to its workers alternately).
 
 import glob
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+import zlib
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +84,37 @@ def define_flags():
   flags.DEFINE_boolean("keep_outputs", False, "Keep each run's output (default: removed after measuring).")
   flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "Where to write the results.")
   flags.DEFINE_string("name", "preprocess_throughput", "Results file name (RESULTS_DIR/NAME.{json,md}).")
+  flags.DEFINE_string("code_dir", ROOT, "The checkout whose job runs (default this one); another, e.g. "
+                      "`git worktree add /tmp/before <commit>`, gives before/after figures on the same data "
+                      "(the results name its commit).")
+  flags.DEFINE_integer("control_loops", 10_000_000, "Iterations of the machine control's loop (about 5 "
+                       "seconds each; 0: no control). Before and after each repeat's runs it is timed "
+                       "in one process, in two at once, twice more in two and once more in one.")
+
+
+def _spin(loops: int) -> float:
+  """The machine control's workload: a fixed pure-Python loop of the kind the job runs per row
+  (a short line split, parsed and hashed into a dict); its wall seconds."""
+  start = time.perf_counter()
+  table = {}
+  for i in range(loops):
+    fields = b"%d,%d,%d" % (i, i * 7, i % 1013)
+    parts = fields.split(b",")
+    table[zlib.crc32(parts[1]) & 4095] = int(parts[2])
+  return time.perf_counter() - start
+
+
+def machine_scaling(loops: int) -> dict:
+  """The machine's own 2-process scaling now: ``loops`` iterations of _spin in one process, and
+  in two processes at once (each its own ``loops``), in the order one, two, two, one (a drift of
+  the machine's speed falls on both alike). Scaling: twice the work in the two-process time,
+  over the work in the one-process time."""
+  with multiprocessing.get_context("fork").Pool(2) as pool:
+    one = [pool.apply(_spin, (loops,))]
+    two = [max(pool.map(_spin, [loops, loops], chunksize=1)) for _ in range(2)]
+    one.append(pool.apply(_spin, (loops,)))
+  alone, both = statistics.mean(one), statistics.mean(two)
+  return {"one_process_s": round(alone, 2), "two_processes_s": round(both, 2), "scaling": round(2 * alone / both, 2)}
 
 
 def _tree_stats(pid: int) -> Tuple[int, Dict[int, float]]:
@@ -142,11 +179,11 @@ def run_job(raw: str, out: str, workers: int, mode: str = MODES[0],
   cmd = [sys.executable, "-m", "pipeline.preprocess", "--format=aliccp", f"--input_dir={raw}",
          f"--output_dir={out}", f"--max_hash_buckets={FLAGS.max_hash_buckets}", "--overwrite",
          *runner, *FLAGS.beam_args]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=FLAGS.code_dir)
   log = out.rstrip("/") + ".log"
   start = time.perf_counter()
   with open(log, "w") as f:   # a file, not a pipe: the job logs more than a pipe buffer holds
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=FLAGS.code_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
     peak, cpu = 0, {}
     while proc.poll() is None:
       rss, tree = _tree_stats(proc.pid)
@@ -241,8 +278,15 @@ def _train_dir(out: str) -> str:
 def main(argv):
   del argv
   runs = [parse_run(r) for r in FLAGS.runs]
-  rows = []
-  for repeat, (impressions, workers, mode, partitions) in ((i, r) for i in range(FLAGS.repeats) for r in runs):
+  rows, controls = [], []
+
+  def control(repeat: int, when: str) -> None:
+    if FLAGS.control_loops > 0:
+      controls.append({"repeat": repeat, "when": when, **machine_scaling(FLAGS.control_loops)})
+      print(f"machine control, repeat {repeat + 1}, {when}: {controls[-1]}", flush=True)
+
+  for repeat, index, (impressions, workers, mode, partitions) in (
+      (i, j, r) for i in range(FLAGS.repeats) for j, r in enumerate(runs)):
     raw = os.path.join(FLAGS.work_dir, f"raw_{impressions}")
     stamp = os.path.join(raw, "generated.json")
     n_test = int(impressions * FLAGS.test_fraction)
@@ -259,7 +303,11 @@ def main(argv):
     kind = {"mode": mode, "partitions": partitions, "repeat": repeat}
     print(f"preprocessing {impressions:,} + {n_test:,} impressions with {workers} worker(s), {mode_label(kind)}"
           f"{f', repeat {repeat + 1} of {FLAGS.repeats}' if FLAGS.repeats > 1 else ''} ...", flush=True)
+    if index == 0:
+      control(repeat, "before")
     seconds, peak, output, status, cpu = run_job(raw, out, workers, mode, partitions)
+    if index == len(runs) - 1:
+      control(repeat, "after")
     cpu_s = {"cpu_s_launcher": round(cpu["launcher"], 1), "cpu_s_others": round(cpu["others"], 1)}
     if status != 0:
       # Recorded, not hidden: a run whose rows do not reconcile is refused by the job itself.
@@ -273,7 +321,7 @@ def main(argv):
       print(rows[-1], flush=True)
       for path in [out] + staging:
         shutil.rmtree(path, ignore_errors=True)
-      write_results(rows)
+      write_results(rows, controls)
       continue
     with open(os.path.join(out, F.RECONCILIATION)) as f:
       rec = json.load(f)["splits"]
@@ -290,7 +338,7 @@ def main(argv):
     print(rows[-1], flush=True)
     if not FLAGS.keep_outputs:
       shutil.rmtree(out, ignore_errors=True)
-    write_results(rows)
+    write_results(rows, controls)
 
 
 def scaling_pairs(ok: List[dict]) -> List[Tuple[int, str, dict, dict]]:
@@ -357,10 +405,18 @@ def _repeated(rows: List[dict]) -> bool:
   return any(r.get("repeat") for r in rows)
 
 
-def scaling_bounds(rows: List[dict]) -> List[dict]:
+def machine_scaling_of(controls: List[dict], repeat: int):
+  """The machine control's scaling around a repeat's runs (mean of its readings), or None."""
+  got = [c["scaling"] for c in controls if c["repeat"] == repeat]
+  return round(statistics.mean(got), 2) if got else None
+
+
+def scaling_bounds(rows: List[dict], controls: Sequence[dict] = ()) -> List[dict]:
   """For each 2-worker run with a 1-worker run of the same size and mode (both with CPU
   readings): the 2-worker run's time had all of its CPU seconds been spread over every core, and
-  the scaling over the 1-worker run that this would have given."""
+  the scaling over the 1-worker run that this would have given; with ``controls`` (machine
+  control readings), also the machine's own 2-process scaling around that repeat's runs and the
+  measured scaling as a fraction of it."""
   ok = [r for r in rows if "failed" not in r and "cpu_s_launcher" in r]
   repeated = _repeated(rows)
   out = []
@@ -368,29 +424,46 @@ def scaling_bounds(rows: List[dict]) -> List[dict]:
     cpu, one_cpu = _cpu_s(r), _cpu_s(one)
     ideal = cpu / os.cpu_count()
     again = f", repeat {r['repeat'] + 1}" if repeated else ""
+    measured = one["seconds"] / r["seconds"]
     out.append({"what": f"{n:,} impressions, {label}{again}", "cpu_s": round(cpu, 1),
                 "cpu_s_one_worker": round(one_cpu, 1), "cpu_ratio": round(cpu / one_cpu, 2),
                 "ideal_seconds": round(ideal, 1), "bound": round(one["seconds"] / ideal, 2),
-                "measured": round(one["seconds"] / r["seconds"], 2)})
+                "measured": round(measured, 2)})
+    machine = machine_scaling_of(list(controls), r.get("repeat", 0))
+    if machine:
+      out[-1].update(machine=machine, of_machine=round(measured / machine, 2))
   return out
 
 
-def write_results(rows: List[dict]) -> None:
-  """The results of the runs so far (rewritten after every run: a long invocation stopped
-  part-way keeps what it measured)."""
+def code_version(path: str) -> str:
+  """The commit of the checkout at ``path`` (with "+changes" when its tracked files differ from
+  it), or "unknown" outside git."""
+  git = lambda *args: subprocess.run(["git", "-C", path, *args], capture_output=True, text=True)  # noqa: E731
+  head = git("rev-parse", "--short", "HEAD")
+  if head.returncode != 0:
+    return "unknown"
+  return head.stdout.strip() + ("+changes" if git("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+
+
+def write_results(rows: List[dict], controls: Sequence[dict] = ()) -> None:
+  """The results of the runs so far and the machine control's readings (rewritten after every
+  run: a long invocation stopped part-way keeps what it measured)."""
   targets = compute_targets(rows)
-  command = "python benchmarks/preprocess_throughput.py --runs=%s --test_fraction=%g --max_hash_buckets=%d%s%s%s" % (
+  command = "python benchmarks/preprocess_throughput.py --runs=%s --test_fraction=%g --max_hash_buckets=%d%s%s%s%s" % (
       ",".join(FLAGS.runs), FLAGS.test_fraction, FLAGS.max_hash_buckets,
+      f" --code_dir={FLAGS.code_dir}" if os.path.realpath(FLAGS.code_dir) != ROOT else "",
       f" --beam_args={','.join(FLAGS.beam_args)}" if FLAGS.beam_args else "",
       f" --repeats={FLAGS.repeats}" if FLAGS.repeats > 1 else "",
       f" --name={FLAGS.name}" if FLAGS.name != "preprocess_throughput" else "")
-  machine = results_io.machine()
-  bounds = scaling_bounds(rows)
+  if FLAGS.control_loops != FLAGS["control_loops"].default:
+    command += f" --control_loops={FLAGS.control_loops}"
+  machine, code = results_io.machine(), code_version(FLAGS.code_dir)
+  bounds = scaling_bounds(rows, controls)
   repeated = _repeated(rows)
-  numbers = {"command": command, "machine": machine, "runner": "DirectRunner", "runs": rows,
+  numbers = {"command": command, "code": code, "machine": machine, "runner": "DirectRunner", "runs": rows,
              "targets": [dict(zip(("what", "target", "measured", "met"), t)) for t in targets],
-             "scaling_bounds": bounds}
-  lines = [f"Command: `{command}`", "", f"Machine: {machine}; DirectRunner (--direct_running_mode as in the "
+             "scaling_bounds": bounds, "machine_control": list(controls)}
+  lines = [f"Command: `{command}`", "", f"Code: {code}", "", f"Machine: {machine}; DirectRunner (--direct_running_mode as in the "
            "table; peak memory of the whole process tree)", "",
            "| " + ("repeat | " if repeated else "") + "impressions read | workers | mode | seconds | impressions/s | peak RSS (tree) MB | CPU s: launcher / others | busy cores | raw CSV B/impr. | gzip TFRecord B/impr. |",
            "|" + ("---:|" if repeated else "") + "---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -417,10 +490,24 @@ def write_results(rows: List[dict]) -> None:
               "|---|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {b['what']} | {b['cpu_s_one_worker']} | {b['cpu_s']} | {b['cpu_ratio']} | {b['ideal_seconds']} | "
               f"{b['bound']}x | {b['measured']}x |" for b in bounds]
+    if any("machine" in b for b in bounds):
+      lines += ["", "The machine's own 2-process scaling around each pair (the control, below) and the "
+                "pair's measured scaling as a fraction of it:", "",
+                "| pair | measured | machine control | measured / machine |", "|---|---:|---:|---:|"]
+      lines += [f"| {b['what']} | {b['measured']}x | {b['machine']}x | {b['of_machine']} |"
+                for b in bounds if "machine" in b]
     lines += ["", "With partitions both runs do the same work in the same processes (one at a time or "
               "two), so a 2-worker / 1-worker CPU ratio other than 1 there is the machine's speed, not "
               "the work: above 1, its cores gave less per second while both were busy (a virtual "
               "machine's cores share the host's); below 1, it ran faster during the 2-worker run."]
+  if controls:
+    lines += ["", f"Machine control (`--control_loops={FLAGS.control_loops}`): a fixed pure-Python loop "
+              "timed in one process and in two at once (one, two, two, one; means), before and after "
+              "each repeat's runs. Scaling: twice the work in the two-process time over the work in the "
+              "one-process time; 2.0 would be two cores that each give what one gives alone.", "",
+              "| repeat | when | one process, s | two at once, s | scaling |", "|---:|---|---:|---:|---:|"]
+    lines += [f"| {c['repeat'] + 1} | {c['when']} | {c['one_process_s']} | {c['two_processes_s']} | "
+              f"{c['scaling']}x |" for c in controls]
   for r in rows:
     if "failed" in r:
       which = f" (repeat {r.get('repeat', 0) + 1})" if repeated else ""

@@ -92,6 +92,45 @@ def test_scaling_bounds_spread_the_two_worker_run_s_cpu_over_the_cores(monkeypat
   assert PT.scaling_bounds(rows[1:]) == []
 
 
+def test_the_machine_control_sets_each_pair_beside_the_machine_s_own_scaling_around_its_repeat():
+  run = lambda w, seconds, repeat: {
+      "impressions": 1_100_000, "workers": w, "mode": "multi_processing", "partitions": 0, "repeat": repeat,
+      "seconds": seconds, "impressions_per_second": round(1_100_000 / seconds), "peak_rss_mb": 1,
+      "cpu_s_launcher": 10.0, "cpu_s_others": seconds}
+  rows = [run(1, 160.0, 0), run(2, 100.0, 0), run(1, 150.0, 1), run(2, 100.0, 1)]
+  controls = [{"repeat": 0, "when": "before", "scaling": 1.7}, {"repeat": 0, "when": "after", "scaling": 1.9},
+              {"repeat": 1, "when": "before", "scaling": 1.5}]
+  first, second = PT.scaling_bounds(rows, controls)
+  assert (first["measured"], first["machine"], first["of_machine"]) == (1.6, 1.8, 0.89)
+  assert (second["measured"], second["machine"], second["of_machine"]) == (1.5, 1.5, 1.0)
+  assert "machine" not in PT.scaling_bounds(rows)[0]     # no control: nothing to compare with
+  assert PT.machine_scaling_of(controls, 2) is None
+
+
+def test_the_machine_control_times_the_same_loop_in_one_process_and_in_two(monkeypatch):
+  # The loop itself is replaced by one that takes as long in every process, one or two at
+  # once (it reports its own time): a machine whose two cores each give what one gives alone.
+  def steady(loops):
+    return loops / 1000
+  steady.__module__, steady.__qualname__ = PT.__name__, "_spin"   # pickled by name to the pool
+  monkeypatch.setattr(PT, "_spin", steady)
+  assert PT.machine_scaling(5_000) == {"one_process_s": 5.0, "two_processes_s": 5.0, "scaling": 2.0}
+
+
+def test_code_version_names_the_commit_and_says_when_tracked_files_changed(tmp_path):
+  import subprocess
+  git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True, text=True)
+  assert PT.code_version(str(tmp_path)) == "unknown"
+  git("init", "-q")
+  (tmp_path / "a.py").write_text("x = 1\n")
+  git("add", "a.py")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "a")
+  head = git("rev-parse", "--short", "HEAD").stdout.strip()
+  assert PT.code_version(str(tmp_path)) == head
+  (tmp_path / "a.py").write_text("x = 2\n")
+  assert PT.code_version(str(tmp_path)) == head + "+changes"
+
+
 def test_missing_stretches_tells_a_contiguous_loss_from_every_other_row():
   raw = list(range(100, 200))
   # Lines 10-29 lost entirely; every other line of 50-69 lost (one worker's half of a shuffle).
