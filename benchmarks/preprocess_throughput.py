@@ -405,7 +405,7 @@ def _repeated(rows: List[dict]) -> bool:
   return any(r.get("repeat") for r in rows)
 
 
-def machine_scaling_of(controls: List[dict], repeat: int):
+def machine_scaling_of(controls: Sequence[dict], repeat: int):
   """The machine control's scaling around a repeat's runs (mean of its readings), or None."""
   got = [c["scaling"] for c in controls if c["repeat"] == repeat]
   return round(statistics.mean(got), 2) if got else None
@@ -429,7 +429,7 @@ def scaling_bounds(rows: List[dict], controls: Sequence[dict] = ()) -> List[dict
                 "cpu_s_one_worker": round(one_cpu, 1), "cpu_ratio": round(cpu / one_cpu, 2),
                 "ideal_seconds": round(ideal, 1), "bound": round(one["seconds"] / ideal, 2),
                 "measured": round(measured, 2)})
-    machine = machine_scaling_of(list(controls), r.get("repeat", 0))
+    machine = machine_scaling_of(controls, r.get("repeat", 0))
     if machine:
       out[-1].update(machine=machine, of_machine=round(measured / machine, 2))
   return out

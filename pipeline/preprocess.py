@@ -60,7 +60,6 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import apache_beam as beam
 import pyarrow as pa
 import tensorflow as tf
-import tensorflow_transform as tft
 import tensorflow_transform.beam as tft_beam
 from absl import app, flags
 from apache_beam.io.filesystems import FileSystems
@@ -263,7 +262,7 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
                        T.to_record_batches(out["rows"], arrow_schema, f"_{split}", f"{fmt}/{split}"))
                for split, out in read.items()}
     raw_config = tfxio.TensorAdapterConfig()
-    if T.has_analyzers(preprocessing_fn, raw_config):
+    if T.analyzed_columns(preprocessing_fn, tfxio.TensorAdapter().OriginalTypeSpecs()):
       (train_data, _), transform_fn = (
           (batches["train"], raw_config) | "AnalyzeAndTransform" >> tft_beam.AnalyzeAndTransformDataset(
               preprocessing_fn, output_record_batches=True))
@@ -445,10 +444,10 @@ def _check_partitionable(fmt: str, beam_args: Sequence[str], max_hash_buckets: i
   # Every partition writes the rows its own TFT transform makes; that is the whole job's
   # transform only when nothing in it is computed from the data (an analyzer).
   preprocessing_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None, cross_fields, F.RAW_LABELS)
-  analyzed = tft.get_analyze_input_columns(preprocessing_fn, T.raw_feature_spec(fmt), force_tf_compat_v1=True)
+  analyzed = T.analyzed_columns(preprocessing_fn, T.raw_feature_spec(fmt))
   if analyzed:
     raise UsageError("--partitions: the preprocessing_fn has analyzers (over "
-                     f"{', '.join(sorted(analyzed))}), which need the whole data in one job")
+                     f"{', '.join(analyzed)}), which need the whole data in one job")
 
 
 def run_job(fmt: str, patterns, output_dir: str, temp_dir: str, beam_args: Sequence[str], **kwargs) -> Dict[str, int]:

@@ -10,7 +10,7 @@ preprocessing and training cannot disagree.
 
 import hashlib
 import zlib
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -21,7 +21,7 @@ import tensorflow_transform as tft
 from tensorflow_transform import schema_inference
 from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
 from tfx_bsl.coders import example_coder
-from tfx_bsl.tfxio import tensor_adapter, tf_example_record
+from tfx_bsl.tfxio import tf_example_record
 
 from preprocessing import features as F
 
@@ -154,11 +154,10 @@ def make_preprocessing_fn(fmt: str, max_hash_buckets: Optional[int] = None,
   return preprocessing_fn
 
 
-def has_analyzers(preprocessing_fn, tensor_adapter_config) -> bool:
-  """Whether ``preprocessing_fn`` computes anything from the data (a TFT analyzer), for raw
-  input described by ``tensor_adapter_config`` (raw_tfxio(...).TensorAdapterConfig())."""
-  specs = tensor_adapter.TensorAdapter(tensor_adapter_config).OriginalTypeSpecs()
-  return bool(tft.get_analyze_input_columns(preprocessing_fn, specs, force_tf_compat_v1=True))
+def analyzed_columns(preprocessing_fn, specs) -> List[str]:
+  """The raw columns that ``preprocessing_fn``'s TFT analyzers read, for raw input of ``specs``
+  (feature specs or TypeSpecs by column); empty when nothing in it is computed from the data."""
+  return sorted(tft.get_analyze_input_columns(preprocessing_fn, specs, force_tf_compat_v1=True))
 
 
 def transformed_hash_buckets(tft_output) -> Dict[str, int]:

@@ -286,8 +286,8 @@ def test_a_preprocessing_fn_with_an_analyzer_is_analyzed_over_the_rows_and_write
   # 0) takes the job down the second path, which must write what the first wrote.
   import tensorflow_transform as tft
   real_fn, real_analyze = preprocess.T.make_preprocessing_fn, preprocess.tft_beam.AnalyzeAndTransformDataset
-  raw_config = preprocess.T.raw_tfxio(preprocess.T.raw_metadata("aliccp")).TensorAdapterConfig()
-  assert not preprocess.T.has_analyzers(real_fn("aliccp", 512), raw_config)
+  specs = preprocess.T.raw_feature_spec("aliccp")
+  assert preprocess.T.analyzed_columns(real_fn("aliccp", 512), specs) == []
 
   def make(*args, **kwargs):
     fn = real_fn(*args, **kwargs)
@@ -302,7 +302,7 @@ def test_a_preprocessing_fn_with_an_analyzer_is_analyzed_over_the_rows_and_write
   monkeypatch.setattr(preprocess.T, "make_preprocessing_fn", make)
   monkeypatch.setattr(preprocess.tft_beam, "AnalyzeAndTransformDataset",
                       lambda *a, **k: analyzed_over_rows.append(1) or real_analyze(*a, **k))
-  assert preprocess.T.has_analyzers(make("aliccp", 512), raw_config)
+  assert preprocess.T.analyzed_columns(make("aliccp", 512), specs) == ["click"]
   whole, rec_whole = runs["whole"]
   out = str(raw["root"] / "with_analyzer")
   rec = preprocess.run("aliccp", raw["patterns"], out, [], max_hash_buckets=512, max_dead_letter_fraction=1.0)
