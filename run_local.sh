@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job end to end on built-in synthetic data (creates .venv first if missing):
-# synthetic logs -> Beam/TFT preprocessing -> ESMM, MMoE and the BASE baseline -> evaluation
+# synthetic logs -> Beam/TFT preprocessing -> ESMM, PLE and the BASE baseline -> evaluation
 # (metrics table + HTML report with charts) -> SavedModel for TF Serving.
 #
 #   ./run_local.sh                      # defaults: Ali-CCP layout, 600k train / 150k test impressions, 1 epoch
-#   MODELS=mmoe_esmm ./run_local.sh     # pick the models: esmm esmm_ns base mmoe mmoe_esmm
+#   MODELS="esmm ple" ./run_local.sh    # pick the models (model_fn/params.py): esmm esmm_ns base
+#                                       # escm2_ips escm2_dr shared_bottom mmoe cgc ple
 #   FORMAT=avazu ./run_local.sh         # Avazu-style CSV instead of the Ali-CCP layout
 #   NUM_TRAIN=20000 NUM_TEST=10000 ./run_local.sh    # a quicker run
 #   ./run_local.sh --direct_num_workers=2 --direct_running_mode=multi_processing
@@ -17,7 +18,7 @@ source scripts/ensure_venv.sh
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONHASHSEED=0 CUDA_VISIBLE_DEVICES=""
 
 FORMAT="${FORMAT:-aliccp}"
-MODELS="${MODELS:-esmm base mmoe}"
+MODELS="${MODELS:-esmm base ple}"
 MODELS="${MODELS//,/ }"
 OUT="${OUT:-runs/local}"
 NUM_TRAIN="${NUM_TRAIN:-600000}"
@@ -77,11 +78,11 @@ case "$FORMAT" in
   aliccp|avazu) ;;
   *) echo "error: FORMAT must be aliccp or avazu, not '$FORMAT'" >&2; exit 2 ;;
 esac
+known_models=" $(python -c 'from model_fn.params import MODELS; print(" ".join(MODELS))') "
 for model in $MODELS; do
-  case "$model" in
-    esmm|esmm_ns|base|mmoe|mmoe_esmm) ;;
-    *) echo "error: unknown model '$model' in MODELS (esmm esmm_ns base mmoe mmoe_esmm)" >&2; exit 2 ;;
-  esac
+  if [[ "$known_models" != *" $model "* ]]; then
+    echo "error: unknown model '$model' in MODELS (one of:$known_models)" >&2; exit 2
+  fi
 done
 
 step "generating synthetic $FORMAT data ($NUM_TRAIN train / $NUM_TEST test impressions) -> $OUT/raw"
@@ -113,6 +114,7 @@ echo
 echo "Test split: AUCs (CTR, CTCVR over all impressions; CVR over clicked impressions;"
 echo "CVR over all impressions against the true counterfactual conversions) and calibration"
 echo "(mean prediction / observed rate). base = the paper's BASE (CVR trained on clicks only);"
+echo "<model>:uncalibrated = the model's towers before their calibration (--calibration);"
 echo "oracle = the generator's true probabilities."
 sed -n '/^|/,$p' "$LOG/evaluate.log" | grep -v '^report: '
 echo

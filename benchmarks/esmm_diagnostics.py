@@ -1,4 +1,5 @@
-"""Why does ESMM not beat BASE on CVR here? Diagnostics on the models compare_models.py trained.
+"""What the data give ESMM to correct, and what each model's pCVR encodes: diagnostics on the
+models compare_models.py trained.
 
   .venv/bin/python benchmarks/esmm_diagnostics.py <the flags given to compare_models.py>
 
@@ -24,13 +25,14 @@ Each model (what does its pCVR actually encode?)
     tower misses can be absorbed by the CVR tower;
   * the CVR AUC over all impressions, against the counterfactual conversions, of the
     model's pCVR and of its pCTCVR divided by the *true* pCTR: if the second is far better,
-    the model learned pCTCVR but split it wrongly between its two factors.
+    the model learned pCTCVR but split it wrongly between its two factors;
+  * the entire-space CVR AUC on test impressions whose item had a click in the train split and
+    on those whose item had none, where a clicked-only CVR model has an untrained item embedding.
 
-Writes benchmarks/results/esmm_diagnostics[_selection<c>].{json,md}.
+Writes benchmarks/results/esmm_diagnostics_<world>.{json,md}.
 """
 
 import os
-import platform
 import sys
 import time
 
@@ -54,6 +56,8 @@ MODEL_COLUMNS = (
     ("corr(pCVR, true CTR logit)", "corr_true_ctr"),
     ("corr(pCVR, CTR error)", "corr_ctr_error"),
     ("corr(pCTR, true CTR logit)", "ctr_fit"),
+    ("CVR AUC all vs truth, items clicked in train", "auc_pcvr_seen_items"),
+    ("... items never clicked in train", "auc_pcvr_unseen_items"),
 )
 
 
@@ -82,6 +86,14 @@ def item_ids(skeleton: str) -> tuple:
   return np.array(ids), np.array(items), np.array(clicks), np.array(convs)
 
 
+def items_never_clicked_in_train(raw: str) -> dict:
+  """{test sample id: whether its item had no click in the train split}."""
+  sid, items, _, _ = item_ids(os.path.join(raw, "sample_skeleton_test.csv"))
+  _, train_items, train_click, _ = item_ids(os.path.join(raw, "sample_skeleton_train.csv"))
+  clicked_items = set(train_items[train_click == 1])
+  return {s: i not in clicked_items for s, i in zip(sid, items)}
+
+
 def data_diagnostics(raw: str) -> dict:
   truth = evaluation.read_ground_truth(os.path.join(raw, "ground_truth_test.csv"))
   sid, items, click, conv = item_ids(os.path.join(raw, "sample_skeleton_test.csv"))
@@ -105,13 +117,17 @@ def data_diagnostics(raw: str) -> dict:
   }
 
 
-def model_diagnostics(model_dir: str, transform_dir: str, truth_all: dict) -> dict:
-  p = evaluation.predict(model_dir, transform_dir)
+def model_diagnostics(p: dict, truth_all: dict, unseen_item: dict) -> dict:
+  """What a model's eval-split predictions ``p`` encode (see the module doc); ``unseen_item``:
+  items_never_clicked_in_train."""
   truth = evaluation.align_truth(p["sample_id"], truth_all)
   true_ctr = _logit(truth["true_pctr"])
   cvr = _logit(p["cvr"])
   cf = truth["counterfactual_conversion"]
+  unseen = np.array([unseen_item[s] for s in evaluation.sample_id_strings(p["sample_id"])])
   return {
+      "auc_pcvr_seen_items": M.exact_auc(cf[~unseen], p["cvr"][~unseen]),
+      "auc_pcvr_unseen_items": M.exact_auc(cf[unseen], p["cvr"][unseen]),
       "auc_pcvr": M.exact_auc(cf, p["cvr"]),
       "auc_ctcvr_over_true_ctr": M.exact_auc(cf, np.log(np.maximum(p["ctcvr"], 1e-30)) - np.log(truth["true_pctr"])),
       "corr_true_cvr": _corr(cvr, _logit(truth["true_pcvr"])),
@@ -156,16 +172,16 @@ def main(argv):
   del argv
   start = time.perf_counter()
   names = [name for name, _, _ in C.parse_models(FLAGS.models)]
-  root, raw, out = C.data_root()
+  root, raw, _ = C.data_root()
   if not os.path.isdir(os.path.join(root, "models")):
     raise SystemExit(f"error: no models under {root}; run benchmarks/compare_models.py with the same flags first")
   data = data_diagnostics(raw)
   truth_all = evaluation.read_ground_truth(os.path.join(raw, "ground_truth_test.csv"))
+  unseen_item = items_never_clicked_in_train(raw)
   runs = []
   for seed in FLAGS.seeds:
     for model in names:
-      model_dir = os.path.join(root, "models", f"{model}_seed{seed}")
-      r = model_diagnostics(model_dir, out, truth_all)
+      r = model_diagnostics(C.predictions(root, model, seed), truth_all, unseen_item)
       runs.append({"model": model, "seed": int(seed), **r})
       print(f"{model:10s} seed {seed}: " + "  ".join(f"{k}={r[k]:.4f}" for _, k in MODEL_COLUMNS), flush=True)
   summary = {}
@@ -175,11 +191,11 @@ def main(argv):
                           "std": float(np.std([r[k] for r in rows], ddof=1)) if len(rows) > 1 else 0.0}
                       for _, k in MODEL_COLUMNS}
   meta = {
-      "command": C.command("esmm_diagnostics.py", ("num_train", "num_test", "data_seed", "click_selection",
+      "command": C.command("esmm_diagnostics.py", ("world", "num_train", "num_test", "data_seed",
                                                     "seeds", "models", "max_hash_buckets", "tag")),
-      "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+      "machine": results_io.machine(),
       "data": (f"{FLAGS.num_train:,} train / {FLAGS.num_test:,} test impressions (data seed {FLAGS.data_seed}, "
-               f"click_selection {FLAGS.click_selection:g})"),
+               f"{FLAGS.world} world, click_selection {C.click_selection():g})"),
       "seeds": FLAGS.seeds, "seconds": time.perf_counter() - start,
   }
   results_io.write(FLAGS.results_dir, C.results_name("esmm_diagnostics"),

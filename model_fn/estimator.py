@@ -17,9 +17,13 @@ from typing import Any, Dict, Optional
 
 import tensorflow as tf
 
+import numpy as np
+from absl import logging
+
+from model_fn import calibration as C
 from model_fn import esmm, export, layers, mmoe
 from model_fn import input_fn as I
-from model_fn.params import DEFAULT_PARAMS, MMOE_MODELS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params
+from model_fn.params import MODEL_SPECS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params, upgrade_recorded
 
 PARAMS_FILE = "params.json"
 TASK_STEPS_DIR = "task_steps"     # MODEL_DIR/task_steps/<task>.json: steps each process trained
@@ -79,8 +83,9 @@ def task_steps(model_dir: str) -> Dict[str, int]:
 
 
 def model_fn_for(params) -> Any:
-  """The model_fn for ``params['model']``: mmoe_model_fn for the MMoE family, else esmm_model_fn."""
-  return mmoe.mmoe_model_fn if params["model"] in MMOE_MODELS else esmm.esmm_model_fn
+  """The model_fn for ``params['model']``: esmm_model_fn for the two-tower models, mmoe_model_fn
+  for the multi-task networks."""
+  return esmm.esmm_model_fn if MODEL_SPECS[params["model"]]["network"] == "towers" else mmoe.mmoe_model_fn
 
 
 def make_estimator(model_dir: str, params: Dict[str, Any], seed: int = 42,
@@ -90,13 +95,18 @@ def make_estimator(model_dir: str, params: Dict[str, Any], seed: int = 42,
   model dir without checkpoints (the daily retrain starts from yesterday's model).
 
   The RunConfig reads TF_CONFIG; ``params['embedding_partitions']`` 0 (the default) becomes
-  the number of parameter servers (1 on one machine)."""
+  the number of parameter servers (1 on one machine). A model_dir's calibration.json
+  (model_fn/calibration.py) is applied to the heads unless ``params['calibration']`` is given."""
   config = tf.estimator.RunConfig(
       model_dir=model_dir, tf_random_seed=seed, save_checkpoints_steps=save_checkpoints_steps,
       keep_checkpoint_max=3, log_step_count_steps=100)
   config = config.replace(session_config=_session_config(config))
   if not params.get("embedding_partitions"):
     params = {**params, "embedding_partitions": max(1, config.num_ps_replicas)}
+  if params.get("calibration") is None:
+    calibrations = C.load(model_dir)
+    if calibrations:
+      params = {**params, "calibration": calibrations}
   warm = tf.estimator.WarmStartSettings(ckpt_to_initialize_from=warm_start_from) if warm_start_from else None
   return tf.estimator.Estimator(model_fn_for(params), config=config, params=params, warm_start_from=warm)
 
@@ -107,6 +117,14 @@ class ModelDirError(ValueError):
 
 def _json(params: Dict[str, Any]) -> Dict[str, Any]:
   return json.loads(json.dumps({k: v for k, v in params.items() if k not in RUNTIME_PARAMS}))
+
+
+# Recorded in params.json but not part of a model's identity: they only initialise variables.
+INIT_PARAMS = ("base_rates",)
+
+
+def _identity(params: Dict[str, Any]) -> Dict[str, Any]:
+  return {k: v for k, v in params.items() if k not in INIT_PARAMS}
 
 
 def schema_difference(old_buckets: Dict[str, int], new_buckets: Dict[str, int]) -> str:
@@ -140,11 +158,13 @@ def check_transform_matches(params: Dict[str, Any], model_dir: str, tft_output, 
 
 
 def _recorded_params(path: str) -> Dict[str, Any]:
-  """A params.json, with the defaults of params added after it was written (a model trained
-  before ``fields`` existed embedded every field)."""
+  """A params.json, with the params added after it was written (params.upgrade_recorded)."""
   with tf.io.gfile.GFile(path) as f:
-    old = json.load(f)
-  return {**_json({k: v for k, v in DEFAULT_PARAMS.items() if k not in old}), **old}
+    recorded = json.load(f)
+  try:
+    return upgrade_recorded(recorded)
+  except ValueError as e:
+    raise ModelDirError(f"{os.path.dirname(path)} holds {e}") from None
 
 
 def check_model_dir(model_dir: str, params: Dict[str, Any], what: str = "--model_dir") -> None:
@@ -158,8 +178,8 @@ def check_model_dir(model_dir: str, params: Dict[str, Any], what: str = "--model
     raise ModelDirError(
         f"{what} {model_dir} holds checkpoints ({os.path.basename(checkpoint)}) but no {PARAMS_FILE}: "
         "they are not from model_fn.train, so they cannot be resumed; use another directory")
-  old = _recorded_params(path)
-  new = _json(params)
+  old = _identity(_recorded_params(path))
+  new = _identity(_json(params))
   if old == new:
     return
   if old.get("format") != new.get("format") or old.get("hash_buckets") != new.get("hash_buckets"):
@@ -200,38 +220,64 @@ def save_params(model_dir: str, params: Dict[str, Any]) -> None:
 
 
 def load_params(model_dir: str) -> Dict[str, Any]:
-  with tf.io.gfile.GFile(os.path.join(model_dir, PARAMS_FILE)) as f:
-    return json.load(f)
+  """The params a model_dir was trained with (params added since filled in: upgrade_recorded)."""
+  return _recorded_params(os.path.join(model_dir, PARAMS_FILE))
 
 
 def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any], batch_size: int,
                        num_epochs: float = 1.0, train_steps: int = 0, eval_steps: int = 0,
                        seed: int = 42, save_checkpoints_steps: int = 1000,
                        do_export: bool = True, warm_start_from: Optional[str] = None,
-                       eval_throttle_secs: int = 30, train_input: str = "auto") -> Dict[str, Any]:
+                       eval_throttle_secs: int = 30, train_input: str = "auto",
+                       calibration: str = C.DEFAULT_METHOD,
+                       calibration_holdout: Optional[float] = None) -> Dict[str, Any]:
   """Trains to the step budget (resuming), evaluates, exports. Returns metrics and export path.
 
   The step budget is global: on a cluster the chief and the workers together train
   ``train_steps`` steps. ``eval_throttle_secs``: on a cluster, the evaluator's shortest
   interval between evaluations (on one machine every checkpoint is evaluated). ``train_input``:
   what training reads (input_fn.train_files: ``auto`` takes the column blocks when the
-  preprocessing run wrote them)."""
+  preprocessing run wrote them). ``calibration`` (model_fn/calibration.py): the method fitted to
+  the trained towers' logits and built into the evaluation and the SavedModel: ``bias`` (the
+  default) refits each output bias on the whole train split; ``platt`` and ``isotonic`` are
+  fitted on a held-out ``calibration_holdout`` share of the train split (default 0.05), which
+  training then does not read; ``none`` keeps the towers' own values.
+
+  The output biases start at the logits of the train split's base rates (params
+  ``base_rates``, read from the preprocessing run's label counts unless given)."""
   tft_output = I.load_transform_output(transform_dir)
+  calibration_holdout = I.holdout_share(C.holdout_fraction(calibration, calibration_holdout))
+  params = dict(params, train_holdout=calibration_holdout)
+  if params.get("base_rates") is None:
+    params["base_rates"] = I.base_rates(transform_dir)
+    if params["base_rates"] is None:
+      logging.warning("%s records no label counts (preprocessed by an older version): the output "
+                      "biases start at 0; preprocess again to start them at the base rates", transform_dir)
   params = resolve_params(params)
   I.require_labels(tft_output, params["model"], transform_dir)
   if train_steps <= 0:
-    train_steps = max(1, math.ceil(num_epochs * I.split_rows(transform_dir, "train") / batch_size))
+    rows = I.split_rows(transform_dir, "train") * (1 - calibration_holdout)
+    train_steps = max(1, math.ceil(num_epochs * rows / batch_size))
+  params["train_steps"] = train_steps
+  holdout = "exclude" if calibration_holdout > 0 else "all"
   check_model_dir(model_dir, params)
   if warm_start_from:
     check_warm_start(warm_start_from, params)
-  estimator = make_estimator(model_dir, params, seed, save_checkpoints_steps, warm_start_from)
+  # Trained and evaluated uncalibrated ({}: not the model_dir's calibration.json of an earlier run).
+  estimator = make_estimator(model_dir, {**params, "calibration": {}}, seed, save_checkpoints_steps,
+                             warm_start_from)
   config = estimator.config
   task = task_name(config)
   if config.is_chief:
     save_params(model_dir, params)
+    # A calibration of earlier checkpoints must not be applied to the ones trained now.
+    C.remove(model_dir)
   train_pattern, block_rows = I.train_files(transform_dir, train_input)
   train_fn = I.make_input_fn(train_pattern, tft_output, batch_size, training=True, num_epochs=None,
-                             seed=seed, fields=params["fields"], block_rows=block_rows)
+                             seed=seed, fields=params["fields"], block_rows=block_rows,
+                             holdout=holdout, holdout_fraction=calibration_holdout,
+                             start_at=start_offset(seed, I.train_records(transform_dir, block_rows),
+                                                   len(tf.io.gfile.glob(train_pattern))))
   eval_input = I.make_input_fn(I.split_files(transform_dir, "eval"), tft_output, batch_size,
                                training=False, fields=params["fields"])
   train_spec = tf.estimator.TrainSpec(train_fn, max_steps=train_steps,
@@ -251,6 +297,13 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   # finished model_dir): evaluate the final checkpoint then.
   eval_metrics = result[0] if result and result[0] is not None else estimator.evaluate(
       eval_input, steps=eval_steps or None)
+  if calibration != "none":
+    calibrations = fit_calibration(estimator, train_pattern, tft_output, block_rows, params, calibration,
+                                   calibration_holdout)
+    C.save(model_dir, calibrations)
+    estimator = make_estimator(model_dir, {**params, "calibration": calibrations}, seed,
+                               save_checkpoints_steps)
+    eval_metrics = estimator.evaluate(eval_input, steps=eval_steps or None, name="calibrated")
   metrics = {k: float(v) for k, v in eval_metrics.items()}
   out = {"task": task, "model_dir": model_dir, "train_steps": train_steps, "metrics": metrics,
          "task_steps": task_steps(model_dir),
@@ -270,3 +323,32 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   return out
 
 
+
+
+def start_offset(seed: int, records: int, files: int = 1) -> int:
+  """Where in the training input a run with ``seed`` starts (input_fn's ``start_at``): within the
+  first file's worth of ``records`` (the files' order is the seed's already), so that skipping
+  there reads at most about one file."""
+  span = records // max(1, files)
+  return int(np.random.default_rng([seed, 7]).integers(span)) if span > 1 else 0
+
+
+def fit_calibration(estimator: tf.estimator.Estimator, train_pattern: str, tft_output, block_rows: int,
+                    params: Dict[str, Any], method: str, holdout_fraction: float) -> Dict[str, Any]:
+  """Fits ``method`` to the uncalibrated tower logits on the train split's held-out slice, or on the
+  whole train split when ``holdout_fraction`` is 0."""
+  data_fn = I.make_input_fn(train_pattern, tft_output, 4096, training=False, labels_as_features=True,
+                            fields=params["fields"], block_rows=block_rows,
+                            holdout="only" if holdout_fraction > 0 else "all", holdout_fraction=holdout_fraction)
+  cols: Dict[str, list] = {k: [] for k in ("label_click", "label_conversion", "ctr_logit", "cvr_logit")}
+  for batch in estimator.predict(data_fn, yield_single_examples=False):
+    for k in cols:
+      cols[k].append(np.asarray(batch[k]).reshape(-1))
+  data = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+  where = f"the held-out {holdout_fraction:.0%} of the train split" if holdout_fraction else "the train split"
+  try:
+    return C.fit_heads(method, data["label_click"], data["label_conversion"], data["ctr_logit"],
+                       data["cvr_logit"], holdout_fraction)
+  except ValueError as e:
+    raise ValueError(f"cannot fit the {method} calibration on {where} ({len(data['label_click'])} "
+                     f"impressions): {e}; use another --calibration_holdout or --calibration=none") from None

@@ -16,8 +16,11 @@ import tensorflow as tf
 from model_fn import estimator as E
 from model_fn import input_fn as I
 from model_fn import metrics as M
+from model_fn.heads import UNCALIBRATED_SUFFIX
 
 GATE_PREFIX = "gate_"
+# A calibrated model's towers scored without their calibration: a report row of its own.
+UNCALIBRATED_ROW = ":uncalibrated"
 
 
 def predict(model_dir: str, transform_dir: str, batch_size: int = 4096) -> Dict[str, np.ndarray]:
@@ -103,38 +106,64 @@ def gate_means(p: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return {k[len(GATE_PREFIX):]: p[k].mean(axis=0) for k in sorted(p) if k.startswith(GATE_PREFIX)}
 
 
+def report_rows(name: str, p: Dict[str, np.ndarray], truth_all: Optional[Dict[str, np.ndarray]] = None):
+  """(report rows, curves) of one model's eval-split predictions ``p`` (``predict``'s output): the
+  row ``name``, and for a calibrated model ``name:uncalibrated`` (its towers before calibration)."""
+  truth = align_truth(p["sample_id"], truth_all) if truth_all else None
+  rows = {name: score(p["label_click"], p["label_conversion"], p["ctr"], p["cvr"], p["ctcvr"], truth)}
+  curves = {name: {k: p[k] for k in ("label_click", "label_conversion", "ctr", "cvr", "ctcvr")}}
+  gates = gate_means(p)
+  if gates:
+    curves[name]["gates"] = gates
+    for task, weights in gates.items():
+      for e, w in enumerate(weights):
+        rows[name][f"gate/{task}/expert_{e}"] = float(w)
+  if "cvr" + UNCALIBRATED_SUFFIX in p:
+    raw = {h: p[h + UNCALIBRATED_SUFFIX] for h in ("ctr", "cvr", "ctcvr")}
+    rows[name + UNCALIBRATED_ROW] = score(p["label_click"], p["label_conversion"], raw["ctr"], raw["cvr"],
+                                          raw["ctcvr"], truth)
+    curves[name + UNCALIBRATED_ROW] = {**{k: p[k] for k in ("label_click", "label_conversion")}, **raw}
+  if truth is not None:
+    for curve in curves.values():
+      curve["counterfactual_conversion"] = truth["counterfactual_conversion"]
+  return rows, curves
+
+
+def oracle_rows(p: Dict[str, np.ndarray], truth_all: Dict[str, np.ndarray]):
+  """(report rows, curves) of the ``oracle``: the true probabilities scored the same way, the ceiling."""
+  truth = align_truth(p["sample_id"], truth_all)
+  rows = {"oracle": score(p["label_click"], p["label_conversion"], truth["true_pctr"], truth["true_pcvr"], None,
+                          truth)}
+  curves = {"oracle": {"label_click": p["label_click"], "label_conversion": p["label_conversion"],
+                       "ctr": truth["true_pctr"], "cvr": truth["true_pcvr"],
+                       "ctcvr": truth["true_pctr"] * truth["true_pcvr"],
+                       "counterfactual_conversion": truth["counterfactual_conversion"]}}
+  return rows, curves
+
+
 def evaluate(models: List[Tuple[str, str]], transform_dir: str, ground_truth: Optional[str] = None,
              batch_size: int = 4096):
   """Scores each (name, model_dir) on the eval split.
 
   Returns (report, curves): ``report[name]`` the metrics (plus ``gate/<task>/expert_<i>``
-  for MMoE), ``curves[name]`` the aligned labels and predictions the charts of
-  ``model_fn.report`` are drawn from. With ``ground_truth`` an ``oracle`` row is added.
+  for gated networks), ``curves[name]`` the aligned labels and predictions the charts of
+  ``model_fn.report`` are drawn from. With ``ground_truth`` an ``oracle`` row is added; a
+  calibrated model also gets a ``<name>:uncalibrated`` row (its towers before calibration), so
+  the report shows its reliability before and after.
   """
   truth_all = read_ground_truth(ground_truth) if ground_truth else None
   report, curves = {}, {}
   for name, model_dir in models:
     p = predict(model_dir, transform_dir, batch_size)
-    truth = align_truth(p["sample_id"], truth_all) if truth_all else None
-    report[name] = score(p["label_click"], p["label_conversion"], p["ctr"], p["cvr"], p["ctcvr"], truth)
-    curves[name] = {k: p[k] for k in ("label_click", "label_conversion", "ctr", "cvr", "ctcvr")}
-    gates = gate_means(p)
-    if gates:
-      curves[name]["gates"] = gates
-      for task, weights in gates.items():
-        for e, w in enumerate(weights):
-          report[name][f"gate/{task}/expert_{e}"] = float(w)
-    if truth is not None:
-      curves[name]["counterfactual_conversion"] = truth["counterfactual_conversion"]
-    report[name]["model_dir"] = model_dir
+    rows, model_curves = report_rows(name, p, truth_all)
+    for row in rows.values():
+      row["model_dir"] = model_dir
+    report.update(rows)
+    curves.update(model_curves)
   if truth_all is not None:
-    # The ceiling: the true probabilities scored the same way.
-    report["oracle"] = score(p["label_click"], p["label_conversion"], truth["true_pctr"],
-                             truth["true_pcvr"], None, truth)
-    curves["oracle"] = {"label_click": p["label_click"], "label_conversion": p["label_conversion"],
-                        "ctr": truth["true_pctr"], "cvr": truth["true_pcvr"],
-                        "ctcvr": truth["true_pctr"] * truth["true_pcvr"],
-                        "counterfactual_conversion": truth["counterfactual_conversion"]}
+    rows, oracle_curves = oracle_rows(p, truth_all)
+    report.update(rows)
+    curves.update(oracle_curves)
   return report, curves
 
 

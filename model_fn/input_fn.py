@@ -40,8 +40,8 @@ class MissingLabelError(ValueError):
 def require_labels(tft_output: tft.TFTransformOutput, model: str, transform_dir: str = "") -> None:
   """Stops before any training when a label the model needs is not in the transform output.
 
-  Every model of the project trains on click and conversion (ESMM and MMoE on the CTCVR
-  label click AND conversion, BASE on conversion over clicks).
+  Every model of the project trains on click and conversion (on the CTCVR label click AND
+  conversion over all impressions, on conversion over clicked impressions, or both).
   """
   spec = tft_output.transformed_feature_spec()
   missing = [name for name in F.LABELS if name not in spec]
@@ -68,11 +68,32 @@ def split_rows(transform_dir: str, split: str) -> int:
   return int(_reconciliation(transform_dir)["splits"][split]["rows_written"])
 
 
+def base_rates(transform_dir: str) -> Optional[Dict[str, float]]:
+  """{"ctr": clicks / impressions, "cvr": conversions / clicks} of the train split, from the
+  label counts the preprocessing run recorded (None for an output without them). A half
+  pseudo-count keeps each rate strictly between 0 and 1."""
+  train = _reconciliation(transform_dir)["splits"]["train"]
+  positives = train.get("label_positives") or {}
+  if F.CLICK not in positives or F.CTCVR not in positives:
+    return None
+  rows, clicks, conversions = int(train["rows_written"]), positives[F.CLICK], positives[F.CTCVR]
+  return {"ctr": (clicks + 0.5) / (rows + 1.0), "cvr": (conversions + 0.5) / (clicks + 1.0)}
+
+
+def train_records(transform_dir: str, block_rows: int) -> int:
+  """Records of the training input: blocks when training reads blocks, else rows."""
+  train = _reconciliation(transform_dir)["splits"]["train"]
+  if block_rows:
+    return int(train.get("blocks", {}).get("blocks_written", 0))
+  return int(train["rows_written"])
+
+
 def split_files(transform_dir: str, split: str) -> str:
   return os.path.join(transform_dir, split, "part-*.tfrecord.gz")
 
 
 TRAIN_INPUTS = ("auto", "blocks", "examples")
+HOLDOUTS = ("all", "exclude", "only")
 
 
 def train_files(transform_dir: str, train_input: str = "auto") -> Tuple[str, int]:
@@ -98,7 +119,8 @@ def train_files(transform_dir: str, train_input: str = "auto") -> Tuple[str, int
 def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_size: int,
                   training: bool, num_epochs: Optional[int] = None, shuffle_buffer: int = 50_000,
                   seed: Optional[int] = None, labels_as_features: bool = False,
-                  fields: Optional[Sequence[str]] = None, block_rows: int = 0):
+                  fields: Optional[Sequence[str]] = None, block_rows: int = 0,
+                  holdout: str = "all", holdout_fraction: float = 0.05, start_at: int = 0):
   """An Estimator input_fn over gzip TFRecords of transformed tf.Examples, or (``block_rows`` > 0)
   of column blocks of up to ``block_rows`` rows each (train_files).
 
@@ -118,12 +140,28 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
   that many times ``block_rows`` rows, fewer where a block is short (the last of each of the
   job's RecordBatches). Reading and parsing a few blocks per batch costs about a quarter of the CPU of
   reading and parsing a thousand tf.Examples (benchmarks/train_step_profile.py).
+
+  ``holdout``: ``all`` reads every record; ``exclude`` leaves out the held-out slice (the records,
+  or blocks, whose hash falls in one of ``holdout_buckets(holdout_fraction)`` buckets) and ``only``
+  reads just that slice: the same records on every run, whatever the order or the seed.
+  ``start_at`` (training, ``num_epochs`` None): the stream of records starts that many records
+  in and wraps around, so that the seed that picks it changes which data come early and which
+  late in the run, not only the order within the shuffle buffer.
   """
+  if holdout not in HOLDOUTS:
+    raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
   spec = feature_spec(tft_output, fields)
   parse = block_parser(spec) if block_rows else (lambda serialized: tf.io.parse_example(serialized, spec))
 
+  def features_and_labels(serialized):
+    return _split(parse(serialized), labels_as_features)
+
   def input_fn(config=None):
     ds = _records(file_pattern, training, seed, config)
+    if holdout != "all":
+      ds = ds.filter(_holdout_filter(holdout_buckets(holdout_fraction), holdout == "only"))
+    if training and start_at > 0 and num_epochs is None:
+      ds = ds.repeat().skip(start_at)
     if block_rows:
       if training:
         ds = ds.shuffle(max(1, shuffle_buffer // block_rows), seed=seed, reshuffle_each_iteration=True)
@@ -138,11 +176,29 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
       ds = ds.rebatch(batch_size)
     else:
       ds = ds.batch(batch_size)
-    ds = ds.map(lambda x: _split(parse(x), labels_as_features),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(features_and_labels, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
   return input_fn
+
+
+def holdout_buckets(fraction: float) -> int:
+  """The hash buckets of a held-out slice of about ``fraction``: the slice is one of them."""
+  return max(2, round(1 / fraction))
+
+
+def holdout_share(fraction: float) -> float:
+  """The share of the records a held-out slice of about ``fraction`` holds (0 for none)."""
+  return 1.0 / holdout_buckets(fraction) if fraction > 0 else 0.0
+
+
+def _holdout_filter(buckets: int, in_holdout: bool):
+  """A tf.data predicate: whether a record's hash bucket (of ``buckets``) is 0 equals ``in_holdout``."""
+
+  def keep(record):
+    return tf.equal(tf.equal(tf.strings.to_hash_bucket_fast(record, buckets), 0), in_holdout)
+
+  return keep
 
 
 def _records(file_pattern: str, training: bool, seed: Optional[int], config) -> tf.data.Dataset:

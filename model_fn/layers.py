@@ -19,8 +19,11 @@ MIN_SHARD_BYTES = 64 << 10
 def embed_fields(features: Dict[str, tf.Tensor], schema: Sequence[F.Field],
                  hash_buckets: Dict[str, int], dim: int, scope: str,
                  init_stddev: float = P.DEFAULT_PARAMS["embedding_init_stddev"], partitions: int = 1,
-                 table_rows: Optional[Dict[str, int]] = None) -> Tuple[tf.Tensor, List[tf.Variable]]:
-  """One table per field; weighted sum pooling of every value of a field.
+                 table_rows: Optional[Dict[str, int]] = None,
+                 pooling: str = "sum") -> Tuple[tf.Tensor, List[tf.Variable]]:
+  """One table per field; the values of a field are pooled by ``pooling``: their weighted sum,
+  or that divided by the sum of the weights (``mean``) or by the root of the sum of their
+  squares (``sqrtn``); an unweighted field's weights are 1.
 
   Returns the concatenated pooled embeddings [batch, len(schema) * dim] and the tables'
   variables (every shard of a partitioned table). With ``partitions`` > 1 a table is split
@@ -49,13 +52,15 @@ def embed_fields(features: Dict[str, tf.Tensor], schema: Sequence[F.Field],
         ids = tf.SparseTensor(ids.indices, tf.math.floormod(ids.values, table_rows[field.name]),
                               ids.dense_shape)
       weights = features[field.weights] if field.weighted else None
-      pooled.append(_sum_pool(table, ids, weights, name=f"pool_{field.name}"))
+      pooled.append(_pool(table, ids, weights, pooling, name=f"pool_{field.name}"))
   return tf.concat(pooled, axis=1), tables
 
 
-def _sum_pool(table, ids: tf.SparseTensor, weights: Optional[tf.SparseTensor], name: str) -> tf.Tensor:
-  """Weighted sum of the rows of ``ids`` per example: [batch, dim]; an example without a valid
-  value (id >= 0, weight > 0) pools to zeros, as tf.nn.safe_embedding_lookup_sparse does.
+def _pool(table, ids: tf.SparseTensor, weights: Optional[tf.SparseTensor], pooling: str,
+          name: str) -> tf.Tensor:
+  """The rows of ``ids`` per example pooled by ``pooling`` (see embed_fields): [batch, dim]; an
+  example without a valid value (id >= 0, weight > 0) pools to zeros, as
+  tf.nn.safe_embedding_lookup_sparse does.
 
   Written as a gather of the batch's rows and a segment sum instead of calling
   safe_embedding_lookup_sparse: Grappler rewrites that one's gather + sparse segment sum into a
@@ -76,7 +81,16 @@ def _sum_pool(table, ids: tf.SparseTensor, weights: Optional[tf.SparseTensor], n
     emb = tf.gather(table, values)
     if w is not None:
       emb = emb * tf.expand_dims(w, 1)
-    return tf.math.unsorted_segment_sum(emb, rows, num_segments=ids.dense_shape[0])
+    batch = ids.dense_shape[0]
+    pooled = tf.math.unsorted_segment_sum(emb, rows, num_segments=batch)
+    if pooling == "sum":
+      return pooled
+    if w is None:
+      w = tf.ones_like(values, tf.float32)
+    norm = tf.math.unsorted_segment_sum(w if pooling == "mean" else tf.square(w), rows, num_segments=batch)
+    if pooling == "sqrtn":
+      norm = tf.sqrt(norm)
+    return tf.math.divide_no_nan(pooled, tf.expand_dims(norm, 1))
 
 
 def embedding_input(features: Dict[str, tf.Tensor], params, scope: str) -> tf.Tensor:
@@ -90,7 +104,8 @@ def embedding_input(features: Dict[str, tf.Tensor], params, scope: str) -> tf.Te
   schema = F.fields_for_buckets(params["format"], rows)
   pooled, tables = embed_fields(features, schema, params["hash_buckets"], params["embedding_dim"],
                                 scope, params["embedding_init_stddev"],
-                                max(1, int(params.get("embedding_partitions") or 1)), rows)
+                                max(1, int(params.get("embedding_partitions") or 1)), rows,
+                                params.get("pooling", "sum"))
   for t in tables:
     tf.compat.v1.add_to_collection(EMBEDDING_COLLECTION, t)
   return pooled
@@ -144,9 +159,9 @@ def matmul_dtype(params, training: bool) -> tf.DType:
 
 
 def dense(x: tf.Tensor, units: int, name: str, activation=None,
-          matmul_dtype: tf.DType = tf.float32) -> tf.Tensor:
+          matmul_dtype: tf.DType = tf.float32, bias_init: float = 0.0) -> tf.Tensor:
   """A fully connected layer with tf.compat.v1.layers.dense's variables (NAME/kernel, NAME/bias,
-  Glorot-uniform and zeros), float32 in every case.
+  Glorot-uniform and ``bias_init``, 0 by default), float32 in every case.
 
   ``matmul_dtype`` bfloat16 runs the matmul on bfloat16 copies of the input and the kernel and
   casts the product back (oneDNN accumulates in float32), so the variables, their gradients, the
@@ -160,7 +175,7 @@ def dense(x: tf.Tensor, units: int, name: str, activation=None,
     kernel = tf.compat.v1.get_variable("kernel", [x.shape[-1], units], tf.float32,
                                        initializer=tf.compat.v1.glorot_uniform_initializer())
     bias = tf.compat.v1.get_variable("bias", [units], tf.float32,
-                                     initializer=tf.compat.v1.zeros_initializer())
+                                     initializer=tf.compat.v1.constant_initializer(float(bias_init)))
     if matmul_dtype == tf.float32:
       y = tf.matmul(x, kernel)
     else:
@@ -170,11 +185,13 @@ def dense(x: tf.Tensor, units: int, name: str, activation=None,
 
 
 def mlp_logit(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
-              training: bool = False, matmul_dtype: tf.DType = tf.float32) -> tf.Tensor:
-  """ReLU MLP tower ending in one logit: [batch, n] -> [batch]."""
+              training: bool = False, matmul_dtype: tf.DType = tf.float32,
+              bias_init: float = 0.0) -> tf.Tensor:
+  """ReLU MLP tower ending in one logit: [batch, n] -> [batch]. The logit's bias starts at
+  ``bias_init`` (the logit of the task's base rate, so the first predictions are the base rate)."""
   with tf.compat.v1.variable_scope(name):
     x = _relu_layers(inputs, hidden_units, dropout, training, matmul_dtype)
-    logit = dense(x, 1, "logit", matmul_dtype=matmul_dtype)
+    logit = dense(x, 1, "logit", matmul_dtype=matmul_dtype, bias_init=bias_init)
   return tf.squeeze(logit, axis=1)
 
 
@@ -194,6 +211,14 @@ def mlp(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: floa
     return _relu_layers(inputs, hidden_units, dropout, training, matmul_dtype)
 
 
+def _mix(experts: tf.Tensor, gate_input: tf.Tensor, name: str,
+         matmul_dtype: tf.DType) -> Tuple[tf.Tensor, tf.Tensor]:
+  """A softmax gate (a linear layer of ``gate_input``) over ``experts`` [batch, E, d]: returns the
+  gated mixture [batch, d] and the gate weights [batch, E]."""
+  gate = tf.nn.softmax(dense(gate_input, experts.shape[1], name, matmul_dtype=matmul_dtype), axis=-1)
+  return tf.reduce_sum(experts * gate[:, :, None], axis=1), gate
+
+
 def mmoe(inputs: tf.Tensor, tasks: Sequence[str], num_experts: int, expert_units: Sequence[int],
          name: str = "mmoe", dropout: float = 0.0, training: bool = False,
          matmul_dtype: tf.DType = tf.float32) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
@@ -210,8 +235,41 @@ def mmoe(inputs: tf.Tensor, tasks: Sequence[str], num_experts: int, expert_units
                         for e in range(num_experts)], axis=1)          # [batch, E, d]
     mixed, gates = {}, {}
     for task in tasks:
-      logits = dense(inputs, num_experts, f"gate_{task}", matmul_dtype=matmul_dtype)
-      gate = tf.nn.softmax(logits, axis=-1)                             # [batch, E]
-      gates[task] = gate
-      mixed[task] = tf.reduce_sum(experts * gate[:, :, None], axis=1)
+      mixed[task], gates[task] = _mix(experts, inputs, f"gate_{task}", matmul_dtype)
   return mixed, gates
+
+
+def ple(inputs: tf.Tensor, tasks: Sequence[str], levels: int, task_experts: int, shared_experts: int,
+        expert_units: Sequence[int], name: str = "ple", dropout: float = 0.0, training: bool = False,
+        matmul_dtype: tf.DType = tf.float32) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+  """Progressive Layered Extraction (Tang et al., RecSys 2020); one level is CGC.
+
+  Each level has ``task_experts`` experts per task and ``shared_experts`` shared ones. A task's
+  gate (a linear layer of the task's input) mixes its own experts and the shared ones into the
+  task's output; below the last level a shared gate mixes every expert into the next level's
+  shared input. Level 1 reads ``inputs`` everywhere.
+
+  Returns ({task: [batch, expert_units[-1]]}, {task: last level's gate weights
+  [batch, task_experts + shared_experts], own experts first}).
+  """
+  if levels < 1 or task_experts < 1 or shared_experts < 0:
+    raise ValueError("PLE needs at least one level and one expert per task")
+  task_in = {t: inputs for t in tasks}
+  shared_in = inputs
+  gates: Dict[str, tf.Tensor] = {}
+  with tf.compat.v1.variable_scope(name):
+    for level in range(levels):
+      with tf.compat.v1.variable_scope(f"level_{level}"):
+        own = {t: [mlp(task_in[t], expert_units, f"expert_{t}_{e}", dropout, training, matmul_dtype)
+                   for e in range(task_experts)] for t in tasks}
+        shared = [mlp(shared_in, expert_units, f"expert_shared_{e}", dropout, training, matmul_dtype)
+                  for e in range(shared_experts)]
+        task_out = {}
+        for t in tasks:
+          task_out[t], gates[t] = _mix(tf.stack(own[t] + shared, axis=1), task_in[t], f"gate_{t}",
+                                       matmul_dtype)
+        if level < levels - 1:
+          everything = [x for t in tasks for x in own[t]] + shared
+          shared_in, _ = _mix(tf.stack(everything, axis=1), shared_in, "gate_shared", matmul_dtype)
+        task_in = task_out
+  return task_in, gates

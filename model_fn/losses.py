@@ -24,18 +24,6 @@ def ctcvr_logits(ctr_logits: tf.Tensor, cvr_logits: tf.Tensor) -> tf.Tensor:
   return log_p - log_1mp
 
 
-def division_cvr_logits(ctr_logits: tf.Tensor, ctcvr_logits: tf.Tensor,
-                        max_probability: float = 1.0 - 1e-6) -> tf.Tensor:
-  """The logit of pCVR = pCTCVR / pCTR, for models that predict CTCVR as a task of its own.
-
-  Computed in log space and clipped to ``max_probability`` (two separate networks do not
-  guarantee pCTCVR <= pCTR), so it is finite for every pair of logits.
-  """
-  log_p = tf.math.log_sigmoid(ctcvr_logits) - tf.math.log_sigmoid(ctr_logits)
-  log_p = tf.minimum(log_p, tf.math.log(tf.constant(max_probability, log_p.dtype)))
-  return log_p - tf.math.log(-tf.math.expm1(log_p))
-
-
 def sigmoid_log_loss(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
   """Per-example binary log loss of sigmoid(logits)."""
   return tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits)
@@ -50,3 +38,25 @@ def ctcvr_log_loss(labels: tf.Tensor, ctr_logits: tf.Tensor, cvr_logits: tf.Tens
 def masked_mean(values: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
   """Mean of ``values`` where ``mask`` is 1; 0 when the mask is empty."""
   return tf.math.divide_no_nan(tf.reduce_sum(values * mask), tf.reduce_sum(mask))
+
+
+def ips_risk(cvr_loss: tf.Tensor, click: tf.Tensor, propensity: tf.Tensor) -> tf.Tensor:
+  """ESCM2-IPS's counterfactual CVR risk: the clicked impressions' CVR loss weighted by
+  1 / propensity (pCTR), averaged over every impression of the batch; an unbiased estimate of
+  the CVR loss over the entire space when the propensities are right."""
+  return tf.reduce_mean(click * cvr_loss / propensity)
+
+
+def dr_risk(cvr_loss: tf.Tensor, imputed_loss: tf.Tensor, click: tf.Tensor,
+            propensity: tf.Tensor) -> tf.Tensor:
+  """ESCM2-DR's doubly robust CVR risk (the DR-JL estimator of Wang et al., ICML 2019): for
+  every impression the imputed error, the CVR loss against the imputed label; on clicked
+  impressions the IPS-weighted difference between the real error and the imputed one."""
+  return tf.reduce_mean(imputed_loss + click * (cvr_loss - imputed_loss) / propensity)
+
+
+def imputation_loss(cvr_loss: tf.Tensor, imputed_loss: tf.Tensor, click: tf.Tensor,
+                    propensity: tf.Tensor) -> tf.Tensor:
+  """The imputation model's loss: the squared difference between the real and the imputed error
+  on clicked impressions, IPS-weighted, averaged over every impression of the batch."""
+  return tf.reduce_mean(click * tf.square(cvr_loss - imputed_loss) / propensity)

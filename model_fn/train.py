@@ -1,11 +1,12 @@
 """Training entry point: tf.estimator.train_and_evaluate on a preprocessing output.
 
   python -m model_fn.train --transform_dir=PREPROCESSED --model_dir=MODEL \
-      [--model=esmm|esmm_ns|base|mmoe|mmoe_esmm]
+      [--model=esmm|esmm_ns|base|escm2_ips|escm2_dr|shared_bottom|mmoe|cgc|ple]
 
---model picks the network (model_fn/params.py): esmm (the paper's), esmm_ns (no shared
-embeddings), base (CVR trained on clicked impressions only), mmoe (experts and gates,
-tasks CTR and CTCVR) or mmoe_esmm (MMoE's bottom with ESMM's pCTR x pCVR head).
+--model picks the network and its objective (model_fn/params.py): esmm (the paper's), esmm_ns
+(no shared embeddings), base (CVR trained on clicked impressions only), escm2_ips / escm2_dr
+(ESMM with a counterfactual CVR risk), or a multi-task network (shared_bottom, mmoe, cgc, ple)
+whose CVR task trains on clicked impressions.
 The input format and the table sizes are read from the preprocessing output; a model
 that needs the conversion label stops before training when the output has none.
 
@@ -27,61 +28,107 @@ from absl import app, flags
 
 from model_fn import estimator as E
 from model_fn import input_fn as I
-from model_fn.params import DEFAULT_PARAMS, EMBEDDING_LEARNING_RATES, MATMUL_DTYPES, MODELS
+from model_fn import calibration as C
+from model_fn.params import (COUNTERFACTUAL_RISKS, DEFAULT_PARAMS, EMBEDDING_LEARNING_RATES, EMBEDDING_UPDATES,
+                             LEARNING_RATE_SCHEDULES, MATMUL_DTYPES, MODELS, OUTPUT_BIAS_INITS, POOLINGS,
+                             RUNTIME_PARAMS)
 from preprocessing import transform as T
 
 FLAGS = flags.FLAGS
 
 
+D = DEFAULT_PARAMS
+
+
+def _units(values) -> list:
+  return [str(u) for u in values]
+
+
 def define_flags():
-  """The command-line flags (only when run as a program, so the module imports as a library)."""
+  """The command-line flags (only when run as a program, so the module imports as a library).
+  Defaults come from model_fn.params.DEFAULT_PARAMS; a None there (the model's own value, see
+  MODEL_SPECS) is an empty flag here."""
   flags.DEFINE_string("transform_dir", None, "Output dir of pipeline.preprocess.")
   flags.DEFINE_string("model_dir", None, "Checkpoints, eval summaries and exports go here.")
-  flags.DEFINE_enum("model", "esmm", list(MODELS),
+  flags.DEFINE_enum("model", D["model"], list(MODELS),
                     "esmm (the paper's), esmm_ns (no shared embeddings), base (CVR on clicks only), "
-                    "mmoe (experts + gates; CTR and CTCVR tasks) or mmoe_esmm (MMoE with ESMM's head).")
+                    "escm2_ips / escm2_dr (ESMM + counterfactual CVR risk), shared_bottom, mmoe, cgc, ple "
+                    "(multi-task networks, CVR on clicks); see model_fn/params.py.")
   flags.DEFINE_string("share_embeddings", "default",
                       "true|false|default (false for esmm_ns and base, true otherwise).")
   flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
   flags.DEFINE_float("num_epochs", 1.0, "Passes over the train split (ignored if --train_steps > 0).")
   flags.DEFINE_integer("train_steps", 0, "Total training steps (0: derived from --num_epochs).")
   flags.DEFINE_integer("eval_steps", 0, "Eval batches (0: the whole eval split).")
-  flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate of the dense layers.")
-  flags.DEFINE_float("embedding_learning_rate", None, "Learning rate of the embedding optimizer "
-                     f"(default: the optimizer's own, {EMBEDDING_LEARNING_RATES}).")
-  flags.DEFINE_enum("embedding_optimizer", DEFAULT_PARAMS["embedding_optimizer"],
-                    sorted(EMBEDDING_LEARNING_RATES),
+  flags.DEFINE_float("learning_rate", D["learning_rate"], "Adam learning rate of the dense layers.")
+  flags.DEFINE_enum("learning_rate_schedule", D["learning_rate_schedule"], list(LEARNING_RATE_SCHEDULES),
+                    "constant, or warmup_linear_decay: a linear rise over --warmup_steps, then a linear "
+                    "fall to 0 at the last step (both learning rates).")
+  flags.DEFINE_integer("warmup_steps", D["warmup_steps"], "Warm-up steps of warmup_linear_decay.")
+  flags.DEFINE_enum("output_bias_init", D["output_bias_init"], list(OUTPUT_BIAS_INITS),
+                    "base_rate: each tower's output bias starts at the logit of its base rate in the train "
+                    "split (pCTR the click rate, pCVR the conversion rate on clicks); zero: at 0.")
+  flags.DEFINE_float("dense_ema_decay", D["dense_ema_decay"], "Evaluate and serve an exponential moving "
+                     "average of the dense layers' weights with this decay (0: the weights themselves).")
+  flags.DEFINE_float("embedding_learning_rate", D["embedding_learning_rate"], "Learning rate of the "
+                     f"embedding optimizer (default: the optimizer's own, {EMBEDDING_LEARNING_RATES}).")
+  flags.DEFINE_enum("embedding_optimizer", D["embedding_optimizer"], sorted(EMBEDDING_LEARNING_RATES),
                     "Optimizer of the embedding tables: lazy_adam (Adam on the batch's rows only), "
-                    "adagrad (the default before 2026-12-05; updates only the batch's rows too), adam "
-                    "(decays every row's moments every step: slow on large tables), ftrl, sgd.")
-  flags.DEFINE_integer("embedding_dim", 18, "Embedding size per field.")
-  flags.DEFINE_float("embedding_init_stddev", DEFAULT_PARAMS["embedding_init_stddev"],
-                     "Standard deviation of the embedding tables' truncated-normal initialiser "
-                     "(0.05 was the default before 2026-12-05, with adagrad).")
-  flags.DEFINE_list("fields", None, "Fields to embed (default: every field of the transform "
+                    "adagrad (updates only the batch's rows too), adam (decays every row's moments "
+                    "every step: slow on large tables), ftrl, sgd.")
+  flags.DEFINE_enum("embedding_update", D["embedding_update"], list(EMBEDDING_UPDATES),
+                    "joint: one table optimizer for the whole objective; per_loss: one per loss term, "
+                    "so each task's steps on shared tables are scaled by its own gradients.")
+  flags.DEFINE_integer("embedding_dim", D["embedding_dim"], "Embedding size per field.")
+  flags.DEFINE_float("embedding_init_stddev", D["embedding_init_stddev"],
+                     "Standard deviation of the embedding tables' truncated-normal initialiser.")
+  flags.DEFINE_enum("pooling", D["pooling"], list(POOLINGS), "How a field's values (and weights) are "
+                    "pooled: weighted sum, weighted mean, or sum over the root of the summed squared weights.")
+  flags.DEFINE_list("fields", D["fields"], "Fields to embed (default: every field of the transform "
                     "output), e.g. 101,205,206 to train on a subset without preprocessing again.")
-  flags.DEFINE_integer("table_rows", 0, "Rows per embedding table (0: each field's hash bucket "
-                       "count); fewer rows fold the hashed ids modulo this number.")
-  flags.DEFINE_list("ctr_hidden_units", ["360", "200", "80"], "CTR tower layer sizes.")
-  flags.DEFINE_list("cvr_hidden_units", ["360", "200", "80"], "CVR tower layer sizes.")
-  flags.DEFINE_integer("num_experts", 8, "MMoE: number of experts.")
-  flags.DEFINE_list("expert_hidden_units", ["256", "128"], "MMoE: layer sizes of each expert.")
-  flags.DEFINE_list("tower_hidden_units", ["128", "64"], "MMoE: layer sizes of each task tower.")
-  flags.DEFINE_float("dropout", 0.0, "Dropout rate in the towers (and experts).")
-  flags.DEFINE_boolean("uncertainty_weighting", False,
+  flags.DEFINE_integer("table_rows", D["table_rows"], "Rows per embedding table (0: each field's hash "
+                       "bucket count); fewer rows fold the hashed ids modulo this number.")
+  flags.DEFINE_list("ctr_hidden_units", _units(D["ctr_hidden_units"]), "CTR tower layer sizes (two-tower models).")
+  flags.DEFINE_list("cvr_hidden_units", _units(D["cvr_hidden_units"]), "CVR tower layer sizes (two-tower models).")
+  flags.DEFINE_integer("num_experts", D["num_experts"], "mmoe: number of experts.")
+  flags.DEFINE_integer("num_task_experts", D["num_task_experts"], "cgc/ple: experts per task and level.")
+  flags.DEFINE_integer("num_shared_experts", D["num_shared_experts"], "cgc/ple: shared experts per level.")
+  flags.DEFINE_integer("ple_levels", D["ple_levels"], "ple: levels (default 2; cgc is 1).")
+  flags.DEFINE_list("expert_hidden_units", _units(D["expert_hidden_units"]),
+                    "Multi-task networks: layer sizes of each expert (and of Shared-Bottom's bottom).")
+  flags.DEFINE_list("tower_hidden_units", _units(D["tower_hidden_units"]),
+                    "Multi-task networks: layer sizes of each task tower.")
+  flags.DEFINE_float("dropout", D["dropout"], "Dropout rate in the towers (and experts).")
+  flags.DEFINE_boolean("uncertainty_weighting", D["uncertainty_weighting"],
                        "Weight the task losses by learned task uncertainty (Kendall et al. 2018).")
-  flags.DEFINE_float("ctr_loss_weight", 1.0, "Weight of the CTR log loss.")
-  flags.DEFINE_float("ctcvr_loss_weight", 1.0, "Weight of the CTCVR log loss (esmm).")
-  flags.DEFINE_float("cvr_loss_weight", 1.0, "Weight of the clicked-only CVR log loss (base).")
-  flags.DEFINE_enum("train_matmul_dtype", "auto", list(MATMUL_DTYPES), "Dtype the dense layers "
-                    "compute in while training; bfloat16 is mixed precision (float32 variables and "
-                    "optimizer), fast on CPUs with AMX-BF16 or AVX512_BF16 and on GPUs of compute "
-                    "capability 8.0+; auto: bfloat16 where this machine has it natively, else "
-                    "float32. Eval and export use float32.")
+  flags.DEFINE_float("ctr_loss_weight", D["ctr_loss_weight"], "Weight of the CTR log loss.")
+  flags.DEFINE_float("ctcvr_loss_weight", D["ctcvr_loss_weight"],
+                     "Weight of the CTCVR log loss over all impressions (default: the model's).")
+  flags.DEFINE_float("cvr_loss_weight", D["cvr_loss_weight"],
+                     "Weight of the CVR log loss over clicked impressions (default: the model's).")
+  flags.DEFINE_enum("counterfactual", D["counterfactual"], [r for r in COUNTERFACTUAL_RISKS if r],
+                    "Add ESCM2's counterfactual CVR risk, ips or dr (default: the model's; escm2_*).")
+  flags.DEFINE_float("counterfactual_loss_weight", D["counterfactual_loss_weight"],
+                     "Weight of the counterfactual CVR risk.")
+  flags.DEFINE_float("propensity_floor", D["propensity_floor"],
+                     "The smallest pCTR an IPS weight divides by.")
+  flags.DEFINE_enum("calibration", C.DEFAULT_METHOD, list(C.METHODS),
+                    "Calibration of pCTR and pCVR built into the evaluation and the SavedModel "
+                    "(model_fn/calibration.py): bias refits each output bias on the train split after "
+                    "training; platt and isotonic are fitted on a held-out slice of it; none keeps the "
+                    "towers' own values.")
+  flags.DEFINE_float("calibration_holdout", None, "Share of the train split held out (not trained on) "
+                     f"to fit --calibration on; 0: the whole train split after training (default: "
+                     f"{C.DEFAULT_HOLDOUT}).")
+  flags.DEFINE_enum("train_matmul_dtype", RUNTIME_PARAMS["train_matmul_dtype"], list(MATMUL_DTYPES),
+                    "Dtype the dense layers compute in while training; bfloat16 is mixed precision "
+                    "(float32 variables and optimizer), fast on CPUs with AMX-BF16 or AVX512_BF16 and "
+                    "on GPUs of compute capability 8.0+; auto: bfloat16 where this machine has it "
+                    "natively, else float32. Eval and export use float32.")
   flags.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps.")
-  flags.DEFINE_integer("seed", 42, "Graph-level random seed.")
-  flags.DEFINE_integer("embedding_partitions", 0, "Shards per large embedding table (0: one per "
-                       "parameter server in TF_CONFIG, 1 on one machine).")
+  flags.DEFINE_integer("seed", 42, "Graph-level random seed; also the order of the training data.")
+  flags.DEFINE_integer("embedding_partitions", RUNTIME_PARAMS["embedding_partitions"], "Shards per large "
+                       "embedding table (0: one per parameter server in TF_CONFIG, 1 on one machine).")
   flags.DEFINE_integer("eval_throttle_secs", 30, "On a cluster: the evaluator's shortest interval "
                        "between two evaluations.")
   flags.DEFINE_boolean("export", True, "Export a SavedModel at the end.")
@@ -90,32 +137,29 @@ def define_flags():
                     "the preprocessing run wrote them (auto).")
 
 
+# Flags that are model params under the same name.
+PARAM_FLAGS = ("model", "embedding_dim", "embedding_update", "embedding_init_stddev", "pooling", "fields",
+               "table_rows", "num_experts", "num_task_experts", "num_shared_experts", "ple_levels",
+               "uncertainty_weighting", "dropout", "learning_rate", "learning_rate_schedule", "warmup_steps",
+               "dense_ema_decay", "output_bias_init", "embedding_optimizer", "embedding_learning_rate",
+               "ctr_loss_weight", "ctcvr_loss_weight", "cvr_loss_weight", "counterfactual",
+               "counterfactual_loss_weight", "propensity_floor", "train_matmul_dtype", "embedding_partitions")
+UNIT_FLAGS = ("ctr_hidden_units", "cvr_hidden_units", "expert_hidden_units", "tower_hidden_units")
+
+
 def params_from_flags(tft_output, fmt: str) -> Dict[str, Any]:
   share_flag = FLAGS.share_embeddings.lower()
   if share_flag not in ("default", "true", "false"):
     raise ValueError(f"--share_embeddings must be true, false or default, not {FLAGS.share_embeddings!r}")
-  share = {"default": None, "true": True, "false": False}[share_flag]
-  units = lambda values: [int(u) for u in values]
-  return {
-      "model": FLAGS.model, "format": fmt,
-      "hash_buckets": T.transformed_hash_buckets(tft_output),
-      "embedding_dim": FLAGS.embedding_dim, "embedding_init_stddev": FLAGS.embedding_init_stddev,
-      "fields": FLAGS.fields, "table_rows": FLAGS.table_rows,
-      "ctr_hidden_units": units(FLAGS.ctr_hidden_units),
-      "cvr_hidden_units": units(FLAGS.cvr_hidden_units),
-      "num_experts": FLAGS.num_experts,
-      "expert_hidden_units": units(FLAGS.expert_hidden_units),
-      "tower_hidden_units": units(FLAGS.tower_hidden_units),
-      "uncertainty_weighting": FLAGS.uncertainty_weighting,
-      "dropout": FLAGS.dropout, "share_embeddings": share,
-      "learning_rate": FLAGS.learning_rate,
-      "embedding_optimizer": FLAGS.embedding_optimizer,
-      "embedding_learning_rate": FLAGS.embedding_learning_rate,
-      "ctr_loss_weight": FLAGS.ctr_loss_weight, "ctcvr_loss_weight": FLAGS.ctcvr_loss_weight,
-      "cvr_loss_weight": FLAGS.cvr_loss_weight,
-      "train_matmul_dtype": FLAGS.train_matmul_dtype,
-      "embedding_partitions": FLAGS.embedding_partitions,
-  }
+  params = {name: FLAGS[name].value for name in PARAM_FLAGS}
+  for name in UNIT_FLAGS:
+    try:
+      params[name] = [int(u) for u in FLAGS[name].value]
+    except ValueError:
+      raise ValueError(f"--{name} must be a comma-separated list of integers, got {FLAGS[name].value}") from None
+  params.update({"format": fmt, "hash_buckets": T.transformed_hash_buckets(tft_output),
+                 "share_embeddings": {"default": None, "true": True, "false": False}[share_flag]})
+  return params
 
 
 def main(argv):
@@ -129,7 +173,8 @@ def main(argv):
     out = E.train_and_evaluate(FLAGS.transform_dir, FLAGS.model_dir, params, FLAGS.batch_size,
                              FLAGS.num_epochs, FLAGS.train_steps, FLAGS.eval_steps, FLAGS.seed,
                              FLAGS.save_checkpoints_steps, FLAGS.export,
-                             eval_throttle_secs=FLAGS.eval_throttle_secs, train_input=FLAGS.train_input)
+                             eval_throttle_secs=FLAGS.eval_throttle_secs, train_input=FLAGS.train_input,
+                             calibration=FLAGS.calibration, calibration_holdout=FLAGS.calibration_holdout)
   except (I.IncompleteTransformOutput, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -68,6 +68,11 @@ def define_flags():
   flags.DEFINE_string("work_dir", None, "Runs, models and the reference transform live here.")
   flags.DEFINE_string("serving_root", None, "TF Serving's model base dir (models.config goes here).")
   flags.DEFINE_string("model", "esmm", "Model to train (model_fn.params.MODELS).")
+  flags.DEFINE_string("params_file", None, "A JSON object of model params (model_fn.params.DEFAULT_PARAMS "
+                      "keys, e.g. a tuned model's params.json without hash_buckets) that the day's model "
+                      "trains with.")
+  flags.DEFINE_string("calibration", "bias", "Calibration built into the published model: bias, platt, "
+                      "isotonic or none (model_fn.train --calibration).")
   flags.DEFINE_string("model_name", None, "Name under which TF Serving serves it (default: --model).")
   flags.DEFINE_integer("window_days", 7, "Rolling window of impression days.")
   flags.DEFINE_integer("attribution_days", 7, "A conversion counts up to this many days after the impression day.")
@@ -343,11 +348,30 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
         max_hash_buckets: int = 1 << 17, ground_truth_dir: Optional[str] = None, seed: int = 42,
         beam_args: Sequence[str] = (), holdout_percent: int = 20, warm_epochs: float = 0.0,
         warm_start: bool = True, partitions: int = 0, parallel_partitions: int = 1,
-        train_examples: bool = True) -> Dict:
-  """One day's run (see the module doc). Returns the run's result (also RUN/result.json)."""
+        train_examples: bool = True, model_params: Optional[Dict] = None,
+        calibration: str = "bias") -> Dict:
+  """One day's run (see the module doc). Returns the run's result (also RUN/result.json).
+  ``model_params``: params the model trains with besides ``model`` (checked before any work)."""
+  from model_fn import calibration as C
   from model_fn import estimator as E
   from model_fn import evaluation
   from model_fn import input_fn as I
+  from model_fn.params import resolve_params
+  model_params = dict(model_params or {})
+  if model_params.get("model", model) != model:
+    # Its loss weights and network sizes are that model's (params.json holds them resolved).
+    raise UsageError(f"--params_file holds the params of model {model_params['model']!r}, not of "
+                     f"--model={model}; give the same model, or a file without 'model'")
+  # What the day's data decide (schema, base rates) comes from the day's transform output.
+  model_params = {k: v for k, v in model_params.items()
+                  if k not in ("model", "hash_buckets", "format", "base_rates", "train_holdout")}
+  try:
+    fields = model_params.get("fields") or []
+    resolve_params({"model": model, "hash_buckets": {f: 1 for f in list(fields) or ["_"]}, **model_params})
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"--model / --params_file: {e}") from None
+  if calibration not in C.METHODS:
+    raise UsageError(f"--calibration must be one of {C.METHODS}, got {calibration!r}")
   model_name = model_name or model
   run_dir = os.path.join(work_dir, "runs", date)
   done = _done(os.path.join(run_dir, RESULT))
@@ -376,9 +400,9 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
   epochs = epochs_for_run(num_epochs, warm_epochs, bool(warm), len(p["train_days"]))
   trained = _done(os.path.join(model_dir, "train_result.json"))
   if not trained or not tf.io.gfile.exists(trained.get("saved_model", "")):
-    trained = E.train_and_evaluate(transform_dir, model_dir, {"model": model, "hash_buckets": buckets},
-                                   batch_size, num_epochs=epochs, seed=seed,
-                                   warm_start_from=warm)
+    params = {**model_params, "model": model, "hash_buckets": buckets}
+    trained = E.train_and_evaluate(transform_dir, model_dir, params, batch_size, num_epochs=epochs, seed=seed,
+                                   warm_start_from=warm, calibration=calibration)
   to_score = [("candidate", model_dir)] + ([("served", served_dir)] if served_dir else [])
   report, _ = evaluation.evaluate(to_score, transform_dir)
   candidate = {k: v for k, v in report["candidate"].items() if isinstance(v, float)}
@@ -437,12 +461,21 @@ def main(argv):
     for name in ("date", "logs_dir", "work_dir", "serving_root"):
       if not FLAGS[name].value:
         raise UsageError(f"--{name} is required")
+    model_params = {}
+    if FLAGS.params_file:
+      try:
+        with tf.io.gfile.GFile(FLAGS.params_file) as f:
+          model_params = json.load(f)
+      except (OSError, tf.errors.OpError, json.JSONDecodeError) as e:
+        raise UsageError(f"--params_file {FLAGS.params_file}: {e}") from None
+      if not isinstance(model_params, dict):
+        raise UsageError(f"--params_file {FLAGS.params_file} must hold a JSON object of model params")
     r = run(FLAGS.date, FLAGS.logs_dir, FLAGS.work_dir, FLAGS.serving_root, FLAGS.model, FLAGS.model_name,
             FLAGS.window_days, FLAGS.attribution_days, FLAGS.maturity_days, FLAGS.label_strategy,
             FLAGS.gate_metrics, FLAGS.max_metric_drop, FLAGS.keep_versions, FLAGS.num_epochs,
             FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args,
             FLAGS.holdout_percent, FLAGS.warm_epochs, FLAGS.warm_start, FLAGS.partitions,
-            FLAGS.parallel_partitions, FLAGS.train_examples)
+            FLAGS.parallel_partitions, FLAGS.train_examples, model_params, FLAGS.calibration)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -306,6 +306,11 @@ def _write_tfrecords(directory: str, num_shards: int, infix: str = "") -> beam.P
                                  compression_type=beam.io.filesystem.CompressionTypes.GZIP)
 
 
+def label_positives(counters: Dict[str, int], ns: str, labels) -> Dict[str, int]:
+  """Positive labels among a split's written rows, by label: its base rates with rows_written."""
+  return {label: int(counters.get(ns + F.LABEL_POSITIVES_PREFIX + label, 0)) for label in labels}
+
+
 def reconcile_blocks(counters: Dict[str, int], ns: str, rows_written: int, block_rows: int) -> dict:
   """The train blocks' counts; balanced when they hold exactly the rows written as tf.Examples."""
   rows = int(counters.get(ns + "rows_written_in_blocks", 0))
@@ -569,6 +574,8 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     rec = {split: avazu.reconcile(counters, split, len(inputs.files[split])) for split, _ in SPLITS}
   else:
     rec = {split: aliccp.reconcile(counters, split) for split, _ in SPLITS}
+  for split, r in rec.items():
+    r["label_positives"] = label_positives(counters, f"{fmt}/{split}/", F.transformed_labels(labels))
   if train_block_rows:
     rec["train"]["blocks"] = reconcile_blocks(counters, f"{fmt}/train/", rec["train"]["rows_written"],
                                               train_block_rows)

@@ -37,6 +37,8 @@ DAY = "day"
 # The run marker pipeline.preprocess writes last (row counts per split, format, labels);
 # the trainer refuses a directory without it.
 RECONCILIATION = "reconciliation.json"
+# Counter-name prefix of the positive labels a split wrote (label_positives/click, ...).
+LABEL_POSITIVES_PREFIX = "label_positives/"
 # The train split again as column blocks (preprocessing.transform.EncodeBlocks), under the output dir.
 BLOCKS_DIR = "train_blocks"
 # A column's row lengths in a block.

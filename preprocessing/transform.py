@@ -205,6 +205,7 @@ class EncodeRecordBatches(beam.DoFn):
 
   def __init__(self, namespace: str):
     self._written = beam.metrics.Metrics.counter(namespace, "rows_written")
+    self._positives = LabelPositives(namespace)
     self._encoder = None
 
   def setup(self):
@@ -214,7 +215,26 @@ class EncodeRecordBatches(beam.DoFn):
     record_batch, _ = element
     examples = self._encoder.encode(record_batch)
     self._written.inc(len(examples))
+    self._positives.count(record_batch)
     yield from examples
+
+
+class LabelPositives:
+  """Counts the positive labels of the rows a split writes, as counters
+  ``<F.LABEL_POSITIVES_PREFIX><label>`` in ``namespace``: the base rates the trainer starts its
+  output biases at (reconciliation.json, ``splits.<split>.label_positives``)."""
+
+  def __init__(self, namespace: str):
+    self._counters = {label: beam.metrics.Metrics.counter(namespace, F.LABEL_POSITIVES_PREFIX + label)
+                      for label in F.LABELS}
+
+  def count(self, record_batch: pa.RecordBatch) -> None:
+    for label, counter in self._counters.items():
+      index = record_batch.schema.get_field_index(label)
+      if index >= 0:
+        column = record_batch.column(index)
+        values = column.flatten() if pa.types.is_list(column.type) or pa.types.is_large_list(column.type) else column
+        counter.inc(int(pc.sum(values).as_py() or 0))
 
 
 class EncodeBlocks(beam.DoFn):
@@ -242,6 +262,7 @@ class EncodeBlocks(beam.DoFn):
     self._rows = beam.metrics.Metrics.counter(namespace, "rows_written_in_blocks")
     self._blocks = beam.metrics.Metrics.counter(namespace, "blocks_written")
     self._written = beam.metrics.Metrics.counter(namespace, "rows_written") if count_rows_written else None
+    self._positives = LabelPositives(namespace) if count_rows_written else None
     self._encoder = None
 
   def setup(self):
@@ -269,6 +290,7 @@ class EncodeBlocks(beam.DoFn):
     self._rows.inc(n)
     if self._written is not None:
       self._written.inc(n)
+      self._positives.count(record_batch)
     self._blocks.inc(len(blocks))
     yield from blocks
 

@@ -363,7 +363,14 @@ def test_every_row_is_written_or_set_aside_with_its_reason(conv_run):
   assert train["files"] == 2 and train["header_lines"] == 2
   assert train["rows_read"] == 3000 + 16 and train["rows_written"] == 3000
   assert train["rows_set_aside"] == injected and train["rows_unaccounted_by_hop"] == {}
-  assert rec["eval"] == {"files": 1, "header_lines": 1, "rows_read": 1000, "rows_written": 1000,
+  # The positive labels written, counted from the raw test file (the trainer's base rates).
+  with open(os.path.join(conv_run["raw"], "test.csv")) as f:
+    header = f.readline().rstrip("\n").split(",")
+    rows = [dict(zip(header, line.rstrip("\n").split(","))) for line in f]
+  clicks, conversions = sum(int(r["click"]) for r in rows), sum(int(r["conversion"]) for r in rows)
+  assert rec["eval"]["label_positives"] == {"click": clicks, "conversion": conversions, "ctcvr": conversions}
+  assert {k: v for k, v in rec["eval"].items() if k != "label_positives"} == {
+                         "files": 1, "header_lines": 1, "rows_read": 1000, "rows_written": 1000,
                          "rows_set_aside": {}, "balanced": True,
                          "rows_by_stage": {"read": 1000, "after_dedup": 1000, "into_transform": 1000,
                                            "written": 1000},
@@ -496,15 +503,16 @@ def test_esmm_trains_on_avazu_output_and_serves_raw_examples(conv_run, tmp_path)
   out = conv_run["out"]
   buckets = T.transformed_hash_buckets(conv_run["tft_output"])
   assert {"hour_of_day", "app_id_x_device_id", "site_id_x_device_id"} <= set(buckets)
-  params = {"model": "mmoe_esmm", "format": "avazu", "hash_buckets": buckets, "embedding_dim": 4,
-            "num_experts": 2, "expert_hidden_units": [8], "tower_hidden_units": [4]}
+  params = {"model": "ple", "format": "avazu", "hash_buckets": buckets, "embedding_dim": 4,
+            "num_task_experts": 1, "num_shared_experts": 1, "expert_hidden_units": [8],
+            "tower_hidden_units": [4]}
   model_dir = str(tmp_path / "model")
   result = E.train_and_evaluate(out, model_dir, params, batch_size=128, train_steps=20,
                                 save_checkpoints_steps=20)
   assert np.isfinite(result["metrics"]["auc/ctr"])
-  report, curves = evaluation.evaluate([("mmoe_esmm", model_dir)], out,
+  report, curves = evaluation.evaluate([("ple", model_dir)], out,
                                        os.path.join(conv_run["raw"], "ground_truth_test.csv"))
-  assert report["mmoe_esmm"]["examples"] == conv_run["rec"]["eval"]["rows_written"]
+  assert report["ple"]["examples"] == conv_run["rec"]["eval"]["rows_written"]
   assert 0.5 < report["oracle"]["auc/cvr_all_vs_truth"] <= 1
   p = evaluation.predict(model_dir, out)
   rows = _csv_rows(conv_run["raw"], ["test.csv"])

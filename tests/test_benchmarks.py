@@ -211,3 +211,30 @@ def test_onednn_checks_tells_bfloat16_arithmetic_from_float32_by_its_error():
   assert set(errors) == {"float32 MatMul", "float32 MatMul + BiasAdd + ReLU", "bfloat16 MatMul (explicit casts)"}
   assert errors["float32 MatMul"] < 1e-5 and errors["float32 MatMul + BiasAdd + ReLU"] < 1e-5
   assert errors["bfloat16 MatMul (explicit casts)"] > 100 * errors["float32 MatMul"]
+
+
+def test_model_comparison_pairs_each_model_with_the_reference_seed_by_seed():
+  """compare_models.py: mean ± std per model, and each model's paired difference to the
+  reference with a 95% t-interval (the t quantile of 4 degrees of freedom is 2.776)."""
+  import numpy as np
+  import compare_models as CM
+  base = [0.60, 0.61, 0.62, 0.63, 0.64]
+  gain = [0.010, 0.012, 0.008, 0.011, 0.009]
+  metrics = lambda v: {k: v for _, k, _ in CM.METRICS}
+  runs = ([{"model": "base", "seed": s, "metrics": metrics(v)} for s, v in enumerate(base, 1)]
+          + [{"model": "esmm", "seed": s, "metrics": metrics(v + g)} for s, (v, g) in enumerate(zip(base, gain), 1)]
+          + [{"model": "oracle", "seed": 0, "metrics": metrics(0.9)}])
+  summary = CM._summary(runs, "base")
+  key = "auc/cvr_all_vs_truth"
+  assert summary["base"][key]["mean"] == pytest.approx(0.62) and "paired_difference" not in summary["base"][key]
+  d = summary["esmm"][key]["paired_difference"]
+  half = 2.7764451 * np.std(gain, ddof=1) / np.sqrt(5)
+  assert d["mean"] == pytest.approx(0.01) and d["n"] == 5
+  assert (d["low"], d["high"]) == (pytest.approx(0.01 - half), pytest.approx(0.01 + half))
+  # Unpaired, the spread of the seeds would hide the gain; paired, the interval is above 0.
+  assert summary["esmm"][key]["std"] > 0.015 and d["low"] > 0
+  assert "paired_difference" not in summary["oracle"][key]
+  meta = {"command": "c", "machine": "m", "data": "d", "seconds": 1.0, "embedding": "e", "calibration": "bias",
+          "seeds": ["1", "2", "3", "4", "5"]}
+  text = CM._markdown(summary, meta, "base")
+  assert "| ESMM | +1.00 [+0." in text and "Paired differences against BASE" in text

@@ -254,3 +254,35 @@ def test_a_changed_transform_stops_the_run(sim, tmp_path):
   assert len(probes) == 32 and all(isinstance(p, bytes) for p in probes)
   same = daily._transform(os.path.join(sim["work"], "runs", date, "transformed"), probes)
   assert all(np.asarray(v).shape[0] == 32 for v in same.values())
+
+
+def test_a_day_retrains_any_model_with_its_params(sim, tmp_path):
+  """pipeline.daily trains the model and params it is given (e.g. a tuned model's params.json),
+  calibrated as asked (here not at all; by default the output biases are refitted), and serves
+  it under the model's name."""
+  work, serving = str(tmp_path / "work"), str(tmp_path / "serving")
+  params = {"num_task_experts": 1, "num_shared_experts": 1, "expert_hidden_units": [8], "tower_hidden_units": [4],
+            "embedding_dim": 4, "hash_buckets": {"ignored": 1}}
+  r = daily.run(DAYS[3], sim["logs"], work, serving, model="ple", model_params=params, calibration="none",
+                **SETTINGS)
+  assert r["published"] and publish.versions(os.path.join(serving, "ple")) == [int(DAYS[3])]
+  trained = json.load(open(os.path.join(r["model_dir"], "params.json")))
+  assert trained["model"] == "ple" and trained["expert_hidden_units"] == [8] and trained["num_task_experts"] == 1
+  assert trained["hash_buckets"] != {"ignored": 1}
+  assert not os.path.exists(os.path.join(r["model_dir"], "calibration.json"))
+  default_run = sim["results"][RUN_DATES[-1]]["model_dir"]
+  assert json.load(open(os.path.join(default_run, "calibration.json")))["method"] == "bias"
+
+
+def test_an_unknown_model_or_param_stops_the_day_before_any_work(sim, tmp_path):
+  work = str(tmp_path / "work")
+  for model, params, message in (("mmoe_esmm", {}, "model must be one of"),
+                                 ("esmm", {"experts": 3}, "unknown params"),
+                                 ("cgc", {"ple_levels": 3}, "cgc is one level"),
+                                 ("mmoe", {"model": "esmm", "ctcvr_loss_weight": 1.0}, "params of model 'esmm'")):
+    with pytest.raises(daily.UsageError, match=message):
+      daily.run(DAYS[3], sim["logs"], work, str(tmp_path / "serving"), model=model, model_params=params,
+                **SETTINGS)
+  with pytest.raises(daily.UsageError, match="--calibration must be one of"):
+    daily.run(DAYS[3], sim["logs"], work, str(tmp_path / "serving"), calibration="spline", **SETTINGS)
+  assert not os.path.exists(work)

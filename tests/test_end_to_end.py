@@ -14,6 +14,7 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 from tensorflow.core.protobuf import saved_model_pb2
 
+from model_fn import calibration
 from model_fn import estimator as E
 from model_fn import evaluation
 from model_fn import input_fn as I
@@ -124,6 +125,23 @@ def test_join_attaches_the_right_user_side_to_each_impression(run):
     np.testing.assert_allclose(tf.sparse.to_dense(ex["wt_150_14"]).numpy(), raw["w_150_14"], rtol=1e-6)
     checked += 1
   assert checked == 200
+
+
+def test_label_counts_are_recorded_and_start_the_output_biases(run):
+  """The reconciliation counts the positive labels each split wrote (checked against the raw
+  rows), and training starts its output biases at the train split's rates from those counts."""
+  for split, raw_split in (("train", "train"), ("eval", "test")):
+    rows = _raw_rows(run["raw"], raw_split)
+    rec = run["rec"][split]
+    written = [r for sid, r in rows.items() if not (r["click"] == 0 and r["conversion"] == 1)]
+    assert rec["rows_written"] == len(written)
+    assert rec["label_positives"] == {"click": sum(r["click"] for r in written),
+                                      "conversion": sum(r["conversion"] for r in written),
+                                      "ctcvr": sum(r["click"] * r["conversion"] for r in written)}
+  positives, rows = run["rec"]["train"]["label_positives"], run["rec"]["train"]["rows_written"]
+  want = {"ctr": (positives["click"] + 0.5) / (rows + 1), "cvr": (positives["ctcvr"] + 0.5) / (positives["click"] + 1)}
+  assert I.base_rates(run["out"]) == pytest.approx(want)
+  assert E.load_params(run["model_dir"])["base_rates"] == pytest.approx(want)
 
 
 def _rows_by_sample_id(features):
@@ -261,6 +279,44 @@ def test_trainer_reads_blocks_or_examples_as_asked(run, tmp_path):
   assert set(labels) == set(F.LABELS)
 
 
+def _sample_ids(run, limit=None, **kw):
+  """The train split's sample ids in the order an input_fn yields them (the first ``limit``)."""
+  pattern, block_rows = I.train_files(run["out"])
+  fn = I.make_input_fn(pattern, run["tft_output"], 512, block_rows=block_rows, labels_as_features=True, **kw)
+  ids = []
+  for features, _ in fn():
+    ids += [int(i) for i in features["sample_id"].numpy().ravel()]
+    if limit and len(ids) >= limit:
+      return ids[:limit]
+  return ids
+
+
+def test_the_held_out_slice_and_the_rest_partition_the_train_split(run):
+  everything = _sample_ids(run, training=False)
+  rest = _sample_ids(run, training=False, holdout="exclude", holdout_fraction=0.2)
+  held_out = _sample_ids(run, training=False, holdout="only", holdout_fraction=0.2)
+  assert len(everything) == run["rec"]["train"]["rows_written"] == len(set(everything))
+  assert not set(rest) & set(held_out) and sorted(rest + held_out) == sorted(everything)
+  assert 0.05 < len(held_out) / len(everything) < 0.4
+  # The same slice whatever the order the records are read in (training shuffles files and blocks),
+  # and training with the slice held out never reads it.
+  shuffled = _sample_ids(run, training=True, num_epochs=1, seed=3, holdout="only", holdout_fraction=0.2)
+  assert sorted(shuffled) == sorted(held_out)
+  trained_on = _sample_ids(run, limit=3 * len(everything), training=True, seed=3, holdout="exclude",
+                           holdout_fraction=0.2)
+  assert set(trained_on) == set(rest)
+
+
+def test_the_seed_picks_where_in_the_train_split_a_run_starts(run):
+  records = I.train_records(run["out"], I.train_files(run["out"])[1])
+  starts = {E.start_offset(seed, records) for seed in range(1, 6)}
+  assert len(starts) > 1 and all(0 <= s < records for s in starts)
+  first = lambda start_at: _sample_ids(run, limit=256, training=True, seed=1, start_at=start_at, shuffle_buffer=1)
+  # With no shuffle buffer the stream is the records in order, from where it starts.
+  assert first(0) != first(7)
+  assert sorted(set(first(7)) | set(first(0))) != sorted(first(0))
+
+
 def test_training_reports_the_protocol_metrics_and_they_match_sklearn(run):
   m = run["result"]["metrics"]
   for key in ("auc/ctr", "auc/ctcvr", "auc/cvr", "log_loss/ctr", "log_loss/ctcvr", "log_loss/cvr",
@@ -392,53 +448,106 @@ def test_trainer_refuses_an_unfinished_preprocessing_output(tmp_path):
     I.load_transform_output(str(tmp_path))
 
 
+# Every model, small: (model, extra params, calibration method, share of the train split it is
+# fitted on: held out, or 0 for the whole split after training).
+ZOO = (("esmm", {}, "platt", 0.45), ("esmm_ns", {}, "none", None), ("base", {}, "bias", None),
+       ("escm2_ips", {}, "none", None), ("escm2_dr", {}, "none", None), ("shared_bottom", {}, "none", None),
+       ("mmoe", {"num_experts": 3}, "none", None), ("cgc", {}, "isotonic", 0.0),
+       ("ple", {"num_task_experts": 1, "num_shared_experts": 1}, "none", None))
+
+
 @pytest.fixture(scope="module")
-def mmoe_run(run, tmp_path_factory):
-  params = dict(run["params"], model="mmoe", num_experts=3, expert_hidden_units=[16],
-                tower_hidden_units=[8])
-  model_dir = str(tmp_path_factory.mktemp("mmoe") / "model")
-  result = E.train_and_evaluate(run["out"], model_dir, params, batch_size=256, train_steps=40,
-                                save_checkpoints_steps=40)
-  return {"model_dir": model_dir, "result": result}
+def zoo(run, tmp_path_factory):
+  """Every model trained a few steps and exported (two of them calibrated)."""
+  root = tmp_path_factory.mktemp("zoo")
+  out = {}
+  for model, extra, method, holdout in ZOO:
+    params = dict(run["params"], model=model, expert_hidden_units=[16], tower_hidden_units=[8], **extra)
+    model_dir = str(root / model)
+    result = E.train_and_evaluate(run["out"], model_dir, params, batch_size=256, train_steps=20,
+                                  save_checkpoints_steps=20, calibration=method, calibration_holdout=holdout)
+    out[model] = {"model_dir": model_dir, "result": result, "calibration": method}
+  return out
 
 
-def test_mmoe_trains_exports_and_serves_pcvr(run, mmoe_run):
-  m = mmoe_run["result"]["metrics"]
-  for task in ("ctr", "ctcvr"):
-    gate = [m[f"gate/{task}/expert_{e}"] for e in range(3)]
-    assert abs(sum(gate) - 1) < 1e-4, gate
-  assert np.isfinite(m["auc/cvr"]) and np.isfinite(m["auc/ctcvr"])
-  saved = mmoe_run["result"]["saved_model"]
+def _serialized_test_rows(run, sample_ids):
+  rows = _raw_rows(run["raw"], "test")
+  return [T.raw_example({k: v for k, v in rows[int(i)].items() if k not in F.RAW_LABELS and k != F.SAMPLE_ID},
+                        "aliccp").SerializeToString() for i in sample_ids]
+
+
+@pytest.mark.parametrize("model", [m for m, _, _, _ in ZOO])
+def test_every_model_serves_its_pcvr_as_the_regression_signature(run, zoo, model):
+  saved = zoo[model]["result"]["saved_model"]
   sigs = _signature_defs(saved)
   assert sigs["regression"].method_name == "tensorflow/serving/regress"
   assert set(sigs["predict"].outputs) == {"ctr", "cvr", "ctcvr"}
-  rows = _raw_rows(run["raw"], "test")
-  p = evaluation.predict(mmoe_run["model_dir"], run["out"])
-  assert p["gate_ctr"].shape == (len(p["ctr"]), 3)
-  ids = p["sample_id"][:200]
-  serialized = [T.raw_example({k: v for k, v in rows[int(i)].items()
-                               if k not in F.RAW_LABELS and k != F.SAMPLE_ID}, "aliccp")
-                .SerializeToString() for i in ids]
+  p = evaluation.predict(zoo[model]["model_dir"], run["out"])
+  serialized = _serialized_test_rows(run, p["sample_id"][:200])
   loaded = tf.saved_model.load(saved)
   got = loaded.signatures["regression"](inputs=tf.constant(serialized))["outputs"].numpy().reshape(-1)
   np.testing.assert_allclose(got, p["cvr"][:200], rtol=1e-5, atol=1e-7)
   pred = loaded.signatures["predict"](examples=tf.constant(serialized))
-  np.testing.assert_allclose(pred["ctcvr"].numpy().reshape(-1), p["ctcvr"][:200], rtol=1e-5, atol=1e-7)
+  for head in ("ctr", "cvr", "ctcvr"):
+    np.testing.assert_allclose(pred[head].numpy().reshape(-1), p[head][:200], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(p["ctcvr"], p["ctr"] * p["cvr"], rtol=1e-5)
 
 
-def test_evaluation_reports_every_model_with_gates_and_the_oracle(run, mmoe_run):
+@pytest.mark.parametrize("model", [m for m, _, c, _ in ZOO if c != "none"])
+def test_a_calibration_round_trips_through_the_saved_model(run, zoo, model):
+  """The SavedModel's heads are the calibration (fitted on the held-out slice and recorded in
+  calibration.json) applied to the towers' own logits."""
+  spec = calibration.load(zoo[model]["model_dir"])
+  assert spec["method"] == zoo[model]["calibration"] and spec["impressions"] > 0
+  holdout = spec["holdout"]
+  train_rows = run["rec"]["train"]["rows_written"]
+  if holdout:      # fitted on the held-out slice only (which training leaves out: tested above)
+    assert holdout == E.load_params(zoo[model]["model_dir"])["train_holdout"] == 0.5
+    assert spec["impressions"] == len(_sample_ids(run, training=False, holdout="only", holdout_fraction=0.5))
+  else:
+    assert spec["impressions"] == train_rows
+  p = evaluation.predict(zoo[model]["model_dir"], run["out"])
+  logit = lambda q: np.log(q) - np.log1p(-q)
+  for head in ("ctr", "cvr"):
+    raw = logit(p[head + "_uncalibrated"].astype(np.float64))
+    want = 1 / (1 + np.exp(-calibration.apply_numpy(spec[head], raw)))
+    np.testing.assert_allclose(p[head], want, rtol=2e-4, atol=1e-6)
+  # Rankings are kept: the calibration is strictly increasing.
+  order = np.argsort(p["cvr_uncalibrated"], kind="stable")
+  assert np.all(np.diff(p["cvr"][order]) >= -1e-7)
+  loaded = tf.saved_model.load(zoo[model]["result"]["saved_model"])
+  serialized = _serialized_test_rows(run, p["sample_id"][:100])
+  got = loaded.signatures["regression"](inputs=tf.constant(serialized))["outputs"].numpy().reshape(-1)
+  np.testing.assert_allclose(got, p["cvr"][:100], rtol=1e-5, atol=1e-7)
+  # The evaluation scores the calibrated heads and, as a row of its own, the towers' own.
+  report, _ = evaluation.evaluate([(model, zoo[model]["model_dir"])], run["out"])
+  assert set(report) == {model, model + evaluation.UNCALIBRATED_ROW}
+  assert report[model]["auc/cvr_clicked"] == pytest.approx(
+      report[model + evaluation.UNCALIBRATED_ROW]["auc/cvr_clicked"], abs=1e-3)
+
+
+def test_gated_models_report_gate_utilisation(zoo):
+  for model, experts in (("mmoe", 3), ("cgc", 4), ("ple", 2)):
+    m = zoo[model]["result"]["metrics"]
+    for task in ("ctr", "cvr"):
+      gate = [m[f"gate/{task}/expert_{e}"] for e in range(experts)]
+      assert abs(sum(gate) - 1) < 1e-4, (model, gate)
+    assert np.isfinite(m["auc/cvr"]) and np.isfinite(m["auc/ctcvr"])
+
+
+def test_evaluation_reports_every_model_with_gates_and_the_oracle(run, zoo):
   truth = os.path.join(run["raw"], "ground_truth_test.csv")
-  report, curves = evaluation.evaluate([("esmm", run["model_dir"]), ("mmoe", mmoe_run["model_dir"])],
+  report, curves = evaluation.evaluate([("esmm", run["model_dir"]), ("mmoe", zoo["mmoe"]["model_dir"])],
                                        run["out"], truth)
-  assert set(report) == {"esmm", "mmoe", "oracle"}
+  # The run's model is calibrated (the trainer's default), the zoo's mmoe is not.
+  assert set(report) == {"esmm", "esmm:uncalibrated", "mmoe", "oracle"}
   assert report["esmm"]["examples"] == 2000 - 3
-  assert abs(report["mmoe"]["auc/ctr"] - mmoe_run["result"]["metrics"]["auc/ctr"]) < 0.002
+  assert abs(report["mmoe"]["auc/ctr"] - zoo["mmoe"]["result"]["metrics"]["auc/ctr"]) < 0.002
   assert 0.5 < report["oracle"]["auc/cvr_all_vs_truth"] <= 1
   gates = curves["mmoe"]["gates"]
-  assert set(gates) == {"ctr", "ctcvr"} and "gates" not in curves["esmm"]
+  assert set(gates) == {"ctr", "cvr"} and "gates" not in curves["esmm"]
   np.testing.assert_allclose(gates["ctr"].sum(), 1.0, rtol=1e-5)
-  assert report["mmoe"]["gate/ctcvr/expert_2"] == pytest.approx(gates["ctcvr"][2])
+  assert report["mmoe"]["gate/cvr/expert_2"] == pytest.approx(gates["cvr"][2])
   assert "gate utilisation of mmoe" in evaluation.format_gates(report)
-  # MMoE's pCTCVR is its own head; its pCVR is pCTCVR / pCTR, clipped below 1.
   p = curves["mmoe"]
-  np.testing.assert_allclose(p["cvr"], np.minimum(p["ctcvr"] / p["ctr"], 1 - 1e-6), rtol=1e-4)
+  np.testing.assert_allclose(p["ctcvr"], p["ctr"] * p["cvr"], rtol=1e-5)

@@ -1,49 +1,16 @@
-"""MMoE: layer shapes and gate softmax, independent experts, the model_fn's heads and loss,
-the division head, and uncertainty weighting; the dense layers of every model_fn and their mixed
-precision (train_matmul_dtype: bfloat16 matmuls while training, float32 variables, float32 eval
-and serving) -- on small graphs built here."""
+"""Multi-task networks (MMoE, CGC/PLE, Shared-Bottom): layer shapes and gate softmax, independent
+experts, the model_fn's heads and loss, and uncertainty weighting; the dense layers of every
+model_fn and their mixed precision (train_matmul_dtype: bfloat16 matmuls while training, float32
+variables, float32 eval and serving) -- on small graphs built here."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from model_fn import esmm, heads, layers, losses, mmoe
+from model_fn import esmm, heads, layers, mmoe
 from model_fn.params import resolve_params
 
-BUCKETS = {"101": 40, "205": 60, "150_14": 30}
-BATCH = 6
-
-
-def _features(seed=0):
-  """A batch of transformed features for BUCKETS (150_14 is weighted and multi-valued)."""
-  rng = np.random.default_rng(seed)
-  feats = {}
-  for name, n in BUCKETS.items():
-    rows = [list(rng.integers(0, n, size=rng.integers(0, 4))) for _ in range(BATCH)]
-    indices = [[r, j] for r, ids in enumerate(rows) for j in range(len(ids))]
-    values = [v for ids in rows for v in ids]
-    shape = [BATCH, max(1, max(len(r) for r in rows))]
-    feats[f"id_{name}"] = tf.SparseTensor(np.array(indices, np.int64).reshape(-1, 2),
-                                          np.array(values, np.int64), shape)
-    if name == "150_14":
-      feats[f"wt_{name}"] = tf.SparseTensor(np.array(indices, np.int64).reshape(-1, 2),
-                                            rng.random(len(values)).astype(np.float32), shape)
-  return feats
-
-
-def _labels(seed=1):
-  rng = np.random.default_rng(seed)
-  click = (rng.random(BATCH) < 0.5).astype(np.float32)
-  conversion = click * (rng.random(BATCH) < 0.5)
-  return {"click": tf.constant(click), "conversion": tf.constant(conversion, tf.float32),
-          "ctcvr": tf.constant(click * conversion, tf.float32)}
-
-
-def _params(model, **kw):
-  return dict({"model": model, "hash_buckets": BUCKETS, "embedding_dim": 4, "num_experts": 3,
-               "expert_hidden_units": [8, 5], "tower_hidden_units": [6],
-               "ctr_hidden_units": [6], "cvr_hidden_units": [6]}, **kw)
-
+from graph_inputs import BATCH, feature_batch, label_batch, model_params
 
 def _run(fetches, seed=3):
   tf.compat.v1.set_random_seed(seed)
@@ -90,69 +57,80 @@ def test_experts_start_different():
   assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.5
 
 
-@pytest.mark.parametrize("model", ["mmoe", "mmoe_esmm"])
-def test_mmoe_model_fn_predictions(model):
+GATE_WIDTH = {"mmoe": 3, "cgc": 4, "ple": 4}     # num_experts; num_task_experts + num_shared_experts
+
+
+@pytest.mark.parametrize("model", ["shared_bottom", "mmoe", "cgc", "ple"])
+def test_multi_task_model_fn_predictions(model):
   with tf.Graph().as_default():
-    spec = mmoe.mmoe_model_fn(_features(), None, tf.estimator.ModeKeys.PREDICT, _params(model))
+    spec = mmoe.mmoe_model_fn(feature_batch(), None, tf.estimator.ModeKeys.PREDICT, model_params(model))
     p = _run(spec.predictions)
     assert set(spec.export_outputs) == {"serving_default", "regression", "predict"}
   for k in ("ctr", "cvr", "ctcvr"):
     assert p[k].shape == (BATCH,) and np.all((p[k] > 0) & (p[k] < 1)), k
-  for task in ("ctr", "ctcvr" if model == "mmoe" else "cvr"):
-    assert p[f"gate_{task}"].shape == (BATCH, 3)
-    np.testing.assert_allclose(p[f"gate_{task}"].sum(axis=1), 1.0, rtol=1e-6)
-  sig = lambda z: 1 / (1 + np.exp(-z))
-  if model == "mmoe_esmm":
-    np.testing.assert_allclose(p["ctcvr"], p["ctr"] * p["cvr"], rtol=1e-5)
-  else:
-    # CTCVR is its own task; pCVR = min(1, pCTCVR / pCTR).
-    np.testing.assert_allclose(p["ctcvr"], sig(p["ctcvr_logit"]), rtol=1e-5)
-    np.testing.assert_allclose(p["cvr"], np.minimum(p["ctcvr"] / p["ctr"], 1 - 1e-6), rtol=1e-4)
+  np.testing.assert_allclose(p["ctcvr"], p["ctr"] * p["cvr"], rtol=1e-5)
+  gates = sorted(k for k in p if k.startswith("gate_"))
+  assert gates == ([] if model == "shared_bottom" else ["gate_ctr", "gate_cvr"])
+  for key in gates:
+    assert p[key].shape == (BATCH, GATE_WIDTH[model])
+    np.testing.assert_allclose(p[key].sum(axis=1), 1.0, rtol=1e-6)
 
 
-@pytest.mark.parametrize("model", ["mmoe", "mmoe_esmm", "esmm"])
-def test_training_loss_is_ctr_plus_ctcvr_log_loss(model):
-  """The TRAIN loss equals the numpy CTR + CTCVR log loss of the same graph's heads."""
-  fn = mmoe.mmoe_model_fn if model != "esmm" else esmm.esmm_model_fn
+def test_ple_levels_have_their_own_experts_and_shared_gates():
   with tf.Graph().as_default():
-    feats, labels = _features(), _labels()
+    x = tf.constant(np.random.default_rng(0).normal(size=(BATCH, 7)), tf.float32)
+    out, gates = layers.ple(x, ("ctr", "cvr"), levels=2, task_experts=2, shared_experts=1, expert_units=[5])
+    names = {v.name.split(":")[0] for v in tf.compat.v1.trainable_variables()}
+    o = _run({"out": out, "gates": gates})
+  for level in (0, 1):
+    for e in ("ctr_0", "ctr_1", "cvr_0", "cvr_1", "shared_0"):
+      assert f"ple/level_{level}/expert_{e}/hidden_0/kernel" in names
+  # The shared gate mixes every expert of a level into the next; the last level has none.
+  assert "ple/level_0/gate_shared/kernel" in names and "ple/level_1/gate_shared/kernel" not in names
+  for task in ("ctr", "cvr"):
+    assert o["out"][task].shape == (BATCH, 5) and o["gates"][task].shape == (BATCH, 3)
+  assert not np.allclose(o["out"]["ctr"], o["out"]["cvr"])
+
+
+def _log_loss(t, q):
+  return -(t * np.log(q) + (1 - t) * np.log(1 - q))
+
+
+@pytest.mark.parametrize("model", ["mmoe", "ple", "shared_bottom", "esmm", "base"])
+def test_training_loss_is_the_models_weighted_task_losses(model):
+  """The TRAIN loss equals the numpy sum of the model's task losses on the same graph's heads:
+  CTR over all impressions and CVR over clicked impressions, plus for ESMM CTCVR over all."""
+  fn = mmoe.mmoe_model_fn if model not in ("esmm", "base") else esmm.esmm_model_fn
+  with tf.Graph().as_default():
+    feats, labels = feature_batch(), label_batch()
     tf.compat.v1.set_random_seed(5)
-    train = fn(feats, labels, tf.estimator.ModeKeys.TRAIN, _params(model))
+    train = fn(feats, labels, tf.estimator.ModeKeys.TRAIN, model_params(model))
     with tf.compat.v1.variable_scope(tf.compat.v1.get_variable_scope(), reuse=True):
-      pred = fn(feats, None, tf.estimator.ModeKeys.PREDICT, _params(model))
+      pred = fn(feats, None, tf.estimator.ModeKeys.PREDICT, model_params(model))
     with tf.compat.v1.Session() as sess:
       sess.run(tf.compat.v1.global_variables_initializer())
       loss, p, y = sess.run([train.loss, pred.predictions, labels])
-  ll = lambda t, q: -np.mean(t * np.log(q) + (1 - t) * np.log(1 - q))
-  np.testing.assert_allclose(loss, ll(y["click"], p["ctr"]) + ll(y["ctcvr"], p["ctcvr"]), rtol=1e-4)
+  clicked = y["click"] > 0
+  want = np.mean(_log_loss(y["click"], p["ctr"])) + np.mean(_log_loss(y["conversion"][clicked], p["cvr"][clicked]))
+  if model == "esmm":
+    want += np.mean(_log_loss(y["ctcvr"], p["ctcvr"]))
+  np.testing.assert_allclose(loss, want, rtol=1e-4)
 
 
 def test_mmoe_eval_reports_gate_utilisation_and_the_protocol_metrics():
   with tf.Graph().as_default():
-    spec = mmoe.mmoe_model_fn(_features(), _labels(), tf.estimator.ModeKeys.EVAL, _params("mmoe"))
+    spec = mmoe.mmoe_model_fn(feature_batch(), label_batch(), tf.estimator.ModeKeys.EVAL, model_params("mmoe"))
     values = {k: v[0] for k, v in spec.eval_metric_ops.items()}
     updates = [v[1] for v in spec.eval_metric_ops.values()]
     with tf.compat.v1.Session() as sess:
       sess.run([tf.compat.v1.global_variables_initializer(), tf.compat.v1.local_variables_initializer()])
       sess.run(updates)
       m = sess.run(values)
-  for task in ("ctr", "ctcvr"):
+  for task in ("ctr", "cvr"):
     weights = [m[f"gate/{task}/expert_{e}"] for e in range(3)]
     assert abs(sum(weights) - 1) < 1e-5
   for key in ("auc/ctr", "auc/ctcvr", "auc/cvr", "calibration/cvr", "log_loss/ctcvr"):
     assert key in m
-
-
-def test_division_cvr_logits_are_finite_and_clipped():
-  vals = np.array([-100.0, -20.0, -1.0, 0.0, 3.0, 50.0, 100.0])
-  a, b = [g.ravel() for g in np.meshgrid(vals, vals)]
-  z = losses.division_cvr_logits(tf.constant(a), tf.constant(b)).numpy()
-  assert np.all(np.isfinite(z))
-  p = 1 / (1 + np.exp(-z))
-  sig = lambda t: 1 / (1 + np.exp(-t))
-  ok = (b < a) & (np.abs(a) < 30) & (np.abs(b) < 30)
-  np.testing.assert_allclose(p[ok], sig(b[ok]) / sig(a[ok]), rtol=1e-6)
-  assert np.all(p <= 1 - 1e-6 + 1e-12)
 
 
 def test_uncertainty_weighting_learns_a_weight_per_task():
@@ -160,8 +138,9 @@ def test_uncertainty_weighting_learns_a_weight_per_task():
     per_example = {"ctr": tf.constant([0.7, 0.5]), "ctcvr": tf.constant([0.02, 0.04]),
                    "cvr": tf.constant([0.3, 0.1])}
     labels = {"click": tf.constant([1.0, 0.0])}
-    plain = heads.total_loss(labels, per_example, resolve_params(_params("esmm")))
-    weighted = heads.total_loss(labels, per_example, resolve_params(_params("esmm", uncertainty_weighting=True)))
+    plain = heads.total_loss(labels, {}, per_example, resolve_params(model_params("esmm", cvr_loss_weight=0)))
+    weighted = heads.total_loss(labels, {}, per_example, resolve_params(
+        model_params("esmm", cvr_loss_weight=0, uncertainty_weighting=True)))
     log_vars = tf.compat.v1.get_collection(tf.compat.v1.GraphKeys.TRAINABLE_VARIABLES, "uncertainty_weighting")
     grads = tf.gradients(weighted, log_vars)
     with tf.compat.v1.Session() as sess:
@@ -178,32 +157,39 @@ def test_uncertainty_weighting_learns_a_weight_per_task():
 
 
 def test_params_reject_contradictions():
-  with pytest.raises(ValueError, match="separate embeddings"):
-    resolve_params(_params("base", share_embeddings=True))
-  with pytest.raises(ValueError, match="shares its embeddings"):
-    resolve_params(_params("mmoe", share_embeddings=False))
+  with pytest.raises(ValueError, match="separates its embeddings by definition"):
+    resolve_params(model_params("base", share_embeddings=True))
+  with pytest.raises(ValueError, match="shares its embeddings by definition"):
+    resolve_params(model_params("mmoe", share_embeddings=False))
+  with pytest.raises(ValueError, match="pCVR has no loss"):
+    resolve_params(model_params("mmoe", cvr_loss_weight=0))
+  with pytest.raises(ValueError, match="cgc is one level"):
+    resolve_params(model_params("cgc", ple_levels=2))
+  with pytest.raises(ValueError, match="model must be one of"):
+    resolve_params(model_params("mmoe_esmm"))
+  assert resolve_params(model_params("esmm", share_embeddings=False))["share_embeddings"] is False
   with pytest.raises(ValueError, match="unknown params"):
-    resolve_params(_params("mmoe", experts=3))
-  assert resolve_params(_params("esmm_ns"))["share_embeddings"] is False
+    resolve_params(model_params("mmoe", experts=3))
+  assert resolve_params(model_params("esmm_ns"))["share_embeddings"] is False
   with tf.Graph().as_default(), pytest.raises(ValueError, match="mmoe_model_fn builds"):
-    mmoe.mmoe_model_fn(_features(), None, tf.estimator.ModeKeys.PREDICT, _params("esmm"))
+    mmoe.mmoe_model_fn(feature_batch(), None, tf.estimator.ModeKeys.PREDICT, model_params("esmm"))
 
 
 def test_embedding_optimizer_defaults_and_learning_rate_per_optimizer():
   """The tables default to lazy Adam 1e-3 from a near-zero init; naming another optimizer
-  alone gives it its own learning rate (adagrad: 0.05, the defaults before 2026-12-05)."""
-  p = resolve_params(_params("esmm"))
+  alone gives it its own learning rate (adagrad: 0.05)."""
+  p = resolve_params(model_params("esmm"))
   assert (p["embedding_optimizer"], p["embedding_learning_rate"], p["embedding_init_stddev"]) == (
       "lazy_adam", 1e-3, 1e-4)
-  assert resolve_params(_params("esmm", embedding_optimizer="adagrad"))["embedding_learning_rate"] == 0.05
-  assert resolve_params(_params("esmm", embedding_optimizer="adagrad",
+  assert resolve_params(model_params("esmm", embedding_optimizer="adagrad"))["embedding_learning_rate"] == 0.05
+  assert resolve_params(model_params("esmm", embedding_optimizer="adagrad",
                                 embedding_learning_rate=0.2))["embedding_learning_rate"] == 0.2
   assert resolve_params(p) == p       # resolving again (the model_fn does) changes nothing
   with pytest.raises(ValueError, match="embedding_optimizer must be one of"):
-    resolve_params(_params("esmm", embedding_optimizer="adadelta"))
+    resolve_params(model_params("esmm", embedding_optimizer="adadelta"))
   with tf.Graph().as_default():
     tf.compat.v1.set_random_seed(1)
-    esmm.esmm_model_fn(_features(), _labels(), tf.estimator.ModeKeys.TRAIN, _params("esmm"))
+    esmm.esmm_model_fn(feature_batch(), label_batch(), tf.estimator.ModeKeys.TRAIN, model_params("esmm"))
     tables = tf.compat.v1.get_collection(layers.EMBEDDING_COLLECTION)
     slots = {v.name for v in tf.compat.v1.global_variables() if "/table_" in v.name and v not in tables}
     assert slots == {f"{t.name.split(':')[0]}/{s}:0" for t in tables for s in ("Adam", "Adam_1")}, slots
@@ -260,15 +246,15 @@ def _matmul_dtypes(graph, op_type="MatMul"):
   return sorted({op.get_attr("T").name for op in graph.get_operations() if op.type == op_type})
 
 
-@pytest.mark.parametrize("model", ["esmm", "mmoe"])
+@pytest.mark.parametrize("model", ["esmm", "mmoe", "ple"])
 def test_bfloat16_matmuls_only_while_training(model):
-  fn = mmoe.mmoe_model_fn if model == "mmoe" else esmm.esmm_model_fn
-  params = _params(model, train_matmul_dtype="bfloat16")
+  fn = mmoe.mmoe_model_fn if model != "esmm" else esmm.esmm_model_fn
+  params = model_params(model, train_matmul_dtype="bfloat16")
   for mode, want in [(tf.estimator.ModeKeys.TRAIN, ["bfloat16"]), (tf.estimator.ModeKeys.EVAL, ["float32"]),
                      (tf.estimator.ModeKeys.PREDICT, ["float32"])]:
     with tf.Graph().as_default() as g:
       tf.compat.v1.train.create_global_step()
-      spec = fn(_features(), _labels() if mode != tf.estimator.ModeKeys.PREDICT else None, mode, params)
+      spec = fn(feature_batch(), label_batch() if mode != tf.estimator.ModeKeys.PREDICT else None, mode, params)
       # Every MatMul of the graph: the towers' (and experts' and gates'), and in training their
       # gradients' too.
       assert _matmul_dtypes(g) == want, mode
@@ -298,8 +284,8 @@ def test_bfloat16_training_loss_is_close_to_float32s():
     with tf.Graph().as_default():
       tf.compat.v1.set_random_seed(5)
       tf.compat.v1.train.create_global_step()
-      spec = esmm.esmm_model_fn(_features(), _labels(), tf.estimator.ModeKeys.TRAIN,
-                                _params("esmm", train_matmul_dtype=dtype))
+      spec = esmm.esmm_model_fn(feature_batch(), label_batch(), tf.estimator.ModeKeys.TRAIN,
+                                model_params("esmm", train_matmul_dtype=dtype))
       with tf.compat.v1.Session() as sess:
         sess.run(tf.compat.v1.global_variables_initializer())
         losses[dtype] = sess.run(spec.loss)
@@ -307,9 +293,9 @@ def test_bfloat16_training_loss_is_close_to_float32s():
 
 
 def test_params_reject_an_unknown_matmul_dtype():
-  assert resolve_params(_params("esmm"))["train_matmul_dtype"] == "auto"
+  assert resolve_params(model_params("esmm"))["train_matmul_dtype"] == "auto"
   with pytest.raises(ValueError, match="train_matmul_dtype must be one of"):
-    resolve_params(_params("esmm", train_matmul_dtype="float16"))
+    resolve_params(model_params("esmm", train_matmul_dtype="float16"))
 
 
 CPUINFO = """processor\t: 0
@@ -337,7 +323,7 @@ def test_native_bfloat16_is_read_from_the_cpu_flags():
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_trains_in_bfloat16_only_where_the_hardware_has_it(monkeypatch, native):
   monkeypatch.setattr(layers, "native_bfloat16", lambda: native)
-  params = resolve_params(_params("esmm"))          # the default, "auto"
+  params = resolve_params(model_params("esmm"))          # the default, "auto"
   want = "bfloat16" if native else "float32"
   assert layers.matmul_dtype(params, training=True) == tf.as_dtype(want)
   assert layers.matmul_dtype(params, training=False) == tf.float32
@@ -346,5 +332,5 @@ def test_auto_trains_in_bfloat16_only_where_the_hardware_has_it(monkeypatch, nat
   assert layers.matmul_dtype(dict(params, train_matmul_dtype="bfloat16"), training=True) == tf.bfloat16
   with tf.Graph().as_default() as g:
     tf.compat.v1.train.create_global_step()
-    esmm.esmm_model_fn(_features(), _labels(), tf.estimator.ModeKeys.TRAIN, params)
+    esmm.esmm_model_fn(feature_batch(), label_batch(), tf.estimator.ModeKeys.TRAIN, params)
     assert _matmul_dtypes(g) == [want]

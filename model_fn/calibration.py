@@ -1,0 +1,205 @@
+"""Post-hoc calibration of the CTR and CVR heads: fitted on a held-out slice of the train split,
+applied to the tower logits inside the prediction graph, so the SavedModel (and TF Serving)
+returns calibrated probabilities.
+
+A calibration maps a tower's logit to a new logit, strictly increasing, so rankings and AUCs
+do not change:
+  bias      logit + b: the output bias refitted so that the mean prediction matches the observed
+            rate (by default on the whole train split after training: one parameter per head)
+  platt     a * logit + b (a > 0), fitted by logistic regression of the label on the logit
+  isotonic  the pool-adjacent-violators fit of the label rate over quantile bins of the logit,
+            interpolated linearly (in logit space) between the bins' centres and continued with
+            slope 1 beyond the outermost ones
+pCTR is fitted on every held-out impression (label click), pCVR on the clicked ones (label
+conversion); pCTCVR stays pCTR x pCVR.
+
+A calibration is a JSON object ({"method": "bias" or "platt", "a": .., "b": ..} or
+{"method": "isotonic", "x": [..], "y": [..]}); a model's are in MODEL_DIR/calibration.json.
+"""
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+METHODS = ("none", "bias", "platt", "isotonic")
+DEFAULT_METHOD = "bias"
+CALIBRATION_FILE = "calibration.json"
+# The share of the train split each method is fitted on when none is given: a held-out slice
+# (records whose hash falls in bucket 0 of round(1 / fraction) buckets, not trained on), or 0:
+# the whole train split after training (one parameter per head cannot overfit it).
+DEFAULT_HOLDOUT = {"bias": 0.0, "platt": 0.05, "isotonic": 0.05}
+ISOTONIC_BINS = 64
+MIN_BIN_POSITIVES = 5
+
+
+def apply(spec: Optional[dict], logit: tf.Tensor) -> tf.Tensor:
+  """The calibrated logit of ``logit`` under ``spec`` (None: unchanged)."""
+  if not spec:
+    return logit
+  if spec["method"] in ("bias", "platt"):
+    return float(spec["a"]) * logit + float(spec["b"])
+  if spec["method"] == "isotonic":
+    x = tf.constant(spec["x"], logit.dtype)
+    y = tf.constant(spec["y"], logit.dtype)
+    k = len(spec["x"])
+    if k == 1:
+      return logit - x[0] + y[0]
+    i = tf.clip_by_value(tf.searchsorted(x[None, :], logit[None, :])[0], 1, k - 1)
+    x0, x1 = tf.gather(x, i - 1), tf.gather(x, i)
+    y0, y1 = tf.gather(y, i - 1), tf.gather(y, i)
+    inside = y0 + (logit - x0) * (y1 - y0) / (x1 - x0)
+    return tf.where(logit < x[0], y[0] + logit - x[0], tf.where(logit > x[-1], y[-1] + logit - x[-1], inside))
+  raise ValueError(f"unknown calibration method {spec.get('method')!r}; known: {METHODS[1:]}")
+
+
+def apply_numpy(spec: Optional[dict], logit: np.ndarray) -> np.ndarray:
+  """``apply`` in numpy (the reference the graph is tested against)."""
+  logit = np.asarray(logit, np.float64)
+  if not spec:
+    return logit
+  if spec["method"] in ("bias", "platt"):
+    return spec["a"] * logit + spec["b"]
+  x, y = np.asarray(spec["x"]), np.asarray(spec["y"])
+  if len(x) == 1:
+    return logit - x[0] + y[0]
+  out = np.interp(logit, x, y)
+  return np.where(logit < x[0], y[0] + logit - x[0], np.where(logit > x[-1], y[-1] + logit - x[-1], out))
+
+
+def logit(p):
+  """log(p / (1 - p)), with p clipped into (0, 1)."""
+  p = np.clip(np.asarray(p, np.float64), 1e-12, 1 - 1e-12)
+  return np.log(p) - np.log1p(-p)
+
+
+def _labels_and_logits(labels, logits):
+  y = np.asarray(labels, np.float64)
+  z = np.asarray(logits, np.float64)
+  if y.size == 0 or y.sum() == 0 or y.sum() == y.size:
+    raise ValueError("calibration needs both positive and negative labels")
+  return y, z
+
+
+def _nll(y: np.ndarray, z: np.ndarray) -> float:
+  """Mean log loss of sigmoid(z) against y, computed from logits."""
+  return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def fit_platt(labels: np.ndarray, logits: np.ndarray, fit_slope: bool = True) -> dict:
+  """Logistic regression of ``labels`` on ``logits`` (Newton's method with backtracking, from the
+  identity); a slope that comes out at or below 0 (a model worse than constant on this slice) is
+  fixed at 1 and only b fitted."""
+  y, z = _labels_and_logits(labels, logits)
+
+  def newton(fit_slope: bool):
+    theta = np.array([1.0, 0.0])                 # (a, b)
+    design = np.stack([z, np.ones_like(z)], axis=1)
+    for _ in range(100):
+      p = 1 / (1 + np.exp(-np.clip(design @ theta, -500, 500)))
+      grad = design.T @ (p - y)
+      hess = (design * (p * (1 - p))[:, None]).T @ design + 1e-9 * np.eye(2)
+      if not fit_slope:
+        grad[0], hess[0, 1], hess[1, 0], hess[0, 0] = 0.0, 0.0, 0.0, 1.0
+      step = np.linalg.solve(hess, grad)
+      loss, t = _nll(y, design @ theta), 1.0
+      while t > 1e-8 and _nll(y, design @ (theta - t * step)) > loss:
+        t /= 2
+      theta = theta - t * step
+      if np.max(np.abs(t * step)) < 1e-10:
+        break
+    return float(theta[0]), float(theta[1])
+
+  a, b = newton(fit_slope)
+  if a <= 0:
+    a, b = newton(False)
+  return {"method": "platt" if fit_slope else "bias", "a": a, "b": b}
+
+
+def fit_bias(labels: np.ndarray, logits: np.ndarray) -> dict:
+  """The shift b of the logits that makes the mean of sigmoid(logit + b) the observed rate."""
+  return fit_platt(labels, logits, fit_slope=False)
+
+
+def fit_isotonic(labels: np.ndarray, logits: np.ndarray, bins: int = ISOTONIC_BINS) -> dict:
+  """Pool-adjacent-violators over quantile bins of the logits (each bin with at least
+  MIN_BIN_POSITIVES positives where the data allow); knots at the pooled blocks' mean logits.
+
+  A block's rate carries one pseudo-observation at the overall rate (a block of only negatives
+  stays finite), and blocks are pooled until both the knots and these rates strictly increase, so
+  the map is strictly increasing."""
+  y, z = _labels_and_logits(labels, logits)
+  bins = max(1, min(bins, int(y.sum()) // MIN_BIN_POSITIVES))
+  prior = y.mean()
+  order = np.argsort(z, kind="mergesort")
+  # Blocks: [sum of labels, count, sum of logits].
+  pooled: List[List[float]] = []
+  rate = lambda b: (b[0] + prior) / (b[1] + 1)
+  for part in np.array_split(order, bins):
+    if not len(part):
+      continue
+    pooled.append([y[part].sum(), float(len(part)), z[part].sum()])
+    while len(pooled) > 1 and (rate(pooled[-2]) >= rate(pooled[-1])
+                               or pooled[-2][2] / pooled[-2][1] >= pooled[-1][2] / pooled[-1][1]):
+      last = pooled.pop()
+      pooled[-1] = [pooled[-1][i] + last[i] for i in range(3)]
+  return {"method": "isotonic", "x": [float(s_z / n) for _, n, s_z in pooled],
+          "y": [float(logit(rate(b))) for b in pooled]}
+
+
+def fit(method: str, labels: np.ndarray, logits: np.ndarray) -> Optional[dict]:
+  if method == "none":
+    return None
+  if method == "bias":
+    return fit_bias(labels, logits)
+  if method == "platt":
+    return fit_platt(labels, logits)
+  if method == "isotonic":
+    return fit_isotonic(labels, logits)
+  raise ValueError(f"calibration must be one of {METHODS}, got {method!r}")
+
+
+def holdout_fraction(method: str, holdout: Optional[float]) -> float:
+  """The share of the train split ``method`` is fitted on (None: its default, DEFAULT_HOLDOUT)."""
+  if method not in METHODS:
+    raise ValueError(f"calibration must be one of {METHODS}, got {method!r}")
+  if method == "none":
+    return 0.0
+  fraction = DEFAULT_HOLDOUT[method] if holdout is None else float(holdout)
+  if not 0 <= fraction < 0.5:
+    raise ValueError(f"calibration_holdout must be in [0, 0.5), got {fraction}")
+  return fraction
+
+
+def fit_heads(method: str, click: np.ndarray, conversion: np.ndarray, ctr_logit: np.ndarray,
+              cvr_logit: np.ndarray, holdout: float = 0.0) -> Dict[str, dict]:
+  """{"ctr": spec, "cvr": spec} from labels and uncalibrated logits (of the held-out slice, or of
+  the whole train split when ``holdout`` is 0)."""
+  clicked = np.asarray(click) > 0
+  return {"method": method, "holdout": holdout,
+          "ctr": fit(method, click, ctr_logit),
+          "cvr": fit(method, np.asarray(conversion)[clicked], np.asarray(cvr_logit)[clicked]),
+          "impressions": int(len(click)), "clicks": int(clicked.sum()),
+          "conversions": int(np.sum(np.asarray(conversion)[clicked]))}
+
+
+def save(model_dir: str, calibrations: Dict[str, dict]) -> None:
+  with tf.io.gfile.GFile(os.path.join(model_dir, CALIBRATION_FILE), "w") as f:
+    json.dump(calibrations, f, indent=2, sort_keys=True)
+
+
+def remove(model_dir: str) -> None:
+  path = os.path.join(model_dir, CALIBRATION_FILE)
+  if tf.io.gfile.exists(path):
+    tf.io.gfile.remove(path)
+
+
+def load(model_dir: str) -> Optional[Dict[str, dict]]:
+  """A model_dir's calibrations, or None when it has none."""
+  path = os.path.join(model_dir, CALIBRATION_FILE)
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path) as f:
+    return json.load(f)
