@@ -202,11 +202,11 @@ def _markdown(summary, meta, reference: str) -> str:
            "|---|" + "---:|" * len(METRICS)]
   for name, s in summary.items():
     lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(_cell(s[k], kind) for _, k, kind in METRICS) + " |")
-  lines += ["", f"Paired differences against {ref}, seed by seed: mean [95% t-interval]; AUC in points.", "",
-            "| model | " + " | ".join(h for h, _, _ in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
-  for name, s in summary.items():
-    if "paired_difference" not in s[METRICS[0][1]]:
-      continue
+  paired = [(name, s) for name, s in summary.items() if "paired_difference" in s[METRICS[0][1]]]
+  if paired:
+    lines += ["", f"Paired differences against {ref}, seed by seed: mean [95% t-interval]; AUC in points.", "",
+              "| model | " + " | ".join(h for h, _, _ in METRICS) + " |", "|---|" + "---:|" * len(METRICS)]
+  for name, s in paired:
     cells = []
     for _, k, kind in METRICS:
       d = s[k]["paired_difference"]
