@@ -23,6 +23,7 @@ from absl import logging
 from model_fn import calibration as C
 from model_fn import esmm, export, layers, mmoe
 from model_fn import input_fn as I
+from model_fn import metrics as M
 from model_fn.params import MODEL_SPECS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params, upgrade_recorded
 
 PARAMS_FILE = "params.json"
@@ -246,6 +247,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   The output biases start at the logits of the train split's base rates (params
   ``base_rates``, read from the preprocessing run's label counts unless given)."""
   tft_output = I.load_transform_output(transform_dir)
+  I.require_rows(transform_dir)     # an empty split: an error before anything is written, not NaN metrics
   calibration_holdout = I.holdout_share(C.holdout_fraction(calibration, calibration_holdout))
   params = dict(params, train_holdout=calibration_holdout)
   if params.get("base_rates") is None:
@@ -291,7 +293,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
     # evaluated the final checkpoint (parameter servers never get here: they serve until stopped).
     out = {"task": task, "model_dir": model_dir, "train_steps": train_steps}
     if result and result[0] is not None:
-      out["metrics"] = {k: float(v) for k, v in result[0].items()}
+      out["metrics"] = M.finite_or_none(result[0], f"{task} eval metrics of {model_dir}")
     return out
   # train_and_evaluate returns (None, None) when the budget was already spent (a rerun of a
   # finished model_dir): evaluate the final checkpoint then.
@@ -304,7 +306,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
     estimator = make_estimator(model_dir, {**params, "calibration": calibrations}, seed,
                                save_checkpoints_steps)
     eval_metrics = estimator.evaluate(eval_input, steps=eval_steps or None, name="calibrated")
-  metrics = {k: float(v) for k, v in eval_metrics.items()}
+  metrics = M.finite_or_none(eval_metrics, f"eval metrics of {model_dir}")   # NaN: null, with a warning
   out = {"task": task, "model_dir": model_dir, "train_steps": train_steps, "metrics": metrics,
          "task_steps": task_steps(model_dir),
          # What train_matmul_dtype "auto" became on this machine (a run's record of its arithmetic).

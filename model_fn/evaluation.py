@@ -151,6 +151,7 @@ def evaluate(models: List[Tuple[str, str]], transform_dir: str, ground_truth: Op
   calibrated model also gets a ``<name>:uncalibrated`` row (its towers before calibration), so
   the report shows its reliability before and after.
   """
+  I.require_rows(transform_dir, ("eval",))
   truth_all = read_ground_truth(ground_truth) if ground_truth else None
   report, curves = {}, {}
   for name, model_dir in models:

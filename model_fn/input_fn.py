@@ -58,6 +58,26 @@ def _reconciliation(transform_dir: str) -> dict:
     return json.load(f)
 
 
+class EmptySplit(ValueError):
+  """A split of the transform output has no rows: training or evaluating on it would report
+  undefined (NaN) metrics, or none."""
+
+
+def require_rows(transform_dir: str, splits=("train", "eval")) -> None:
+  """Refuses a transform output whose ``splits`` wrote no rows, from the counts of its
+  reconciliation.json, before anything is trained or written. A split with rows but no
+  positive of a label is not refused (that label's AUC is then undefined, reported as null)."""
+  load_transform_output(transform_dir)      # a missing or unfinished output: its own error
+  recorded = _reconciliation(transform_dir).get("splits", {})
+  for split in splits:
+    rows = int((recorded.get(split) or {}).get("rows_written", 0))
+    if rows == 0:
+      raise EmptySplit(f"the {split} split of {transform_dir} has no rows (reconciliation.json: "
+                       f"splits.{split}.rows_written = 0): there is nothing to "
+                       f"{'train on' if split == 'train' else 'evaluate on'}, and its metrics would be "
+                       "undefined; preprocess inputs with rows in both splits")
+
+
 def transform_format(transform_dir: str) -> str:
   """The raw input format a preprocessing run read (recorded in its reconciliation.json)."""
   return _reconciliation(transform_dir)["format"]

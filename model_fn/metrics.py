@@ -10,13 +10,32 @@ for any eval size, and within ~1e-4 of the exact AUC (only pairs that share a bi
 approximated, as ties). ``exact_auc`` is the numpy reference used by the evaluation report.
 """
 
+import math
 from typing import Dict, Optional
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 AUC_BINS = 1 << 16
 AUC_RANGE = (-20.0, 20.0)
+
+
+def finite_or_none(metrics: Dict[str, object], where: str) -> Dict[str, object]:
+  """``metrics`` to be written as JSON: a NaN or infinite number (an AUC of a split without a
+  positive or a negative label, say) becomes None (JSON null), never NaN, with a warning that
+  names it; other values are kept."""
+  out, undefined = {}, []
+  for k, v in metrics.items():
+    if isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool):
+      v = float(v)
+      if not math.isfinite(v):
+        undefined.append(k)
+        v = None
+    out[k] = v
+  if undefined:
+    logging.warning("%s: %s undefined (NaN or infinite), written as null", where, ", ".join(sorted(undefined)))
+  return out
 
 
 def _metric_variable(name: str, shape, dtype=tf.float64):

@@ -263,7 +263,49 @@ def resolve_params(params) -> Dict[str, Any]:
   p["base_rates"] = check_base_rates(p["base_rates"])
   if p["output_bias_init"] not in OUTPUT_BIAS_INITS:
     raise ValueError(f"output_bias_init must be one of {OUTPUT_BIAS_INITS}, got {p['output_bias_init']!r}")
+  _positive(p, "embedding_dim")
+  _positive(p, "embedding_partitions", minimum=0)
+  for key in ("ctr_hidden_units", "cvr_hidden_units", "expert_hidden_units", "tower_hidden_units"):
+    units = p[key]
+    if not isinstance(units, (list, tuple)) or not all(
+        isinstance(u, int) and not isinstance(u, bool) and u >= 1 for u in units):
+      raise ValueError(f"{key} must be a list of layer sizes of at least 1, got {units!r}")
+    p[key] = list(units)
+  for key in ("learning_rate", "embedding_learning_rate"):
+    p[key] = float(p[key])
+    if not 0 < p[key] < float("inf"):
+      raise ValueError(f"{key} must be a positive number, got {p[key]}")
+  p["embedding_init_stddev"] = float(p["embedding_init_stddev"])
+  if not 0 <= p["embedding_init_stddev"] < float("inf"):
+    raise ValueError(f"embedding_init_stddev must be >= 0, got {p['embedding_init_stddev']}")
+  p["dropout"] = float(p["dropout"])
+  if not 0 <= p["dropout"] < 1:
+    raise ValueError(f"dropout must be in [0, 1), got {p['dropout']}")
   return p
+
+
+def check_params(params: Dict[str, Any]) -> Dict[str, Any]:
+  """resolve_params before the transform output is read (its hash_buckets are not known yet): the
+  one check of the model params that the entry points (model_fn.train, pipeline.daily) run on
+  their flags before any work or write; a stand-in schema holds the given ``fields``."""
+  fields = params.get("fields") or []
+  return resolve_params({**params, "hash_buckets": params.get("hash_buckets")
+                         or {f: 1 for f in list(fields) or ["_"]}})
+
+
+def check_run(batch_size: int, num_epochs: float = 1.0, train_steps: int = 0, eval_steps: int = 0,
+              warm_epochs: float = 0.0) -> None:
+  """A training run's numbers besides the model params (model_fn.train's and pipeline.daily's
+  flags), checked before any work: a run of batch size 0 or of no epoch would fail, or train
+  nothing, only after writing its model_dir."""
+  for name, value, minimum in (("batch_size", batch_size, 1), ("train_steps", train_steps, 0),
+                               ("eval_steps", eval_steps, 0)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+  if not (isinstance(num_epochs, (int, float)) and 0 < num_epochs < float("inf")) and not train_steps:
+    raise ValueError(f"num_epochs must be a positive number (or give train_steps), got {num_epochs!r}")
+  if not (isinstance(warm_epochs, (int, float)) and 0 <= warm_epochs < float("inf")):
+    raise ValueError(f"warm_epochs must be >= 0, got {warm_epochs!r}")
 
 
 def check_base_rates(rates: Optional[Dict[str, float]]) -> Optional[Dict[str, float]]:

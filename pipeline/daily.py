@@ -31,7 +31,12 @@ A run for date T:
 
 Every step's output has a completion marker; a rerun skips finished steps and redoes an
 unfinished one, so a run killed anywhere can be rerun and completes, and rerunning a finished
-date changes nothing. Exit codes: 0 published (or already), 3 refused, 2 usage error.
+date with the same flags changes nothing; with other flags (RESULT_ARGS) it is refused, naming
+them (remove WORK/runs/T to redo the date). One run of a date at a time (WORK/runs/T.lock), and
+one publish of a model. Every flag is checked before any work (a misspelled one, not a Beam
+option either, is refused naming the closest known flag). Exit codes: 0 published (or already),
+3 not published (the gate, or a failed publish), 2 usage error (or a finished date rerun with
+other flags, or a date or model in use by another run), 4 the transform changed.
 """
 
 import datetime
@@ -43,12 +48,15 @@ from typing import Dict, List, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 import tensorflow as tf
-from absl import app, flags
+from absl import flags
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import preprocess, publish, relabel
+from model_fn import calibration as C
+from model_fn.params import MODELS, check_params, check_run
+from pipeline import partition, preprocess, publish, relabel
 from pipeline.sources import aliccp
 from pipeline.sources.deadletter import DEAD
+from preprocessing import cli
 from preprocessing import features as F
 from preprocessing import transform as T
 
@@ -59,49 +67,69 @@ RELABEL_MARKER = "relabel.json"
 RESULT = "result.json"
 TRAINING_RUN = "training_run.json"     # in the published version's assets.extra
 EXIT_REFUSED = 3
+CALIBRATIONS = C.METHODS
+# What the gate can compare: the metrics of model_fn.evaluation.score, without ground truth, for
+# which higher is better (a log loss or a calibration ratio must not simply "not fall").
+GATE_METRICS = ("auc/ctr", "auc/ctcvr", "auc/cvr_clicked")
+# The arguments that decide what a date's run trains, evaluates and publishes (result.json records
+# them): rerunning a finished date with other values is refused, naming them. The others (paths
+# of ground truth, partitions, Beam options, train_examples, keep_versions) change how or where
+# the work runs, not its result.
+RESULT_ARGS = ("model", "model_name", "model_params", "calibration", "window_days", "attribution_days",
+               "maturity_days", "label_strategy", "holdout_percent", "max_hash_buckets", "num_epochs",
+               "warm_epochs", "warm_start", "batch_size", "seed", "gate_metrics", "max_metric_drop")
 
 
-def define_flags():
-  """The command-line flags (only when run as a program, so the module imports as a library)."""
-  flags.DEFINE_string("date", None, "Run date YYYYMMDD: conversions logged up to this day are known.")
-  flags.DEFINE_string("logs_dir", None, "Root of impressions/date=D/ and conversions/date=D/.")
-  flags.DEFINE_string("work_dir", None, "Runs, models and the reference transform live here.")
-  flags.DEFINE_string("serving_root", None, "TF Serving's model base dir (models.config goes here).")
-  flags.DEFINE_string("model", "esmm", "Model to train (model_fn.params.MODELS).")
-  flags.DEFINE_string("params_file", None, "A JSON object of model params (model_fn.params.DEFAULT_PARAMS "
-                      "keys, e.g. a tuned model's params.json without hash_buckets) that the day's model "
-                      "trains with.")
-  flags.DEFINE_string("calibration", "bias", "Calibration built into the published model: bias, platt, "
-                      "isotonic or none (model_fn.train --calibration).")
-  flags.DEFINE_string("model_name", None, "Name under which TF Serving serves it (default: --model).")
-  flags.DEFINE_integer("window_days", 7, "Rolling window of impression days.")
-  flags.DEFINE_integer("attribution_days", 7, "A conversion counts up to this many days after the impression day.")
-  flags.DEFINE_integer("maturity_days", 3, "Labels of a day are mature this many days later.")
-  flags.DEFINE_enum("label_strategy", "wait", list(STRATEGIES),
-                    "wait: train only on mature days; naive: also on immature days, open clicks as negatives.")
-  flags.DEFINE_list("gate_metrics", list(DEFAULT_GATE_METRICS), "Metrics that must not fall.")
-  flags.DEFINE_float("max_metric_drop", 0.01, "Largest allowed fall of a gate metric (absolute).")
-  flags.DEFINE_integer("keep_versions", 3, "Published versions to keep.")
-  flags.DEFINE_integer("holdout_percent", 20,
-                       "Share of every day's impressions (by sample id hash) that no run trains on; the "
-                       "gate evaluates on the eval day's share (0: the whole eval day, no holdout).")
-  flags.DEFINE_float("num_epochs", 1.0, "Epochs over the train days of a cold-started run, and passes "
-                     "each row gets over all the warm-started runs it is trained in.")
-  flags.DEFINE_float("warm_epochs", 0.0, "Epochs of a warm-started run (0: num_epochs / number of "
-                     "train days, since a row stays a train day in about that many runs).")
-  flags.DEFINE_boolean("warm_start", True, "Continue from the served model's variables (--nowarm_start: "
-                       "train from scratch, e.g. after a change of model shape).")
-  flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
-  flags.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on every field's hash buckets (fixed across days).")
-  flags.DEFINE_string("ground_truth_dir", None,
-                      "Optional LOGS/ground_truth of synthetic logs: report label completeness per day.")
-  flags.DEFINE_integer("seed", 42, "Model seed.")
-  flags.DEFINE_integer("partitions", 0, "Run the day's preprocessing as this many pipelines, for a "
-                       "window larger than the DirectRunner's memory (pipeline.preprocess --partitions).")
-  flags.DEFINE_integer("parallel_partitions", 1, "Partitions run at once (with --partitions).")
-  flags.DEFINE_boolean("train_examples", True, "Write the day's train split as tf.Examples besides "
-                       "the blocks that training reads (pipeline.preprocess --train_examples); "
-                       "--notrain_examples: blocks only, a faster job.")
+def define_flags(fv: flags.FlagValues = FLAGS):
+  """The command-line flags (only when run as a program, so the module imports as a library),
+  defined into ``fv`` with their bounds; validate_flags checks the rest before any work."""
+  fl = cli.Define(fv)
+  fl.DEFINE_string("date", None, "Run date YYYYMMDD: conversions logged up to this day are known.")
+  fl.DEFINE_string("logs_dir", None, "Root of impressions/date=D/ and conversions/date=D/.")
+  fl.DEFINE_string("work_dir", None, "Runs, models and the reference transform live here.")
+  fl.DEFINE_string("serving_root", None, "TF Serving's model base dir (models.config goes here).")
+  fl.DEFINE_enum("model", "esmm", list(MODELS), "Model to train (model_fn.params.MODELS).")
+  fl.DEFINE_string("params_file", None, "A JSON object of model params (model_fn.params.DEFAULT_PARAMS "
+                   "keys, e.g. a tuned model's params.json without hash_buckets) that the day's model "
+                   "trains with.")
+  fl.DEFINE_enum("calibration", "bias", list(CALIBRATIONS), "Calibration built into the published "
+                 "model: bias, platt, isotonic or none (model_fn.train --calibration).")
+  fl.DEFINE_string("model_name", None, "Name under which TF Serving serves it (default: --model).")
+  fl.DEFINE_integer("window_days", 7, "Rolling window of impression days.", lower_bound=2)
+  fl.DEFINE_integer("attribution_days", 7, "A conversion counts up to this many days after the "
+                    "impression day.", lower_bound=0)
+  fl.DEFINE_integer("maturity_days", 3, "Labels of a day are mature this many days later.",
+                    lower_bound=0)
+  fl.DEFINE_enum("label_strategy", "wait", list(STRATEGIES),
+                 "wait: train only on mature days; naive: also on immature days, open clicks as negatives.")
+  fl.DEFINE_list("gate_metrics", list(DEFAULT_GATE_METRICS),
+                 f"Metrics that must not fall, among {', '.join(GATE_METRICS)}.")
+  fl.DEFINE_float("max_metric_drop", 0.01, "Largest allowed fall of a gate metric (absolute).")
+  fl.DEFINE_integer("keep_versions", 3, "Published versions to keep.", lower_bound=1)
+  fl.DEFINE_integer("holdout_percent", 20,
+                    "Share of every day's impressions (by sample id hash) that no run trains on; the "
+                    "gate evaluates on the eval day's share (0: the whole eval day, no holdout).",
+                    lower_bound=0, upper_bound=99)
+  fl.DEFINE_float("num_epochs", 1.0, "Epochs over the train days of a cold-started run, and passes "
+                  "each row gets over all the warm-started runs it is trained in.", lower_bound=0.0)
+  fl.DEFINE_float("warm_epochs", 0.0, "Epochs of a warm-started run (0: num_epochs / number of "
+                  "train days, since a row stays a train day in about that many runs).", lower_bound=0.0)
+  fl.DEFINE_boolean("warm_start", True, "Continue from the served model's variables (--nowarm_start: "
+                    "train from scratch, e.g. after a change of model shape).")
+  fl.DEFINE_integer("batch_size", 1024, "Examples per step.", lower_bound=1)
+  fl.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on every field's hash buckets (fixed across days).",
+                    lower_bound=0)
+  fl.DEFINE_string("ground_truth_dir", None,
+                   "Optional LOGS/ground_truth of synthetic logs: report label completeness per day.")
+  fl.DEFINE_integer("seed", 42, "Model seed.")
+  fl.DEFINE_integer("partitions", 0, "Run the day's preprocessing as this many pipelines, for a "
+                    "window larger than the DirectRunner's memory (pipeline.preprocess --partitions).",
+                    lower_bound=0)
+  fl.DEFINE_integer("parallel_partitions", 1, "Partitions run at once (with --partitions).",
+                    lower_bound=1)
+  fl.DEFINE_boolean("train_examples", True, "Write the day's train split as tf.Examples besides "
+                    "the blocks that training reads (pipeline.preprocess --train_examples); "
+                    "--notrain_examples: blocks only, a faster job.")
 
 
 UsageError = preprocess.UsageError   # a mistake in how the job was called (exit 2)
@@ -111,8 +139,95 @@ class TransformDrift(RuntimeError):
   """Today's transform differs from the reference one (exit 4)."""
 
 
+def check_args(date: str, model: str, model_params: Dict, calibration: str, window_days: int,
+               maturity_days: int, label_strategy: str, holdout_percent: int, batch_size: int,
+               num_epochs: float, warm_epochs: float, gate_metrics: Sequence[str], max_hash_buckets: int,
+               attribution_days: int, keep_versions: int) -> Dict:
+  """Every argument of a day's run, before any work or write (the flags parser runs it on the
+  flags, run() on its arguments): the model params as model_fn.params.check_params checks them
+  for model_fn.train too, the run's numbers as check_run. Returns the model params the run
+  trains with besides what the day's data decide (schema, base rates)."""
+  _day(date)
+  model_params = dict(model_params or {})
+  if model_params.get("model", model) != model:
+    # Its loss weights and network sizes are that model's (params.json holds them resolved).
+    raise UsageError(f"--params_file holds the params of model {model_params['model']!r}, not of "
+                     f"--model={model}; give the same model, or a file without 'model'")
+  # What the day's data decide (schema, base rates) comes from the day's transform output.
+  model_params = {k: v for k, v in model_params.items()
+                  if k not in ("model", "hash_buckets", "format", "base_rates", "train_holdout")}
+  try:
+    check_params({"model": model, **model_params})
+    check_run(batch_size, num_epochs, warm_epochs=warm_epochs)
+  except (TypeError, ValueError) as e:
+    raise UsageError(f"--model / --params_file: {e}") from None
+  if calibration not in CALIBRATIONS:
+    raise UsageError(f"--calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+  _check_window(window_days, maturity_days, label_strategy)
+  if not 0 <= holdout_percent < 100:
+    raise UsageError("--holdout_percent must be in [0, 100)")
+  unknown = [m for m in gate_metrics if m not in GATE_METRICS]
+  if unknown or not gate_metrics:
+    raise UsageError(f"--gate_metrics must name metrics among {', '.join(GATE_METRICS)}; got "
+                     f"{', '.join(gate_metrics) or 'none'}")
+  for name, value, minimum in (("max_hash_buckets", max_hash_buckets, 0),
+                               ("attribution_days", attribution_days, 0), ("keep_versions", keep_versions, 1)):
+    if value < minimum:
+      raise UsageError(f"--{name} must be at least {minimum}, got {value}")
+  return model_params
+
+
+def load_params_file(path: Optional[str]) -> Dict:
+  """The JSON object of model params in --params_file ({} without one)."""
+  if not path:
+    return {}
+  try:
+    with tf.io.gfile.GFile(path) as f:
+      model_params = json.load(f)
+  except (OSError, tf.errors.OpError, json.JSONDecodeError) as e:
+    raise UsageError(f"--params_file {path}: {e}") from None
+  if not isinstance(model_params, dict):
+    raise UsageError(f"--params_file {path} must hold a JSON object of model params")
+  return model_params
+
+
+def validate_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """The flags together, before any work (run by the flags parser, preprocessing/cli.py)."""
+  cli.require(fv, "date", "logs_dir", "work_dir", "serving_root")
+  v = lambda name: fv[name].value
+  check_args(v("date"), v("model"), load_params_file(v("params_file")), v("calibration"), v("window_days"),
+             v("maturity_days"), v("label_strategy"), v("holdout_percent"), v("batch_size"), v("num_epochs"),
+             v("warm_epochs"), v("gate_metrics"), v("max_hash_buckets"), v("attribution_days"),
+             v("keep_versions"))
+
+
+def _differences(recorded: Dict, given: Dict) -> List[str]:
+  return [f"--{k if k != 'model_params' else 'params_file'} {recorded[k]!r} -> {given[k]!r}"
+          for k in RESULT_ARGS if k in recorded and k in given and recorded[k] != given[k]]
+
+
+def _recorded_args(done: Dict) -> Dict:
+  """The RESULT_ARGS a finished run recorded; for a result.json of an earlier version, which
+  recorded none, what its plan shows of them."""
+  if "args" in done:
+    return done["args"]
+  p = done.get("plan", {})
+  out = {}
+  if "window" in p:
+    out["window_days"] = len(p["window"])
+  if "eval_day" in p and "date" in p:
+    out["maturity_days"] = (_day(p["date"]) - _day(p["eval_day"])).days
+  if "strategy" in p:
+    out["label_strategy"] = p["strategy"]
+  if "holdout_percent" in p:
+    out["holdout_percent"] = p["holdout_percent"]
+  return out
+
+
 def _day(date: str) -> datetime.date:
   try:
+    if not (isinstance(date, str) and len(date) == 8 and date.isdigit()):
+      raise ValueError(date)     # strptime would read 2024011 as 20240101
     return datetime.datetime.strptime(date, "%Y%m%d").date()
   except (TypeError, ValueError):
     raise UsageError(f"--date must be YYYYMMDD, got {date!r}") from None
@@ -122,12 +237,16 @@ def _fmt(day: datetime.date) -> str:
   return day.strftime("%Y%m%d")
 
 
-def plan(date: str, logs_dir: str, window_days: int, maturity_days: int, strategy: str) -> Dict:
-  """Which days train, which day evaluates, which conversion logs are read."""
+def _check_window(window_days: int, maturity_days: int, strategy: str) -> None:
   if strategy not in STRATEGIES:
     raise UsageError(f"--label_strategy must be one of {STRATEGIES}")
   if window_days < 2 or maturity_days < 0 or maturity_days >= window_days:
     raise UsageError("need window_days >= 2 and 0 <= maturity_days < window_days")
+
+
+def plan(date: str, logs_dir: str, window_days: int, maturity_days: int, strategy: str) -> Dict:
+  """Which days train, which day evaluates, which conversion logs are read."""
+  _check_window(window_days, maturity_days, strategy)
   t = _day(date)
   window = [_fmt(t - datetime.timedelta(days=k)) for k in range(window_days - 1, -1, -1)]
   present = [d for d in window if tf.io.gfile.exists(relabel.log_paths(logs_dir, d)["skeleton"])]
@@ -158,13 +277,30 @@ def _write_json(path: str, obj) -> None:
   tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
+def _owning(path: str, what: str) -> publish.OutputLock:
+  """The lock that makes this run the only one writing ``path`` (pipeline/publish.py); a
+  second run is refused with a UsageError naming the first one's pid, instead of removing
+  what the first one is writing."""
+  try:
+    return publish.OutputLock(path, what).acquire()
+  except publish.OutputBusy as e:
+    raise UsageError(str(e)) from None
+
+
 def run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, beam_args: Sequence[str],
                 holdout_percent: int = 0) -> Dict:
   """Step 2: relabeled skeleton files per split + the split's common files; the marker last.
 
   ``holdout_percent``: the share of every day's impressions (by sample id) kept out of
-  training in every run; the eval split is that slice of the eval day.
+  training in every run; the eval split is that slice of the eval day. One run of a date
+  relabels at a time (an unfinished ``out_dir`` is removed and redone: never a live run's).
   """
+  with _owning(out_dir, "daily run relabeling this date"):
+    return _run_relabel(p, logs_dir, out_dir, attribution_days, beam_args, holdout_percent)
+
+
+def _run_relabel(p: Dict, logs_dir: str, out_dir: str, attribution_days: int, beam_args: Sequence[str],
+                 holdout_percent: int) -> Dict:
   done = _done(os.path.join(out_dir, RELABEL_MARKER))
   if done:
     return done
@@ -222,8 +358,9 @@ def probe_examples(logs_dir: str, date: str, n: int = 32) -> List[bytes]:
   known = frozenset(f.name for f in F.fields("aliccp"))
   rows = []
   paths = relabel.log_paths(logs_dir, date)
+  # partition.records: the lines as the job reads them (a file's byte-order mark dropped).
   with tf.io.gfile.GFile(paths["skeleton"], "rb") as f:
-    for line in f:
+    for line in partition.records(f):
       try:
         rows.append(aliccp.parse_skeleton_line(line, known)[0])
       except aliccp.BadRecord:
@@ -233,7 +370,7 @@ def probe_examples(logs_dir: str, date: str, n: int = 32) -> List[bytes]:
   wanted = {r["index"] for r in rows}
   common = {}
   with tf.io.gfile.GFile(paths["common"], "rb") as f:
-    for line in f:
+    for line in partition.records(f):
       if len(common) == len(wanted):
         break
       try:
@@ -264,13 +401,16 @@ def check_transform(reference: str, transform_dir: str, serialized: Sequence[byt
   """Step 3's guard: the first transform becomes the reference; later ones must agree on
   the schema's bucket counts and on every output for the probe examples."""
   if not tf.io.gfile.exists(os.path.join(reference, "transform_fn")):
-    staging = reference + ".tmp"
-    if tf.io.gfile.exists(staging):
-      tf.io.gfile.rmtree(staging)
-    for sub in ("transform_fn", "transformed_metadata"):
-      publish.copy_tree(os.path.join(transform_dir, sub), os.path.join(staging, sub))
-    tf.io.gfile.rename(staging, reference, overwrite=True)
-    return "reference set"
+    # Under the reference's lock, so no other day's first run removes this staging copy.
+    with _owning(reference, "daily run setting the reference transform"):
+      if not tf.io.gfile.exists(os.path.join(reference, "transform_fn")):
+        staging = reference + ".tmp"
+        if tf.io.gfile.exists(staging):
+          tf.io.gfile.rmtree(staging)
+        for sub in ("transform_fn", "transformed_metadata"):
+          publish.copy_tree(os.path.join(transform_dir, sub), os.path.join(staging, sub))
+        tf.io.gfile.rename(staging, reference, overwrite=True)
+        return "reference set"
   import tensorflow_transform as tft
   want = T.transformed_hash_buckets(tft.TFTransformOutput(reference))
   got = T.transformed_hash_buckets(tft.TFTransformOutput(transform_dir))
@@ -352,79 +492,86 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
         calibration: str = "bias") -> Dict:
   """One day's run (see the module doc). Returns the run's result (also RUN/result.json).
   ``model_params``: params the model trains with besides ``model`` (checked before any work)."""
-  from model_fn import calibration as C
   from model_fn import estimator as E
   from model_fn import evaluation
   from model_fn import input_fn as I
-  from model_fn.params import resolve_params
-  model_params = dict(model_params or {})
-  if model_params.get("model", model) != model:
-    # Its loss weights and network sizes are that model's (params.json holds them resolved).
-    raise UsageError(f"--params_file holds the params of model {model_params['model']!r}, not of "
-                     f"--model={model}; give the same model, or a file without 'model'")
-  # What the day's data decide (schema, base rates) comes from the day's transform output.
-  model_params = {k: v for k, v in model_params.items()
-                  if k not in ("model", "hash_buckets", "format", "base_rates", "train_holdout")}
-  try:
-    fields = model_params.get("fields") or []
-    resolve_params({"model": model, "hash_buckets": {f: 1 for f in list(fields) or ["_"]}, **model_params})
-  except (TypeError, ValueError) as e:
-    raise UsageError(f"--model / --params_file: {e}") from None
-  if calibration not in C.METHODS:
-    raise UsageError(f"--calibration must be one of {C.METHODS}, got {calibration!r}")
+  from model_fn import metrics as M
+  model_params = check_args(date, model, model_params, calibration, window_days, maturity_days,
+                            label_strategy, holdout_percent, batch_size, num_epochs, warm_epochs,
+                            gate_metrics, max_hash_buckets, attribution_days, keep_versions)
   model_name = model_name or model
+  args = dict(model=model, model_name=model_name, model_params=model_params, calibration=calibration,
+              window_days=window_days, attribution_days=attribution_days, maturity_days=maturity_days,
+              label_strategy=label_strategy, holdout_percent=holdout_percent,
+              max_hash_buckets=max_hash_buckets, num_epochs=float(num_epochs),
+              warm_epochs=float(warm_epochs), warm_start=bool(warm_start), batch_size=batch_size, seed=seed,
+              gate_metrics=list(gate_metrics), max_metric_drop=float(max_metric_drop))
+  args = json.loads(json.dumps(args))      # as result.json records it
   run_dir = os.path.join(work_dir, "runs", date)
-  done = _done(os.path.join(run_dir, RESULT))
-  if done:
-    done["rerun"] = True
-    return done
-  p = plan(date, logs_dir, window_days, maturity_days, label_strategy)
-  if not 0 <= holdout_percent < 100:
-    raise UsageError("--holdout_percent must be in [0, 100)")
-  p["holdout_percent"] = holdout_percent
-  tf.io.gfile.makedirs(run_dir)
-  _write_json(os.path.join(run_dir, "plan.json"), p)
-  rec = run_relabel(p, logs_dir, os.path.join(run_dir, "relabeled"), attribution_days, beam_args, holdout_percent)
-  transform_dir = os.path.join(run_dir, "transformed")
-  run_transform(os.path.join(run_dir, "relabeled"), transform_dir, max_hash_buckets, beam_args,
-                partitions, parallel_partitions, train_examples)
-  probes = probe_examples(logs_dir, p["eval_day"])
-  transform_check = check_transform(os.path.join(work_dir, "transform_reference"), transform_dir, probes)
-  served = served_run(serving_root, model_name)
-  served_dir = served.get("model_dir") if served else None
-  if served_dir and not tf.io.gfile.exists(served_dir):
-    served_dir = None
-  warm = served_dir if warm_start else None
-  model_dir = os.path.join(run_dir, "model")
-  buckets = T.transformed_hash_buckets(I.load_transform_output(transform_dir))
-  epochs = epochs_for_run(num_epochs, warm_epochs, bool(warm), len(p["train_days"]))
-  trained = _done(os.path.join(model_dir, "train_result.json"))
-  if not trained or not tf.io.gfile.exists(trained.get("saved_model", "")):
-    params = {**model_params, "model": model, "hash_buckets": buckets}
-    trained = E.train_and_evaluate(transform_dir, model_dir, params, batch_size, num_epochs=epochs, seed=seed,
-                                   warm_start_from=warm, calibration=calibration)
-  to_score = [("candidate", model_dir)] + ([("served", served_dir)] if served_dir else [])
-  report, _ = evaluation.evaluate(to_score, transform_dir)
-  candidate = {k: v for k, v in report["candidate"].items() if isinstance(v, float)}
-  served_metrics = ({k: v for k, v in report["served"].items() if isinstance(v, float)}
-                    if "served" in report else None)
-  reasons = gate(candidate, served_metrics, gate_metrics, max_metric_drop)
-  result = {"date": date, "plan": p, "relabel": rec, "transform": transform_check,
-            "warm_start_from": warm, "epochs": epochs, "served_before": served and served["version"],
-            "candidate": candidate, "served": served_metrics, "model_dir": model_dir,
-            "saved_model": trained["saved_model"]}
-  if ground_truth_dir:
-    result["label_completeness"] = label_completeness(logs_dir, ground_truth_dir, rec)
-  if reasons:
-    result.update(published=False, refused=reasons)
-  else:
-    extra = {"model_dir": model_dir, "date": date, "metrics": candidate}
-    pub = publish.publish(trained["saved_model"], serving_root, model_name, int(date), probes,
-                          keep=keep_versions, extra_files={TRAINING_RUN: json.dumps(extra, indent=2)})
-    result.update(published=pub["published"], version=pub["version"], versions=pub["versions"],
-                  publish=pub["reason"])
-  _write_json(os.path.join(run_dir, RESULT), result)
-  return result
+  # One run of a date at a time: a second is refused (UsageError naming the first one's pid)
+  # instead of training into, or publishing from, the same model dir.
+  with _owning(run_dir, "daily run of this date"):
+    done = _done(os.path.join(run_dir, RESULT))
+    if done:
+      differ = _differences(_recorded_args(done), args)
+      if differ:
+        raise UsageError(f"{date} is already done ({os.path.join(run_dir, RESULT)}) with other flags: "
+                         f"{'; '.join(differ)}. Nothing was changed; to redo the date with these flags, "
+                         f"remove {run_dir} first")
+      done["rerun"] = True
+      return done
+    p = plan(date, logs_dir, window_days, maturity_days, label_strategy)
+    p["holdout_percent"] = holdout_percent
+    tf.io.gfile.makedirs(run_dir)
+    _write_json(os.path.join(run_dir, "plan.json"), p)
+    rec = run_relabel(p, logs_dir, os.path.join(run_dir, "relabeled"), attribution_days, beam_args, holdout_percent)
+    transform_dir = os.path.join(run_dir, "transformed")
+    run_transform(os.path.join(run_dir, "relabeled"), transform_dir, max_hash_buckets, beam_args,
+                  partitions, parallel_partitions, train_examples)
+    probes = probe_examples(logs_dir, p["eval_day"])
+    transform_check = check_transform(os.path.join(work_dir, "transform_reference"), transform_dir, probes)
+    served = served_run(serving_root, model_name)
+    served_dir = served.get("model_dir") if served else None
+    if served_dir and not tf.io.gfile.exists(served_dir):
+      served_dir = None
+    warm = served_dir if warm_start else None
+    model_dir = os.path.join(run_dir, "model")
+    buckets = T.transformed_hash_buckets(I.load_transform_output(transform_dir))
+    try:
+      I.require_rows(transform_dir)     # an empty split would train or gate on nothing (NaN metrics)
+    except I.EmptySplit as e:
+      raise UsageError(f"{date}: {e} (the eval split is --holdout_percent={holdout_percent} of day "
+                       f"{p['eval_day']}); nothing was trained or published") from None
+    epochs = epochs_for_run(num_epochs, warm_epochs, bool(warm), len(p["train_days"]))
+    trained = _done(os.path.join(model_dir, "train_result.json"))
+    if not trained or not tf.io.gfile.exists(trained.get("saved_model", "")):
+      params = {**model_params, "model": model, "hash_buckets": buckets}
+      trained = E.train_and_evaluate(transform_dir, model_dir, params, batch_size, num_epochs=epochs, seed=seed,
+                                     warm_start_from=warm, calibration=calibration)
+    to_score = [("candidate", model_dir)] + ([("served", served_dir)] if served_dir else [])
+    report, _ = evaluation.evaluate(to_score, transform_dir)
+    candidate = {k: v for k, v in report["candidate"].items() if isinstance(v, float)}
+    served_metrics = ({k: v for k, v in report["served"].items() if isinstance(v, float)}
+                      if "served" in report else None)
+    reasons = gate(candidate, served_metrics, gate_metrics, max_metric_drop)
+    # Written as JSON: an undefined metric (NaN) is null there, with a warning naming it.
+    result = {"date": date, "plan": p, "relabel": rec, "transform": transform_check,
+              "warm_start_from": warm, "epochs": epochs, "served_before": served and served["version"],
+              "candidate": M.finite_or_none(candidate, f"{date}: the candidate's metrics"),
+              "served": served_metrics and M.finite_or_none(served_metrics, f"{date}: the served model's metrics"),
+              "model_dir": model_dir, "saved_model": trained["saved_model"], "args": args}
+    if ground_truth_dir:
+      result["label_completeness"] = label_completeness(logs_dir, ground_truth_dir, rec)
+    if reasons:
+      result.update(published=False, refused=reasons)
+    else:
+      extra = {"model_dir": model_dir, "date": date, "metrics": result["candidate"]}
+      pub = publish.publish(trained["saved_model"], serving_root, model_name, int(date), probes,
+                            keep=keep_versions, extra_files={TRAINING_RUN: json.dumps(extra, indent=2)})
+      result.update(published=pub["published"], version=pub["version"], versions=pub["versions"],
+                    publish=pub["reason"])
+    _write_json(os.path.join(run_dir, RESULT), result)
+    return result
 
 
 def format_result(r: Dict) -> str:
@@ -442,10 +589,11 @@ def format_result(r: Dict) -> str:
   lines.append(f"  transform: {r['transform']}; warm start: {r['warm_start_from'] or 'none (cold start)'}; "
                f"epochs {r['epochs']:g}")
   keys = ("auc/ctr", "auc/ctcvr", "auc/cvr_clicked", "calibration/ctcvr")
-  lines.append("  candidate: " + "  ".join(f"{k}={r['candidate'][k]:.4f}" for k in keys if k in r["candidate"]))
+  num = lambda v: "undefined" if v is None or not np.isfinite(v) else f"{v:.4f}"
+  lines.append("  candidate: " + "  ".join(f"{k}={num(r['candidate'][k])}" for k in keys if k in r["candidate"]))
   if r.get("served"):
     lines.append(f"  served v{r['served_before']}: "
-                 + "  ".join(f"{k}={r['served'][k]:.4f}" for k in keys if k in r["served"]))
+                 + "  ".join(f"{k}={num(r['served'][k])}" for k in keys if k in r["served"]))
   else:
     lines.append("  gate: no served model with a known training run to compare with")
   if r.get("refused"):
@@ -458,27 +606,19 @@ def format_result(r: Dict) -> str:
 def main(argv):
   beam_args = argv[1:]
   try:
-    for name in ("date", "logs_dir", "work_dir", "serving_root"):
-      if not FLAGS[name].value:
-        raise UsageError(f"--{name} is required")
-    model_params = {}
-    if FLAGS.params_file:
-      try:
-        with tf.io.gfile.GFile(FLAGS.params_file) as f:
-          model_params = json.load(f)
-      except (OSError, tf.errors.OpError, json.JSONDecodeError) as e:
-        raise UsageError(f"--params_file {FLAGS.params_file}: {e}") from None
-      if not isinstance(model_params, dict):
-        raise UsageError(f"--params_file {FLAGS.params_file} must hold a JSON object of model params")
+    model_params = load_params_file(FLAGS.params_file)    # validate_flags has checked it
     r = run(FLAGS.date, FLAGS.logs_dir, FLAGS.work_dir, FLAGS.serving_root, FLAGS.model, FLAGS.model_name,
             FLAGS.window_days, FLAGS.attribution_days, FLAGS.maturity_days, FLAGS.label_strategy,
             FLAGS.gate_metrics, FLAGS.max_metric_drop, FLAGS.keep_versions, FLAGS.num_epochs,
             FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args,
             FLAGS.holdout_percent, FLAGS.warm_epochs, FLAGS.warm_start, FLAGS.partitions,
             FLAGS.parallel_partitions, FLAGS.train_examples, model_params, FLAGS.calibration)
-  except UsageError as e:
+  except (UsageError, publish.OutputBusy) as e:    # busy: another run publishes this model now
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.EXIT_USAGE
+  except publish.PublishError as e:
+    print(f"error: not published, the served model stays: {e}", file=sys.stderr)
+    return EXIT_REFUSED
   except TransformDrift as e:
     print(f"error: the transform changed: {e}; nothing was trained or published", file=sys.stderr)
     return 4
@@ -487,5 +627,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=preprocess.parse_flags)   # flags it does not define go to Beam
+  # Flags it does not define go to Beam; one that Beam does not know either is an error.
+  cli.run(main, define_flags, validate_flags, beam=True)

@@ -16,6 +16,7 @@ without a line break is still a record.
 
 import math
 import random
+import struct
 from typing import Callable, Dict, List, Optional, Sequence
 
 ALICCP = "aliccp"
@@ -281,21 +282,24 @@ def expected_aliccp(skeleton_files: Sequence[bytes], common_files: Sequence[byte
   by_index: Dict[str, list] = {}
   for row in kept:
     by_index.setdefault(row["index"], []).append(row)
-  written, used = [], 0
+  # Common rows sharing an index: of identical copies one is kept, copies that differ are all set aside.
+  written, used, unused = [], 0, 0
+  joinable = set()
   for index, rows in commons.items():
+    same = all(r == rows[0] for r in rows[1:])
     if len(rows) > 1:
-      _count(out["common_dead"], A.DUPLICATE_COMMON_FEATURE_INDEX, len(rows))
-    elif by_index.get(index):
-      used += 1
+      _count(out["common_dead"], A.DUPLICATE_COMMON_FEATURE_INDEX, len(rows) - 1 if same else len(rows))
+    if same:
+      joinable.add(index)
+      used, unused = (used + 1, unused) if by_index.get(index) else (used, unused + 1)
   for index, rows in by_index.items():
-    n_common = len(commons.get(index, ()))
-    if n_common == 1:
+    if index in joinable:
       written.extend(r["sample_id"] for r in rows)
     else:
-      reason = A.DUPLICATE_COMMON_FEATURE_INDEX if n_common > 1 else A.UNKNOWN_COMMON_FEATURE_INDEX
+      reason = A.DUPLICATE_COMMON_FEATURE_INDEX if index in commons else A.UNKNOWN_COMMON_FEATURE_INDEX
       _count(out["skeleton_dead"], reason, len(rows))
   out["common_used"] = used
-  out["common_unused"] = sum(1 for rows in commons.values() if len(rows) == 1) - used
+  out["common_unused"] = unused
   out["written_ids"] = sorted(written)
   return out
 
@@ -370,7 +374,8 @@ def classify_aliccp(line: bytes, source: str, coder=None) -> str:
   for field, (ids, weights) in row["features"].items():
     _require(field in known and len(ids) == len(weights), "bad field accepted", line)
     _require(all(isinstance(i, int) and 0 <= i <= _INT64_MAX for i in ids), "bad id accepted", line)
-    _require(all(math.isfinite(w) and w >= 0 for w in weights), "bad weight accepted", line)
+    _require(all(w >= 0 and math.isfinite(struct.unpack("f", struct.pack("f", w))[0]) for w in weights),
+             "bad weight accepted (not a finite non-negative float32)", line)
   if source == "skeleton":
     _require(0 <= row["sample_id"] <= _INT64_MAX, "bad sample id accepted", line)
     _require(row["click"] in (0, 1) and row["conversion"] in (0, 1), "bad label accepted", line)

@@ -22,19 +22,33 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
-from absl import app, flags
+from absl import flags
+
+from preprocessing import cli
 
 FLAGS = flags.FLAGS
 HOST = "127.0.0.1"
 
 
-def define_flags():
-  """The command-line flags (only when run as a program, so the module imports as a library)."""
-  flags.DEFINE_integer("ps", 1, "Parameter servers (the embedding tables are partitioned over them).")
-  flags.DEFINE_integer("workers", 1, "Workers besides the chief.")
-  flags.DEFINE_boolean("evaluator", True, "Also start an evaluator (evaluates every new checkpoint).")
-  flags.DEFINE_string("task_logs", None, "Per-task logs (default: MODEL_DIR/cluster_logs).")
-  flags.DEFINE_integer("timeout_s", 0, "Stop everything and fail after this many seconds (0: no limit).")
+def define_flags(fv: flags.FlagValues = FLAGS):
+  """The command-line flags (only when run as a program, so the module imports as a library),
+  defined into ``fv`` with their bounds (checked as they are parsed, preprocessing/cli.py)."""
+  fl = cli.Define(fv)
+  fl.DEFINE_integer("ps", 1, "Parameter servers (the embedding tables are partitioned over them).",
+                    lower_bound=1)
+  fl.DEFINE_integer("workers", 1, "Workers besides the chief.", lower_bound=0)
+  fl.DEFINE_boolean("evaluator", True, "Also start an evaluator (evaluates every new checkpoint).")
+  fl.DEFINE_string("task_logs", None, "Per-task logs (default: MODEL_DIR/cluster_logs).")
+  fl.DEFINE_integer("timeout_s", 0, "Stop everything and fail after this many seconds (0: no limit).",
+                    lower_bound=0)
+
+
+def check_train_args(train_args: Sequence[str]) -> None:
+  """The model_fn.train flags every task will run with, parsed and validated here as model_fn.train
+  does, before any task starts: a mistake is one error line, not a cluster of failed tasks."""
+  from model_fn import train     # TensorFlow: only when a cluster is about to start
+  cli.parse(["model_fn.train", *train_args], cli.flag_values(train.define_flags),
+            validate=train.validate_flags)
 
 
 def free_ports(n: int) -> List[int]:
@@ -177,10 +191,12 @@ def main(argv):
   model_dir = _model_dir(train_args)
   if not model_dir:
     print("error: pass the model_fn.train flags after --, --model_dir=... among them", file=sys.stderr)
-    return 2
-  if FLAGS.ps < 1 or FLAGS.workers < 0:
-    print("error: --ps must be at least 1 and --workers at least 0", file=sys.stderr)
-    return 2
+    return cli.EXIT_USAGE
+  try:
+    check_train_args(train_args)
+  except cli.UsageError as e:
+    print(f"error: model_fn.train flags: {e}", file=sys.stderr)
+    return cli.EXIT_USAGE
   log_dir = FLAGS.task_logs or os.path.join(model_dir, "cluster_logs")
   cluster = LocalCluster(train_args, log_dir, FLAGS.ps, FLAGS.workers, FLAGS.evaluator)
   print(f"cluster {json.dumps(cluster.cluster)}; evaluator: {FLAGS.evaluator}; logs in {log_dir}", flush=True)
@@ -199,5 +215,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, positional=True)   # the model_fn.train flags come after --

@@ -46,9 +46,12 @@ class Partitions:
 
 
 def records(f: BinaryIO) -> Iterator[bytes]:
-  """The records Beam's text reader makes of a file: lines ended by \\n or \\r\\n, without the
-  end; a last line without an end is a record too."""
-  for line in iter(f.readline, b""):
+  """The records the job's text reader (aliccp.ReadLines) makes of a file: lines ended by \\n or
+  \\r\\n, without the end, the file's byte-order mark dropped; a last line without an end is a
+  record too."""
+  for n, line in enumerate(iter(f.readline, b"")):
+    if n == 0 and line.startswith(aliccp.BOM):
+      line = line[len(aliccp.BOM):]
     if line.endswith(b"\n"):
       line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
     yield line

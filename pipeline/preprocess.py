@@ -33,15 +33,23 @@ Then the TFT ``preprocessing_fn`` hashes every categorical field and the job wri
       split's rows written; with --notrain_examples the blocks are the train split's rows
       written)
 
-The job writes into OUT.staging-<id> and renames it to OUT only when it has finished,
-every row is accounted for, and no split set aside more than --max_dead_letter_fraction
-of its rows; so a killed run never leaves a partial OUT (the next run removes its staging
-dir), and --overwrite keeps the previous OUT until the new one is complete. Rows sharing
+The job writes into OUT.staging-<pid>@<host>-<id> and renames it to OUT only when it has
+finished, every row is accounted for, every split has rows written (an empty split, e.g.
+0-byte test files, is an error), no split set aside more than --max_dead_letter_fraction of
+its rows, and the staged output holds every file and dir listed above; so a killed run never
+leaves a partial OUT (the next run removes its staging dir), and --overwrite keeps the
+previous OUT until the new one is complete (a run killed while replacing it leaves it as
+OUT.replaced-*, which the next run renames back before anything else). A run holds the lock
+file OUT.lock until it has published: a second run of the same OUT is refused, naming the
+first one's pid (local paths only; on gs:// nothing keeps two runs of one OUT apart, see
+pipeline/publish.py). Rows sharing
 a sample id are resolved (identical copies: one kept; differing copies: all set aside).
 The first line of the inputs is checked against --format before anything runs.
 
 Any flag this module does not define is handed to Beam untouched, so the same job runs
-on DirectRunner, Dataflow, Flink or Spark. On the DirectRunner, which holds its shuffles in
+on DirectRunner, Dataflow, Flink or Spark; an argument that is neither this module's flag nor
+an option Beam's PipelineOptions know (a misspelling) is refused before anything runs, naming
+the closest known flag (preprocessing/cli.py). On the DirectRunner, which holds its shuffles in
 memory, --partitions=K runs an Ali-CCP job as K pipelines by common_feature_index, each in its
 own process (--parallel_partitions at a time), writing the output the whole job would
 (pipeline/partition.py).
@@ -52,7 +60,6 @@ import json
 import multiprocessing
 import os
 import sys
-import uuid
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -61,60 +68,67 @@ import apache_beam as beam
 import pyarrow as pa
 import tensorflow as tf
 import tensorflow_transform.beam as tft_beam
-from absl import app, flags
+from absl import flags
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import partition
+from pipeline import partition, publish
 from pipeline.sources import aliccp, avazu
 from pipeline.sources.deadletter import DEAD
+from preprocessing import cli
 from preprocessing import features as F
 from preprocessing import transform as T
 
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """The command-line flags (only when run as a program, so the module imports as a library)."""
-  flags.DEFINE_enum("format", "aliccp", sorted(F.FORMATS), "Raw input format.")
-  flags.DEFINE_string("input_dir", None, "Directory with the raw files under their release names.")
-  flags.DEFINE_string("train_skeleton", None, "File pattern of train skeleton rows (overrides --input_dir).")
-  flags.DEFINE_string("train_common", None, "File pattern of train common-features rows.")
-  flags.DEFINE_string("eval_skeleton", None, "File pattern of eval skeleton rows.")
-  flags.DEFINE_string("eval_common", None, "File pattern of eval common-features rows.")
-  flags.DEFINE_list("train_files", None,
-                    "Avazu: comma-separated file patterns of the train split (overrides --input_dir).")
-  flags.DEFINE_list("eval_files", None,
-                    "Avazu: comma-separated file patterns of the eval split (overrides --input_dir).")
-  flags.DEFINE_list("crosses", None,
-                    "Feature crosses hashed in TFT, as a:b field pairs (each becomes the field "
-                    "a_x_b). Default: the format's (avazu: " + ",".join(F.DEFAULT_CROSSES["avazu"])
-                    + "; aliccp: none); an empty value makes none.")
-  flags.DEFINE_string("output_dir", None, "Where to write TFRecords, transform_fn and dead letters.")
-  flags.DEFINE_integer("max_hash_buckets", 0,
-                       "Cap on every field's hash bucket count (0: the schema's sizes for the full data).")
-  flags.DEFINE_integer("num_shards", 0, "TFRecord shards per split (0: let the runner decide).")
-  flags.DEFINE_boolean("overwrite", False, "Replace an existing --output_dir (it stays until the new "
-                       "output is complete).")
-  flags.DEFINE_boolean("dedup_sample_ids", True, "Keep one of identical rows sharing a sample id and "
-                       "set aside rows whose copies differ (each with its reason).")
-  flags.DEFINE_float("max_dead_letter_fraction", 0.5, "Do not publish the output when more than this "
-                     "fraction of a split's rows was set aside (the wrong files or --format).")
-  flags.DEFINE_integer("train_block_rows", F.DEFAULT_BLOCK_ROWS, "Rows per column block of "
-                       "OUT/train_blocks, the training input (0: write no blocks; training then "
-                       "reads the train tf.Examples, about 4x the CPU per row).")
-  flags.DEFINE_boolean("train_examples", True, "Write the train split as one tf.Example per row "
-                       "under OUT/train besides the blocks. Training reads the blocks; the tf.Examples "
-                       "are for other readers (and --train_input=examples). --notrain_examples writes "
-                       "the blocks only: about 30% less work for the job "
-                       "(benchmarks/results/preprocess_blocks_only.md).")
-  flags.DEFINE_integer("partitions", 0, "Ali-CCP on the DirectRunner: run the job as this many "
-                       "partitions by common_feature_index, each a pipeline in its own process, so "
-                       "memory follows a partition's rows instead of the input's (0: one job). The "
-                       "output is the whole job's; see pipeline/partition.py.")
-  flags.DEFINE_integer("parallel_partitions", 1, "With --partitions: how many run at a time.")
-  flags.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
+def define_flags(fv: flags.FlagValues = FLAGS):
+  """The command-line flags (only when run as a program, so the module imports as a library),
+  defined into ``fv``; validate_flags checks them together."""
+  d = cli.Define(fv)
+  d.DEFINE_enum("format", "aliccp", sorted(F.FORMATS), "Raw input format.")
+  d.DEFINE_string("input_dir", None, "Directory with the raw files under their release names.")
+  d.DEFINE_string("train_skeleton", None, "File pattern of train skeleton rows (overrides --input_dir).")
+  d.DEFINE_string("train_common", None, "File pattern of train common-features rows.")
+  d.DEFINE_string("eval_skeleton", None, "File pattern of eval skeleton rows.")
+  d.DEFINE_string("eval_common", None, "File pattern of eval common-features rows.")
+  d.DEFINE_list("train_files", None,
+                "Avazu: comma-separated file patterns of the train split (overrides --input_dir).")
+  d.DEFINE_list("eval_files", None,
+                "Avazu: comma-separated file patterns of the eval split (overrides --input_dir).")
+  d.DEFINE_list("crosses", None,
+                "Feature crosses hashed in TFT, as a:b field pairs (each becomes the field "
+                "a_x_b). Default: the format's (avazu: " + ",".join(F.DEFAULT_CROSSES["avazu"])
+                + "; aliccp: none); an empty value makes none.")
+  d.DEFINE_string("output_dir", None, "Where to write TFRecords, transform_fn and dead letters.")
+  d.DEFINE_integer("max_hash_buckets", 0,
+                   "Cap on every field's hash bucket count (0: the schema's sizes for the full data).",
+                   lower_bound=0)
+  d.DEFINE_integer("num_shards", 0, "TFRecord shards per split (0: let the runner decide).",
+                   lower_bound=0)
+  d.DEFINE_boolean("overwrite", False, "Replace an existing --output_dir (it stays until the new "
+                   "output is complete).")
+  d.DEFINE_boolean("dedup_sample_ids", True, "Keep one of identical rows sharing a sample id and "
+                   "set aside rows whose copies differ (each with its reason).")
+  d.DEFINE_float("max_dead_letter_fraction", 0.5, "Do not publish the output when more than this "
+                 "fraction of a split's rows was set aside (the wrong files or --format).",
+                 lower_bound=0.0, upper_bound=1.0)
+  d.DEFINE_integer("train_block_rows", F.DEFAULT_BLOCK_ROWS, "Rows per column block of "
+                   "OUT/train_blocks, the training input (0: write no blocks; training then "
+                   "reads the train tf.Examples, about 4x the CPU per row).", lower_bound=0)
+  d.DEFINE_boolean("train_examples", True, "Write the train split as one tf.Example per row "
+                   "under OUT/train besides the blocks. Training reads the blocks; the tf.Examples "
+                   "are for other readers (and --train_input=examples). --notrain_examples writes "
+                   "the blocks only: about 30% less work for the job "
+                   "(benchmarks/results/preprocess_blocks_only.md).")
+  d.DEFINE_integer("partitions", 0, "Ali-CCP on the DirectRunner: run the job as this many "
+                   "partitions by common_feature_index, each a pipeline in its own process, so "
+                   "memory follows a partition's rows instead of the input's (0: one job). The "
+                   "output is the whole job's; see pipeline/partition.py.", lower_bound=0)
+  d.DEFINE_integer("parallel_partitions", 1, "With --partitions: how many run at a time.",
+                   lower_bound=1)
+  d.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
 
 SPLITS = (("train", "train"), ("eval", "test"))   # (output split, release file suffix)
 # Avazu-style files of a split under --input_dir ({} = the release file suffix).
@@ -123,8 +137,39 @@ _ALICCP_OVERRIDES = ("train_skeleton", "train_common", "eval_skeleton", "eval_co
 _AVAZU_OVERRIDES = ("train_files", "eval_files")
 
 
-class UsageError(Exception):
-  """A mistake in how the job was called; printed without a traceback."""
+UsageError = cli.UsageError   # a mistake in how the job was called; printed without a traceback (exit 2)
+
+
+def validate_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """What the flags' own definitions (types, bounds, enums) cannot check, before any work: run
+  by the flags parser (preprocessing/cli.py), so a mistake is one error line and nothing is read
+  or written. run() runs _check_job too, for callers that do not come through the command line."""
+  cli.require(fv, "output_dir")
+  own, other = ((_AVAZU_OVERRIDES, _ALICCP_OVERRIDES) if fv["format"].value == "avazu"
+                else (_ALICCP_OVERRIDES, _AVAZU_OVERRIDES))
+  wrong = [f"--{k}" for k in other if fv[k].value]
+  if wrong:
+    raise UsageError(f"{', '.join(wrong)}: not used with --format={fv['format'].value}")
+  _check_job(fv["format"].value, fv["crosses"].value, fv["train_block_rows"].value,
+             fv["train_examples"].value, fv["partitions"].value)
+
+
+def _check_job(fmt: str, crosses: Optional[Sequence[str]], train_block_rows: int, train_examples: bool,
+               partitions: int) -> Sequence[F.Field]:
+  """The job's flags that contradict each other (validate_flags and run()); returns the crosses."""
+  if train_block_rows < 0:
+    raise UsageError(f"--train_block_rows must be 0 (no blocks) or more, got {train_block_rows}")
+  if not train_examples and not train_block_rows:
+    raise UsageError("--notrain_examples writes the train split as blocks only, and "
+                     "--train_block_rows=0 writes no blocks: the train split would not be written")
+  if partitions < 0:
+    raise UsageError(f"--partitions must be 0 or 1 (one job) or more, got {partitions}")
+  if partitions > 1 and fmt != "aliccp":
+    raise UsageError(f"--partitions splits Ali-CCP jobs by common_feature_index; not with --format={fmt}")
+  try:
+    return F.parse_crosses(fmt, crosses)
+  except ValueError as e:
+    raise UsageError(f"--crosses: {e}") from None
 
 
 def _input_patterns(input_dir, overrides: Dict[str, str], fmt: str = "aliccp") -> Dict[str, Dict]:
@@ -386,33 +431,28 @@ RUNNER_LOST_ROWS_HINT = (
     "or on a distributed runner (README: \"Beam on distributed runners\").")
 
 
-STAGING = ".staging-"     # <output_dir>.staging-<id>: a run in progress (or killed)
-_TRASH = ".replaced-"     # <output_dir>.replaced-<id>: the previous output, deleted once replaced
+STAGING = publish.STAGING_DIR    # <output_dir>.staging-<pid>@<host>-<id>: a run in progress (or killed)
 
 
-def _sibling(output_dir: str, infix: str) -> str:
-  return output_dir.rstrip("/") + infix + uuid.uuid4().hex[:12]
+def _manifest(train_examples: bool, train_block_rows: int) -> List[str]:
+  """The entries a finished output holds besides reconciliation.json; publishing refuses a
+  staged output that lacks one (publish.publish_dir)."""
+  return ((["train"] if train_examples else []) + ([F.BLOCKS_DIR] if train_block_rows else [])
+          + ["eval", "transform_fn", "transformed_metadata", "dead_letter"])
 
 
-def _remove_stale_staging(output_dir: str) -> List[str]:
-  """Staging and replaced dirs that earlier runs left when they were killed."""
-  stale = sorted(tf.io.gfile.glob(output_dir.rstrip("/") + STAGING + "*")
-                 + tf.io.gfile.glob(output_dir.rstrip("/") + _TRASH + "*"))
-  for path in stale:
-    tf.io.gfile.rmtree(path)
-  return stale
-
-
-def _publish(staging: str, output_dir: str) -> None:
-  """Moves a finished staging dir to ``output_dir``; the previous output (``--overwrite``)
-  stays in place until the new one is there."""
-  old = None
-  if tf.io.gfile.exists(output_dir):
-    old = _sibling(output_dir, _TRASH)
-    tf.io.gfile.rename(output_dir, old)
-  tf.io.gfile.rename(staging, output_dir)
-  if old:
-    tf.io.gfile.rmtree(old)
+def _check_splits_have_rows(fmt: str, patterns) -> None:
+  """A split whose input files are all empty (0 bytes) has no row to write: stop before the
+  job runs, in every format (Avazu's scan_inputs refuses it the same way)."""
+  kinds = ("files",) if fmt == "avazu" else ("skeleton", "common")
+  for split, pats in patterns.items():
+    for kind in kinds:
+      given = pats[kind] if isinstance(pats[kind], (list, tuple)) else [pats[kind]]
+      files = [f for g in given for f in avazu.match_files(avazu.absolute(g))]
+      if files and all(tf.io.gfile.stat(f).length == 0 for f in files):
+        what = "" if kind == "files" else f"{kind} "
+        raise UsageError(f"every {what}file of the {split} split is empty: {', '.join(files[:5])}; "
+                         f"the {split} split would have no rows")
 
 
 def _check_quality(rec: Dict[str, dict], fmt: str, max_dead_fraction: float) -> None:
@@ -426,8 +466,10 @@ def _check_quality(rec: Dict[str, dict], fmt: str, max_dead_fraction: float) -> 
       top = ", ".join(f"{k} {v:,}" for k, v in sorted(dead.items(), key=lambda kv: -kv[1])[:3])
       problems.append(f"{split}: {n_dead:,} of {read:,} rows set aside ({top}); more than "
                       f"--max_dead_letter_fraction={max_dead_fraction:g}")
-  if rec["train"]["rows_written"] == 0:
-    problems.append("train: no row written, nothing to train on")
+  for split, r in rec.items():
+    if r["rows_written"] == 0:
+      problems.append(f"{split}: no row written, nothing to "
+                      + ("train on" if split == "train" else "evaluate on (metrics would be undefined)"))
   if problems:
     raise BadOutput("; ".join(problems) + f". Is --format={fmt} the format of these files?")
 
@@ -437,9 +479,8 @@ DIRECT_RUNNERS = (None, "DirectRunner", "SwitchingDirectRunner", "BundleBasedDir
 
 def _check_partitionable(fmt: str, beam_args: Sequence[str], max_hash_buckets: int,
                          cross_fields: Sequence[F.Field], parallel: int) -> None:
-  """--partitions: only where the partitions' outputs add up to the whole job's."""
-  if fmt != "aliccp":
-    raise UsageError(f"--partitions splits Ali-CCP jobs by common_feature_index; not with --format={fmt}")
+  """--partitions: only where the partitions' outputs add up to the whole job's (besides
+  _check_job's checks)."""
   if parallel < 1:
     raise UsageError(f"--parallel_partitions must be 1 or more, got {parallel}")
   runner = PipelineOptions(list(beam_args)).view_as(StandardOptions).runner
@@ -519,30 +560,23 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   ``crosses``: ``a:b`` specs (None: the format's default crosses). For Avazu every
   file's header is read first, so a bad set of inputs fails before anything is written.
 
-  The job writes to ``<output_dir>.staging-<id>`` and renames it to ``output_dir`` only
-  when it finished, every row is accounted for and at most ``max_dead_letter_fraction``
-  of a split's rows were set aside; ``reconciliation.json`` is written last, into the
-  published dir. A killed run leaves only its staging dir (removed by the next run), and
-  with ``overwrite`` the previous output stays until the new one replaces it.
+  The job writes to ``<output_dir>.staging-<owner>`` and renames it to ``output_dir`` only
+  when it finished, every row is accounted for, every split has rows written, at most
+  ``max_dead_letter_fraction`` of a split's rows were set aside and the staged output holds
+  every entry of its manifest (_manifest); ``reconciliation.json`` is written last, into the
+  staged output before the rename. The run holds ``<output_dir>.lock`` throughout, so a second
+  run of the same output is refused (UsageError); a killed run leaves only its staging dir,
+  and the next run first recovers: it puts back a previous output that a killed ``overwrite``
+  left renamed aside, then removes dead runs' leftovers (pipeline/publish.py, publish_dir).
   ``train_block_rows``: see build_pipeline; the blocks' rows must add up to the train split's.
   ``train_examples`` False: the train split is written as blocks only (build_pipeline).
   ``partitions`` (2 or more; Ali-CCP on the DirectRunner): run the job as that many partitions
   by common_feature_index (pipeline/partition.py), ``parallel_partitions`` of them at a time,
   each in its own process; the output is the one the whole job would write, in more files.
   """
-  if train_block_rows < 0:
-    raise UsageError(f"--train_block_rows must be 0 (no blocks) or more, got {train_block_rows}")
-  if not train_examples and not train_block_rows:
-    raise UsageError("--notrain_examples writes the train split as blocks only, and "
-                     "--train_block_rows=0 writes no blocks: the train split would not be written")
-  try:
-    cross_fields = F.parse_crosses(fmt, crosses)
-  except ValueError as e:
-    raise UsageError(f"--crosses: {e}") from None
+  cross_fields = _check_job(fmt, crosses, train_block_rows, train_examples, partitions)
   if partitions > 1:
     _check_partitionable(fmt, beam_args, max_hash_buckets, cross_fields, parallel_partitions)
-  elif partitions < 0:
-    raise UsageError(f"--partitions must be 0 or 1 (one job) or more, got {partitions}")
   _check_format(fmt, patterns)
   inputs = None
   labels = F.RAW_LABELS
@@ -550,75 +584,85 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     inputs = _scan_avazu(patterns)
     labels = inputs.labels
     patterns = {split: {"files": list(inputs.patterns[split])} for split in patterns}
-  if tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir) and not overwrite:
-    raise UsageError(f"--output_dir={output_dir} is not empty; pass --overwrite to replace it")
-  stale = _remove_stale_staging(output_dir)
-  if stale:
-    print(f"removed {len(stale)} staging dir(s) of earlier unfinished runs: {', '.join(stale)}",
-          file=sys.stderr)
-  staging = _sibling(output_dir, STAGING)
-  tf.io.gfile.makedirs(staging)
-  own_temp = temp_dir is None
-  temp_dir = temp_dir or os.path.join(staging, "tmp")
-  job = dict(fmt=fmt, beam_args=list(beam_args), max_hash_buckets=max_hash_buckets, num_shards=num_shards,
-             crosses=cross_fields, inputs=inputs, dedup_sample_ids=dedup_sample_ids,
-             train_block_rows=train_block_rows, train_examples=train_examples)
-  parts = None
-  if partitions > 1:
-    parts = partition.split_inputs(patterns, partitions, FileSystems.join(temp_dir, "partitions"),
-                                   dedup_sample_ids)
-    counters = _run_partitions(parts, job, staging, temp_dir, parallel_partitions)
-  else:
-    counters = run_job(patterns=patterns, output_dir=staging, temp_dir=temp_dir, **job)
-  if fmt == "avazu":
-    rec = {split: avazu.reconcile(counters, split, len(inputs.files[split])) for split, _ in SPLITS}
-  else:
-    rec = {split: aliccp.reconcile(counters, split) for split, _ in SPLITS}
-  for split, r in rec.items():
-    r["label_positives"] = label_positives(counters, f"{fmt}/{split}/", F.transformed_labels(labels))
-  if train_block_rows:
-    rec["train"]["blocks"] = reconcile_blocks(counters, f"{fmt}/train/", rec["train"]["rows_written"],
-                                              train_block_rows)
-  if parts is not None:
-    for split, r in rec.items():
-      r["partitions"] = reconcile_partitions(parts, split, r)
-  rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
-             "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec,
-             "dedup_sample_ids": dedup_sample_ids, "partitions": partitions if parts else 0,
-             "train_examples": train_examples}
-  if inputs is not None:
-    rec_all["ignored_columns"] = list(inputs.ignored_columns)
-    rec_all["empty_files"] = {split: list(files) for split, files in inputs.empty_files.items()}
-  if own_temp and tf.io.gfile.exists(temp_dir):
-    tf.io.gfile.rmtree(temp_dir)
-  if not all(_balanced(fmt, r) and r.get("blocks", {}).get("balanced", True)
-             and r.get("partitions", {}).get("balanced", True) for r in rec.values()):
-    hint = ("\n" + RUNNER_LOST_ROWS_HINT
-            if any(r.get("rows_unaccounted_by_hop") for r in rec.values()) else "")
-    raise RuntimeError(f"row counts do not reconcile; output not published (left in {staging}):\n"
-                       + format_reconciliation(rec, fmt) + hint)
+  _check_splits_have_rows(fmt, patterns)
+  # The run owns the output until it has published: a second run of it is refused (one line,
+  # naming this run's pid), so no run removes what a live one is writing (publish.OutputLock).
   try:
-    _check_quality(rec, fmt, max_dead_letter_fraction)
-  except BadOutput as e:
-    raise BadOutput(f"{e} Output not published; its dead letters are in "
-                    f"{os.path.join(staging, 'dead_letter')}.\n" + format_reconciliation(rec, fmt)) from None
-  _publish(staging, output_dir)
-  # Written last, into the published dir: its presence marks the output complete for the trainer.
-  with tf.io.gfile.GFile(os.path.join(output_dir, F.RECONCILIATION), "w") as f:
-    json.dump(rec_all, f, indent=2, sort_keys=True)
-  return rec
+    lock = publish.OutputLock(output_dir, "preprocessing run").acquire()
+  except publish.OutputBusy as e:
+    raise UsageError(str(e)) from None
+  staging = None
+  try:
+    # Recovery first: a run killed while it replaced the output left the previous one beside it.
+    for line in publish.recover(output_dir, F.RECONCILIATION, lock.held):
+      print(line, file=sys.stderr)
+    if tf.io.gfile.exists(output_dir) and tf.io.gfile.listdir(output_dir) and not overwrite:
+      raise UsageError(f"--output_dir={output_dir} is not empty; pass --overwrite to replace it")
+    staging = publish.start_staging(output_dir)
+    own_temp = temp_dir is None
+    temp_dir = temp_dir or os.path.join(staging, "tmp")
+    job = dict(fmt=fmt, beam_args=list(beam_args), max_hash_buckets=max_hash_buckets, num_shards=num_shards,
+               crosses=cross_fields, inputs=inputs, dedup_sample_ids=dedup_sample_ids,
+               train_block_rows=train_block_rows, train_examples=train_examples)
+    parts = None
+    if partitions > 1:
+      parts = partition.split_inputs(patterns, partitions, FileSystems.join(temp_dir, "partitions"),
+                                     dedup_sample_ids)
+      counters = _run_partitions(parts, job, staging, temp_dir, parallel_partitions)
+    else:
+      counters = run_job(patterns=patterns, output_dir=staging, temp_dir=temp_dir, **job)
+    if fmt == "avazu":
+      rec = {split: avazu.reconcile(counters, split, len(inputs.files[split])) for split, _ in SPLITS}
+    else:
+      rec = {split: aliccp.reconcile(counters, split) for split, _ in SPLITS}
+    for split, r in rec.items():
+      r["label_positives"] = label_positives(counters, f"{fmt}/{split}/", F.transformed_labels(labels))
+    if train_block_rows:
+      rec["train"]["blocks"] = reconcile_blocks(counters, f"{fmt}/train/", rec["train"]["rows_written"],
+                                                train_block_rows)
+    if parts is not None:
+      for split, r in rec.items():
+        r["partitions"] = reconcile_partitions(parts, split, r)
+    rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
+               "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec,
+               "dedup_sample_ids": dedup_sample_ids, "partitions": partitions if parts else 0,
+               "train_examples": train_examples}
+    if inputs is not None:
+      rec_all["ignored_columns"] = list(inputs.ignored_columns)
+      rec_all["empty_files"] = {split: list(files) for split, files in inputs.empty_files.items()}
+    if own_temp and tf.io.gfile.exists(temp_dir):
+      tf.io.gfile.rmtree(temp_dir)
+    if not all(_balanced(fmt, r) and r.get("blocks", {}).get("balanced", True)
+               and r.get("partitions", {}).get("balanced", True) for r in rec.values()):
+      hint = ("\n" + RUNNER_LOST_ROWS_HINT
+              if any(r.get("rows_unaccounted_by_hop") for r in rec.values()) else "")
+      raise RuntimeError(f"row counts do not reconcile; output not published (left in {staging}):\n"
+                         + format_reconciliation(rec, fmt) + hint)
+    try:
+      _check_quality(rec, fmt, max_dead_letter_fraction)
+    except BadOutput as e:
+      raise BadOutput(f"{e} Output not published; its dead letters are in "
+                      f"{os.path.join(staging, 'dead_letter')}.\n" + format_reconciliation(rec, fmt)) from None
+    # Written last: its presence marks the output complete for the trainer. The staged output
+    # is checked against its manifest, then renamed into place (publish.publish_dir).
+    with tf.io.gfile.GFile(os.path.join(staging, F.RECONCILIATION), "w") as f:
+      json.dump(rec_all, f, indent=2, sort_keys=True)
+    try:
+      publish.publish_dir(staging, output_dir, _manifest(train_examples, train_block_rows),
+                          F.RECONCILIATION, overwrite)
+    except publish.PublishError as e:
+      raise BadOutput(str(e)) from None
+    return rec
+  finally:
+    if staging:
+      publish.end_staging(staging)
+    lock.release()
 
 
 def main(argv):
-  beam_args = argv[1:]
+  beam_args = argv[1:]     # Beam's own options only: cli.parse refused any other argument
   try:
-    if not FLAGS.output_dir:
-      raise UsageError("--output_dir is required")
-    own, other = ((_AVAZU_OVERRIDES, _ALICCP_OVERRIDES) if FLAGS.format == "avazu"
-                  else (_ALICCP_OVERRIDES, _AVAZU_OVERRIDES))
-    wrong = [f"--{k}" for k in other if getattr(FLAGS, k)]
-    if wrong:
-      raise UsageError(f"{', '.join(wrong)}: not used with --format={FLAGS.format}")
+    own = _AVAZU_OVERRIDES if FLAGS.format == "avazu" else _ALICCP_OVERRIDES
     overrides = {k: getattr(FLAGS, k) for k in own}
     patterns = _input_patterns(FLAGS.input_dir, overrides, FLAGS.format)
     rec = run(FLAGS.format, patterns, FLAGS.output_dir, beam_args, FLAGS.max_hash_buckets,
@@ -627,17 +671,12 @@ def main(argv):
               FLAGS.partitions, FLAGS.parallel_partitions, FLAGS.train_examples)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.EXIT_USAGE
   print(format_reconciliation(rec, FLAGS.format))
   print(f"output: {FLAGS.output_dir}")
   return 0
 
 
-def parse_flags(argv):
-  """absl flags of this module; everything else is left for Beam."""
-  return FLAGS(argv, known_only=True)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main, flags_parser=parse_flags)
+  # Flags this module does not define go to Beam; one that Beam does not know either is an error.
+  cli.run(main, define_flags, validate_flags, beam=True)

@@ -11,16 +11,25 @@ Rules:
   * A version directory appears in one ``rename``: the copy is staged under a name TF
     Serving ignores (not an integer), completed, checked, then renamed. A half-written
     version is never visible, and a run killed mid-copy leaves only a stale staging dir
-    that the next publish removes.
+    that the next publish removes. One publish of a model at a time: a second is refused
+    (OutputBusy, naming the first one's pid) instead of removing the first one's staging dir.
   * Publishing a version that already exists changes nothing (re-running a day is
     idempotent); a smaller version than the newest is refused (versions only increase).
   * Before the rename every warmup request is replayed against the staged SavedModel; a
     model that cannot answer its own warmup requests is not published.
   * The newest ``keep`` versions stay; older ones are moved out of sight (renamed, then
     deleted).
+
+The second half of this module publishes a job's output directory (pipeline.preprocess): a
+lock per output, a manifest checked before the rename, and a recovery that renames a replaced
+output back after a kill (see the comment above OutputLock).
 """
 
+import fcntl
 import os
+import re
+import socket
+import time
 import uuid
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -33,7 +42,9 @@ MODEL_CONFIG = "models.config"
 REGRESSION_SIGNATURES = ("regression", "serving_default")
 PREDICT_SIGNATURE = "predict"
 PREDICT_INPUT = "examples"
-_STAGING = ".staging-"
+STAGING_DIR = ".staging-"     # a copy being written (or a dead run's): <model_base>/.staging-<version>-<owner>,
+                              # <output>.staging-<owner>
+REPLACED_DIR = ".replaced-"   # <output>.replaced-<owner>: the previous output while it is replaced
 _TRASH = ".deleted-"
 
 
@@ -148,7 +159,7 @@ def copy_tree(src: str, dst: str) -> None:
 
 def _remove_out_of_sight(model_base: str, name: str) -> None:
   """Deletes ``model_base/name`` after renaming it to a name TF Serving does not load."""
-  trash = os.path.join(model_base, f"{_TRASH}{name}-{uuid.uuid4().hex[:8]}")
+  trash = os.path.join(model_base, f"{_TRASH}{name}-{owner_tag()}-{uuid.uuid4().hex[:8]}")
   tf.io.gfile.rename(os.path.join(model_base, name), trash)
   tf.io.gfile.rmtree(trash)
 
@@ -196,6 +207,16 @@ def publish(saved_model_dir: str, serving_root: str, model_name: str, version: i
     raise PublishError("keep must be at least 1")
   model_base = os.path.join(serving_root, model_name)
   tf.io.gfile.makedirs(model_base)
+  # One publisher of a model at a time (a second is refused, naming the first's pid): the
+  # leftovers removed below are then a dead run's, never a live one's staging copy.
+  # The lock file is <serving_root>/.<model_name>.publish.lock, out of TF Serving's sight.
+  with OutputLock(os.path.join(serving_root, f".{model_name}.publish"), f"publish of {model_name}") as lock:
+    return _publish_locked(saved_model_dir, serving_root, model_name, model_base, version,
+                           warmup_examples, keep, extra_files, lock.held)
+
+
+def _publish_locked(saved_model_dir, serving_root, model_name, model_base, version, warmup_examples,
+                    keep, extra_files, locked) -> Dict[str, object]:
   final = os.path.join(model_base, str(version))
   existing = versions(model_base)
   if version in existing:
@@ -204,12 +225,13 @@ def publish(saved_model_dir: str, serving_root: str, model_name: str, version: i
             "reason": f"version {version} is already published"}
   if existing and version < existing[-1]:
     raise PublishError(f"version {version} is older than the newest published version {existing[-1]}")
-  # Leftovers of killed runs.
+  # Leftovers of killed runs (without the lock, on gs://: only this host's dead runs').
   for d in tf.io.gfile.listdir(model_base):
     d = d.rstrip("/")
-    if d.startswith(_STAGING) or d.startswith(_TRASH):
-      tf.io.gfile.rmtree(os.path.join(model_base, d))
-  staging = os.path.join(model_base, f"{_STAGING}{version}-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(model_base, d)
+    if (d.startswith(STAGING_DIR) or d.startswith(_TRASH)) and (locked or owner_alive(path) is False):
+      tf.io.gfile.rmtree(path)
+  staging = os.path.join(model_base, f"{STAGING_DIR}{version}-{owner_tag()}-{uuid.uuid4().hex[:8]}")
   copy_tree(saved_model_dir, staging)
   write_warmup(staging, warmup_requests(model_name, warmup_examples))
   for name, text in (extra_files or {}).items():
@@ -232,3 +254,266 @@ def newest(serving_root: str, model_name: str) -> Optional[str]:
   """Path of the newest published version, or None."""
   v = versions(os.path.join(serving_root, model_name))
   return os.path.join(serving_root, model_name, str(v[-1])) if v else None
+
+
+# Publishing a job's output directory (pipeline.preprocess): one owner at a time, a manifest
+# checked before the rename, and a recovery that puts the previous output back.
+#
+# Who owns an output. A run holds ``fcntl.flock`` on ``<output>.lock`` (a file beside the
+# output, holding the owner's pid, host and start time) from before it looks at the output
+# until it has published: a second run of the same output is refused with the first one's pid.
+# The kernel drops the lock when its process dies, so a killed run never leaves a stale lock.
+# Under the lock no other run of this output is alive, so every staging dir and replaced copy
+# there is a dead run's and may be recovered or removed.
+#
+# A non-local output (gs://, any other ``scheme://``) has no flock: there the lock is not
+# taken, and liveness comes from the names instead: staging dirs and replaced copies are named
+# ``...-<pid>@<host>-<hex>``, and one is a dead run's only when its host is this host and no
+# process has its pid; another host's are left alone (and reported), since nothing here can
+# tell whether that run is alive. Two runs of one gs:// output are therefore not kept apart:
+# neither removes the other's files while it runs (from one host or two), but both may publish,
+# the later replacing the earlier (give each run its own output). A directory rename on an
+# object store is a copy of every object, so there the marker file is moved in last and a
+# reader must check it (the trainer does); a kill while the old output is renamed aside may
+# leave it split between two dirs, which recovery then keeps rather than merges. (On NFS the
+# lock holds where the mount supports flock, as Linux NFS clients do over NFSv4 / NLM.)
+#
+# The publish sequence, and what a kill at each point leaves (recover() runs first in every run):
+#   1. the staged output is checked against its manifest (every expected entry present,
+#      directories not empty); a missing entry refuses the publish, nothing is renamed.
+#   2. OUT -> OUT.replaced-<owner>          killed after: OUT missing, the old copy complete
+#                                          beside it: recover() renames it back.
+#   3. staging -> OUT                        (on object stores: the marker last; killed before
+#                                          it: OUT incomplete, recover() puts the old one back)
+#   4. rmtree(OUT.replaced-<owner>)          killed during: OUT is the new output, complete;
+#                                          recover() removes the rest of the old one.
+# So the published path holds the complete old or the complete new output whenever a run is
+# not between steps 2 and 3, a replaced copy is deleted only once a complete output is at the
+# published path, and a run that fails after recovery leaves the restored old output in place.
+
+LOCK_SUFFIX = ".lock"
+_OWNED = re.compile(r"(\d+)@([A-Za-z0-9._-]+)-[0-9a-f]{6,}$")
+_IN_PROGRESS = set()          # staging dirs of runs in this process that have not finished
+
+
+class OutputBusy(PublishError):
+  """Another live run owns the output."""
+
+
+class IncompleteOutput(PublishError):
+  """A staged output lacks entries of its manifest; it was not published."""
+
+
+def is_local(path: str) -> bool:
+  """Whether ``path`` is on a local (flock-able) file system rather than gs:// or the like."""
+  return "://" not in path or path.startswith("file://")
+
+
+def _host() -> str:
+  return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def owner_tag() -> str:
+  """``<pid>@<host>``: who is writing (in lock files and staging names)."""
+  return f"{os.getpid()}@{_host()}"
+
+
+def owned_name(path: str, infix: str) -> str:
+  """A fresh sibling of ``path``: ``<path><infix><pid>@<host>-<hex>``."""
+  return f"{path.rstrip('/')}{infix}{owner_tag()}-{uuid.uuid4().hex[:12]}"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def owner_alive(path: str) -> Optional[bool]:
+  """Whether the run that named ``path`` (owned_name) may still be writing it: False when it
+  is dead (its pid is gone on this host, or it is this process's and not in progress), None
+  when this host cannot tell (another host's run, or a name without an owner)."""
+  m = _OWNED.search(path.rstrip("/"))
+  if not m or m.group(2) != _host():
+    return None
+  pid = int(m.group(1))
+  if pid == os.getpid():
+    return path.rstrip("/") in _IN_PROGRESS
+  return _pid_alive(pid)
+
+
+class OutputLock:
+  """Exclusive ownership of an output path for one run: ``flock`` on ``<path>.lock``.
+
+  ``with OutputLock(out, "preprocessing run") as lock:`` raises OutputBusy, naming the
+  holder's pid and host, when another live process holds it. ``lock.held`` is False for a
+  non-local path (no lock there; see the section comment above).
+  """
+
+  def __init__(self, path: str, what: str = "run"):
+    self.path = path.rstrip("/")
+    self.what = what
+    self.lock_path = self.path + LOCK_SUFFIX
+    self.held = False
+    self._fd = None
+
+  def acquire(self) -> "OutputLock":
+    if self.held or not is_local(self.path):    # held already (``with OutputLock(...).acquire():``)
+      return self
+    local = self.lock_path[len("file://"):] if self.lock_path.startswith("file://") else self.lock_path
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    fd = os.open(local, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+      os.close(fd)
+      raise OutputBusy(f"{self.path} is in use by another {self.what} "
+                       f"({'pid ' + holder if holder else 'pid unknown'}, lock {local}); wait for it "
+                       "to finish, or give another output") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} on {_host()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+    self._fd, self.held = fd, True
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      fcntl.flock(self._fd, fcntl.LOCK_UN)
+      os.close(self._fd)
+      self._fd, self.held = None, False
+
+  def __enter__(self) -> "OutputLock":
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+# Every change publishing and recovery make goes through these two (tests stop a run at each).
+def _rename(src: str, dst: str) -> None:
+  tf.io.gfile.rename(src, dst)
+
+
+def _remove(path: str) -> None:
+  if tf.io.gfile.isdir(path):
+    tf.io.gfile.rmtree(path)
+  else:
+    tf.io.gfile.remove(path)
+
+
+def _complete(path: str, marker: str) -> bool:
+  return tf.io.gfile.exists(os.path.join(path, marker))
+
+
+def _siblings(path: str, infix: str) -> List[str]:
+  return sorted(p.rstrip("/") for p in tf.io.gfile.glob(path.rstrip("/") + infix + "*"))
+
+
+def missing_entries(path: str, expected: Iterable[str]) -> List[str]:
+  """The entries of ``expected`` (file or dir names under ``path``) that are absent, or
+  directories without any file."""
+  missing = []
+  for name in expected:
+    entry = os.path.join(path, name)
+    if not tf.io.gfile.exists(entry):
+      missing.append(name)
+    elif tf.io.gfile.isdir(entry) and not any(files for _, _, files in tf.io.gfile.walk(entry)):
+      missing.append(name + "/ (empty)")
+  return missing
+
+
+def start_staging(output_dir: str) -> str:
+  """Creates this run's staging dir beside ``output_dir`` (owned_name) and returns it."""
+  staging = owned_name(output_dir, STAGING_DIR)
+  tf.io.gfile.makedirs(staging)
+  _IN_PROGRESS.add(staging)
+  return staging
+
+
+def end_staging(staging: str) -> None:
+  """The run that owns ``staging`` has ended (published, or failed and left it for a look)."""
+  _IN_PROGRESS.discard(staging.rstrip("/"))
+
+
+def recover(output_dir: str, marker: str, locked: bool, atomic_rename: Optional[bool] = None) -> List[str]:
+  """Repairs what killed runs left beside ``output_dir``; returns what it did, one line each.
+
+  When the output is missing or incomplete (no ``marker``) and a dead run's replaced copy is
+  complete, that copy is renamed back (an incomplete output is moved aside first). Complete
+  replaced copies are deleted only while a complete output is at ``output_dir``, incomplete
+  ones (what --overwrite moved aside of an incomplete output) also where directory renames
+  are atomic (``atomic_rename``, default: a local path; on an object store a kill while the
+  output was renamed aside may leave it split between two dirs, which are then kept); dead
+  runs' staging dirs are deleted. ``locked``: this process holds the output's OutputLock, so
+  every run that left something here is dead; without it only this host's dead runs' are
+  touched.
+  """
+  out = output_dir.rstrip("/")
+  if atomic_rename is None:
+    atomic_rename = is_local(out)
+  dead = lambda p: locked or owner_alive(p) is False
+  done = []
+  replaced = _siblings(out, REPLACED_DIR)
+  if not _complete(out, marker):
+    copies = [r for r in replaced if dead(r) and _complete(r, marker)]
+    if copies:
+      newest = max(copies, key=lambda r: tf.io.gfile.stat(os.path.join(r, marker)).mtime_nsec)
+      if tf.io.gfile.exists(out):
+        aside = owned_name(out, STAGING_DIR)      # a dead staging dir from here on: removed below
+        _rename(out, aside)
+        done.append(f"moved the incomplete {out} aside to {aside}")
+      _rename(newest, out)
+      done.append(f"restored the previous output {out} from {newest} (a run was killed while replacing it)")
+      replaced.remove(newest)
+  published = _complete(out, marker)
+  for r in replaced:
+    if dead(r) and (published or (atomic_rename and not _complete(r, marker))):
+      _remove(r)
+      done.append(f"removed {r}, a replaced output")
+  for s in _siblings(out, STAGING_DIR):
+    if dead(s):
+      _remove(s)
+      done.append(f"removed {s}, the staging dir of an unfinished run")
+  left = [p for p in _siblings(out, STAGING_DIR) + _siblings(out, REPLACED_DIR) if not dead(p)]
+  if left and not locked:
+    done.append(f"left {', '.join(left)}: of runs this host cannot tell are dead")
+  return done
+
+
+def publish_dir(staging: str, output_dir: str, expected: Sequence[str], marker: str,
+                overwrite: bool = False, atomic_rename: Optional[bool] = None) -> None:
+  """Moves the finished ``staging`` dir to ``output_dir`` (the sequence above).
+
+  ``expected``: the manifest, the entries (besides ``marker``) the output must hold; any
+  missing one raises IncompleteOutput and nothing is renamed. An existing ``output_dir`` is
+  replaced only with ``overwrite`` (PublishError otherwise: another run published meanwhile).
+  ``atomic_rename``: whether a directory rename is atomic here (default: a local path); if
+  not, the marker file is renamed in after the rest.
+  """
+  out = output_dir.rstrip("/")
+  missing = missing_entries(staging, list(expected) + [marker])
+  if missing:
+    raise IncompleteOutput(f"the staged output {staging} lacks {', '.join(missing)}; not published")
+  if atomic_rename is None:
+    atomic_rename = is_local(out)
+  old = None
+  if tf.io.gfile.exists(out):
+    if not overwrite and tf.io.gfile.listdir(out):
+      raise PublishError(f"{out} was published by another run meanwhile; not replaced without --overwrite")
+    old = owned_name(out, REPLACED_DIR)
+    _rename(out, old)
+  if atomic_rename:
+    _rename(staging, out)
+  else:
+    held = owned_name(out, STAGING_DIR)             # a dead run's staging if killed: removed then
+    _rename(os.path.join(staging, marker), held)
+    _rename(staging, out)
+    _rename(held, os.path.join(out, marker))
+  end_staging(staging)
+  if old:
+    _remove(old)

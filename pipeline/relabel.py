@@ -30,7 +30,7 @@ from typing import Dict, Iterable, Mapping
 
 import apache_beam as beam
 
-from pipeline.sources.aliccp import is_sample_id
+from pipeline.sources.aliccp import ReadLines, is_sample_id
 from pipeline.sources.deadletter import DEAD, BadRecord, counter, dead_letter, decode_line
 
 NS = "relabel"
@@ -192,7 +192,7 @@ class Relabel(beam.PTransform):
     keyed, unreadable = [], []
     for date, pattern in sorted(self._impressions.items()):
       out = (pbegin
-             | f"ReadImpressions_{date}" >> beam.io.ReadFromText(pattern, coder=beam.coders.BytesCoder())
+             | f"ReadImpressions_{date}" >> ReadLines(pattern, coder=beam.coders.BytesCoder())   # less a BOM
              | f"KeyImpressions_{date}" >> beam.ParDo(_KeyImpressions(date)).with_outputs("unreadable", main="rows"))
       keyed.append(out.rows)
       unreadable.append(out.unreadable)

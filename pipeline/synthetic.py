@@ -58,44 +58,52 @@ import os
 from typing import Dict, List, Tuple
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from pipeline import relabel
 from pipeline.sources import avazu as avazu_reader
+from preprocessing import cli
 from preprocessing import features as F
 
 FLAGS = flags.FLAGS
 
 
-def define_flags():
-  """The command-line flags (only when run as a program, so the module imports as a library)."""
-  flags.DEFINE_enum("format", "aliccp", ["aliccp", "avazu"], "Raw layout to write.")
-  flags.DEFINE_string("output_dir", "/tmp/esmm/raw", "Where to write the CSV files.")
-  flags.DEFINE_integer("num_train", 150_000, "Impressions in the train split.")
-  flags.DEFINE_integer("num_test", 75_000, "Impressions in the test split.")
-  flags.DEFINE_integer("num_users", 20_000, "Distinct users.")
-  flags.DEFINE_integer("num_items", 30_000, "Distinct items.")
-  flags.DEFINE_float("impressions_per_common", 20.0,
-                     "Mean impressions per common-features row (the public release has ~58).")
-  flags.DEFINE_float("ctr", 0.04, "Target mean click-through rate (avazu default: 0.165).")
-  flags.DEFINE_float("cvr", 0.05, "Target mean post-click conversion rate over all impressions "
-                     "(avazu default: 0.05).")
-  flags.DEFINE_integer("anomalies", 5, "click=0,conversion=1 rows injected per split.")
-  flags.DEFINE_float("click_selection", DEFAULT_CLICK_SELECTION,
-                     "Ali-CCP: weight of the conversion logit inside the click logit (users click "
-                     "more of what they would buy; see the module doc for what the default gives). "
-                     "0: the control world, where clicks do not select on conversion propensity.")
-  flags.DEFINE_integer("seed", 2018, "Random seed; the output is a pure function of the flags "
-                       "(avazu default: 2014).")
-  flags.DEFINE_integer("num_days", 3, "Avazu: days of the train split (test is the day after); "
-                       "daily: days of impression logs.")
-  flags.DEFINE_integer("num_devices", 5_000, "Avazu: distinct devices (users).")
-  flags.DEFINE_boolean("with_conversion", True, "Avazu: write the conversion column.")
-  flags.DEFINE_integer("bad_rows", 0, "Avazu: bad rows of every reason injected into train; daily: "
-                       "malformed and unknown-impression conversion rows per day.")
-  flags.DEFINE_boolean("daily", False, "Ali-CCP daily logs for pipeline.daily: --num_days days of "
-                       "impressions (conversion 0) and the conversion logs their late conversions land in.")
-  flags.DEFINE_integer("impressions_per_day", 20_000, "Daily logs: impressions per day.")
+def define_flags(fv: flags.FlagValues = FLAGS):
+  """The command-line flags (only when run as a program, so the module imports as a library),
+  defined into ``fv`` with their bounds; validate_flags checks them together before any write."""
+  fl = cli.Define(fv)
+  fl.DEFINE_enum("format", "aliccp", ["aliccp", "avazu"], "Raw layout to write.")
+  fl.DEFINE_string("output_dir", "/tmp/esmm/raw", "Where to write the CSV files.")
+  fl.DEFINE_integer("num_train", 150_000, "Impressions in the train split.", lower_bound=1)
+  fl.DEFINE_integer("num_test", 75_000, "Impressions in the test split.", lower_bound=1)
+  fl.DEFINE_integer("num_users", 20_000, "Distinct users.", lower_bound=1)
+  fl.DEFINE_integer("num_items", 30_000, "Distinct items.", lower_bound=1)
+  fl.DEFINE_float("impressions_per_common", 20.0,
+                  "Mean impressions per common-features row (the public release has ~58).",
+                  lower_bound=1.0)
+  fl.DEFINE_float("ctr", 0.04, "Target mean click-through rate (avazu default: 0.165).",
+                  lower_bound=1e-6, upper_bound=1 - 1e-6)
+  fl.DEFINE_float("cvr", 0.05, "Target mean post-click conversion rate over all impressions "
+                  "(avazu default: 0.05).", lower_bound=1e-6, upper_bound=1 - 1e-6)
+  fl.DEFINE_integer("anomalies", 5, "click=0,conversion=1 rows injected per split.",
+                    lower_bound=0)
+  fl.DEFINE_float("click_selection", DEFAULT_CLICK_SELECTION,
+                  "Ali-CCP: weight of the conversion logit inside the click logit (users click "
+                  "more of what they would buy; see the module doc for what the default gives). "
+                  "0: the control world, where clicks do not select on conversion propensity.")
+  fl.DEFINE_integer("seed", 2018, "Random seed; the output is a pure function of the flags "
+                    "(avazu default: 2014).", lower_bound=0)
+  fl.DEFINE_integer("num_days", 3, "Avazu: days of the train split (test is the day after); "
+                    "daily: days of impression logs.", lower_bound=1)
+  fl.DEFINE_integer("num_devices", 5_000, "Avazu: distinct devices (users).",
+                    lower_bound=1)
+  fl.DEFINE_boolean("with_conversion", True, "Avazu: write the conversion column.")
+  fl.DEFINE_integer("bad_rows", 0, "Avazu: bad rows of every reason injected into train; daily: "
+                    "malformed and unknown-impression conversion rows per day.", lower_bound=0)
+  fl.DEFINE_boolean("daily", False, "Ali-CCP daily logs for pipeline.daily: --num_days days of "
+                    "impressions (conversion 0) and the conversion logs their late conversions land in.")
+  fl.DEFINE_integer("impressions_per_day", 20_000, "Daily logs: impressions per day.",
+                    lower_bound=1)
 
 DIM = 8
 # Weight of the conversion logit in the click logit of the Ali-CCP layout's world (module doc).
@@ -776,11 +784,16 @@ def generate_avazu(output_dir: str, num_train: int, num_test: int, num_days: int
                             with_conversion, 0)]
 
 
+def validate_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """What the flags' bounds cannot check, before anything is written (preprocessing/cli.py)."""
+  cli.require(fv, "output_dir")
+  if fv["daily"].value and fv["format"].value != "aliccp":
+    raise cli.UsageError("--daily writes the Ali-CCP layout")
+
+
 def main(argv):
   del argv
   if FLAGS.daily:
-    if FLAGS.format != "aliccp":
-      raise app.UsageError("--daily writes the Ali-CCP layout")
     for s in generate_daily(FLAGS.output_dir, FLAGS.num_days, FLAGS.impressions_per_day,
                             num_users=FLAGS.num_users, num_items=FLAGS.num_items, ctr=FLAGS.ctr,
                             cvr=FLAGS.cvr, bad_rows=FLAGS.bad_rows, seed=FLAGS.seed):
@@ -805,5 +818,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  cli.run(main, define_flags, validate_flags)

@@ -1,13 +1,23 @@
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Hypothesis's caches (the unicode tables of text strategies) go outside the checkout.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "hypothesis"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import glob  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Every hypothesis test: the same examples on every run, no deadline (CI machines vary), and no
+# example database written into the checkout. A test's own settings add max_examples and the
+# like on top of this profile.
+settings.register_profile("project", derandomize=True, deadline=None, database=None, print_blob=False)
+settings.load_profile("project")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("pipeline", "model_fn", "preprocessing")    # what setup.py installs and BUILD declares

@@ -208,3 +208,160 @@ def test_unaccounted_by_hop_without_the_dedup_stage():
   assert unaccounted_by_hop(stages, dead, {"unknown_common_feature_index": "joined"}) == {}
   assert unaccounted_by_hop(dict(stages, joined=70, into_transform=70, written=70), dead,
                             {"unknown_common_feature_index": "joined"}) == {"read->joined": 10}
+
+
+# Values checked in the dtype they are stored in; a byte-order mark; copies of a common row.
+
+def _read_aliccp(tmp_path, skeleton_bytes: bytes, common_bytes: bytes, want_ids, want_dead):
+  """Runs ReadAliCCP on one skeleton and one common file, checks the sample ids it writes and the
+  (source, reason) of its dead letters; returns reconcile(...) of its counters."""
+  import apache_beam as beam
+  from apache_beam.metrics.metric import MetricsFilter
+  from apache_beam.testing.util import assert_that, equal_to
+
+  from preprocessing import transform as T
+
+  (tmp_path / "s.csv").write_bytes(skeleton_bytes)
+  (tmp_path / "c.csv").write_bytes(common_bytes)
+  schema = T.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
+  p = beam.Pipeline()
+  out = p | A.ReadAliCCP("train", str(tmp_path / "s.csv"), str(tmp_path / "c.csv"), schema, 100)
+  ids = out["record_batches"] | beam.FlatMap(lambda b: [v[0] for v in b.column("sample_id").to_pylist()])
+  letters = out[A.DEAD] | beam.Map(lambda j: (json.loads(j)["source"], json.loads(j)["reason"]))
+  assert_that(ids, equal_to(want_ids), label="ids")
+  assert_that(letters, equal_to(want_dead), label="dead")
+  result = p.run()
+  result.wait_until_finish()
+  counters = {f"{c.key.metric.namespace}/{c.key.metric.name}": c.committed
+              for c in result.metrics().query(MetricsFilter())["counters"]}
+  # The rows the job's writer would count: the rows joined (this test writes nothing).
+  counters["aliccp/train/rows_written"] = counters.get("aliccp/train/skeleton_rows_joined", 0)
+  return A.reconcile(counters, "train")
+
+
+@pytest.mark.parametrize("weight", ["1e39", "3.4028236e38", "1e300"])
+@pytest.mark.parametrize("source", ["skeleton", "common"])
+def test_a_weight_that_overflows_float32_is_set_aside_not_written_as_inf(weight, source):
+  # Parsed as a float64 these are finite; stored as the float32 of w_<field> they were inf,
+  # passed preprocessing and made training's loss NaN.
+  if source == "skeleton":
+    line, parse = skeleton(flist=items(("853", 31, weight))).encode(), A.parse_skeleton_line
+  else:
+    line, parse = f"u1,1,{items(('150_14', 8, weight))}".encode(), A.parse_common_line
+  with pytest.raises(BadRecord) as e:
+    parse(line, KNOWN)
+  assert e.value.reason == A.BAD_WEIGHT and "float32" in e.value.detail
+
+
+def test_the_largest_float32_weight_is_kept_and_stored_finite():
+  import numpy as np
+
+  from preprocessing import transform as T
+
+  biggest = float(np.finfo(np.float32).max)
+  row, _ = A.parse_skeleton_line(skeleton(flist=items(("853", 31, repr(biggest)))), KNOWN)
+  schema = T.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
+  builder = A.RecordBatchBuilder(schema)
+  builder.add(row, {})
+  stored = builder.build().column("w_853").to_pylist()[0]
+  assert stored == [biggest] and np.isfinite(np.float32(stored[0]))
+
+
+@pytest.mark.parametrize("sample_id,feature_id", [
+    ("1000000000000000000", 11), ("9223372036854775807", 9223372036854775807), ("0", 0),
+    ("0009223372036854775807", 1)])
+def test_every_non_negative_int64_id_is_kept(sample_id, feature_id):
+  # 19-digit ids within int64 were set aside as "not a non-negative integer".
+  row, _ = A.parse_skeleton_line(skeleton(sample_id=sample_id, flist=items(("205", feature_id, "1.0"))), KNOWN)
+  assert row["sample_id"] == int(sample_id) and row["features"]["205"] == ([feature_id], [1.0])
+  assert A.is_sample_id(sample_id) and A.is_sample_id(sample_id.encode())
+  common, _ = A.parse_common_line(f"u1,1,{items(('101', feature_id, '1'))}", KNOWN)
+  assert common["features"]["101"] == ([feature_id], [1.0])
+
+
+@pytest.mark.parametrize("line,reason", [
+    (skeleton(sample_id="9223372036854775808"), A.BAD_SAMPLE_ID),
+    (skeleton(sample_id="9" * 30), A.BAD_SAMPLE_ID),
+    (skeleton(flist=items(("205", 9223372036854775808, "1.0"))), A.BAD_FEATURE_ITEM),
+    (skeleton(flist=items(("205", "1" * 5000, "1.0"))), A.BAD_FEATURE_ITEM),
+    (skeleton(num="9" * 5000), A.BAD_FEATURE_NUM),
+], ids=["sample_id_2**63", "sample_id_30_digits", "feature_id_2**63", "feature_id_5000_digits", "feature_num_5000_digits"])
+def test_an_integer_beyond_int64_is_set_aside_as_out_of_range(line, reason):
+  with pytest.raises(BadRecord) as e:
+    A.parse_skeleton_line(line, KNOWN)
+  assert e.value.reason == reason and "out of int64 range" in e.value.detail
+  assert not A.is_sample_id("9223372036854775808") and not A.is_sample_id(b"9223372036854775808")
+
+
+def test_a_byte_order_mark_at_the_start_of_both_files_costs_no_row(tmp_path):
+  # The mark made the first skeleton row a bad_sample_id, the first common row a
+  # bad_common_feature_index, and every impression of that common row unknown_common_feature_index.
+  bom = b"\xef\xbb\xbf"
+  skel = [skeleton(sample_id=str(i), index=f"u{i % 2}") for i in range(6)]
+  common = [f"u{k},1,{items(('101', k, '1.0'))}" for k in range(2)]
+  rec = _read_aliccp(tmp_path, bom + "\n".join(skel).encode() + b"\n",
+                     bom + "\r\n".join(common).encode() + b"\r\n", list(range(6)), [])
+  assert rec["skeleton_balanced"] and rec["common_balanced"] and rec["common_rows_used"] == 2
+
+
+def test_only_the_first_record_of_a_file_loses_a_byte_order_mark_however_it_is_split(tmp_path):
+  # Beam reads a file in ranges; only the range that starts at byte 0 holds the file's start,
+  # and a mark inside the file (files joined with cat) is data, set aside with its row.
+  import apache_beam as beam
+  bom = b"\xef\xbb\xbf"
+  lines = [skeleton(sample_id=str(i)).encode() for i in range(4)]
+  lines = [bom + lines[0], bom + lines[1], lines[2], bom + lines[3]]
+  path = tmp_path / "f.csv"
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  source = A.ReadLines(str(path), coder=beam.coders.BytesCoder())._source
+  want = [lines[0][len(bom):]] + lines[1:]
+  for size in (1, 3, 7, 40, 1000):
+    bundles = list(source.split(desired_bundle_size=size))
+    assert len(bundles) > 1 or size == 1000
+    got = [r for b in bundles for r in b.source.read(b.source.get_range_tracker(b.start_position, b.stop_position))]
+    assert got == want, size
+  with pytest.raises(BadRecord) as e:
+    A.parse_skeleton_line(lines[1], KNOWN)
+  assert e.value.reason == A.BAD_SAMPLE_ID
+
+
+def test_partition_files_drop_the_byte_order_mark_as_the_reader_does(tmp_path):
+  import io
+
+  from pipeline import partition
+  data = b"\xef\xbb\xbfu1,0,\r\n\xef\xbb\xbfu2,0,\nu3,0,"
+  assert list(partition.records(io.BytesIO(data))) == [b"u1,0,", b"\xef\xbb\xbfu2,0,", b"u3,0,"]
+
+
+def test_the_daily_jobs_probe_examples_drop_the_byte_order_mark_as_the_reader_does(tmp_path):
+  from pipeline import daily, relabel
+  skel = [skeleton(sample_id=str(i), index=f"u{i % 2}") for i in range(4)]
+  common = [f"u{k},1,{items(('101', k, '1.0'))}" for k in range(2)]
+  probes = {}
+  for name, mark in (("plain", b""), ("bom", b"\xef\xbb\xbf")):
+    paths = relabel.log_paths(str(tmp_path / name), "20240105")
+    (tmp_path / name / "impressions" / "date=20240105").mkdir(parents=True)
+    with open(paths["skeleton"], "wb") as f:
+      f.write(mark + "\n".join(skel).encode() + b"\n")
+    with open(paths["common"], "wb") as f:
+      f.write(mark + "\r\n".join(common).encode() + b"\r\n")
+    probes[name] = daily.probe_examples(str(tmp_path / name), "20240105")
+  assert len(probes["plain"]) == 4 and probes["bom"] == probes["plain"]
+
+
+def test_copies_of_a_common_row_are_resolved_as_copies_of_a_skeleton_row_are(tmp_path):
+  # Identical copies (here written differently: a weight as 1 or 1.0) are one row: one is kept
+  # and its impressions are joined. Copies that differ: none is kept, nor their impressions.
+  skel = [skeleton(sample_id="1", index="same"), skeleton(sample_id="2", index="same"),
+          skeleton(sample_id="3", index="differ"), skeleton(sample_id="4", index="only"),
+          skeleton(sample_id="5", index="only")]
+  common = [f"same,1,{items(('101', 5, '1.0'))}", f"same,1,{items(('101', 5, '1'))}",
+            f"same,1,{items(('101', 5, '1.0'))}",
+            f"differ,1,{items(('101', 6, '1'))}", f"differ,1,{items(('101', 7, '1'))}",
+            f"only,1,{items(('101', 8, '1'))}"]
+  dup = A.DUPLICATE_COMMON_FEATURE_INDEX
+  rec = _read_aliccp(tmp_path, "\n".join(skel).encode(), "\n".join(common).encode(),
+                     [1, 2, 4, 5], [("common", dup)] * 4 + [("skeleton", dup)])
+  assert rec["skeleton_balanced"] and rec["common_balanced"] and rec["rows_unaccounted_by_hop"] == {}
+  assert rec["common_rows_set_aside"] == {dup: 4} and rec["common_rows_used"] == 2
+  assert rec["skeleton_rows_set_aside"] == {dup: 1}

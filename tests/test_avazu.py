@@ -163,6 +163,60 @@ def test_the_real_avazu_sample_parses_without_a_dead_row():
   assert rows[0]["f_site_id"] == ["1fbe01fe"] and rows[0]["f_C20"] == [-1] and rows[1]["f_C20"] == [100084]
 
 
+def _quoted(values, columns):
+  """The row as an RFC 4180 writer that quotes every value writes it."""
+  return ",".join('"' + values[c].replace('"', '""') + '"' for c in columns).encode()
+
+
+def test_a_quoted_row_gives_the_same_instance_as_the_unquoted_one():
+  # "1b552645" was hashed with its quotes, so training and serving (which sends 1b552645) disagreed.
+  values = row(device_model="1b552645", C20="-1", site_category="")
+  inst = A.parse_line(_quoted(values, HEADER.columns), HEADER)
+  assert inst == parse(values) and inst["f_device_model"] == ["1b552645"] and inst["f_site_category"] == []
+  mixed = line(values, HEADER.columns).replace(b",1b552645,", b',"1b552645",')
+  assert A.parse_line(mixed, HEADER) == inst
+
+
+def test_a_quoted_value_may_hold_commas_and_doubled_quotes_and_a_quoted_header_is_read():
+  values = row(device_model='a,"b"', site_id="x,y,z")
+  header = A.parse_header(",".join(f'"{c}"' for c in PUBLIC_HEADER.split(",")))
+  assert header.columns == HEADER.columns
+  inst = A.parse_line(_quoted(values, HEADER.columns), header)
+  assert inst["f_device_model"] == ['a,"b"'] and inst["f_site_id"] == ["x,y,z"]
+  assert A.split_values('a,"b,c","d""e",,""') == ["a", "b,c", 'd"e', "", ""]
+
+
+@pytest.mark.parametrize("text", ['1,"ab', '"a"b,c', 'a"b,c', '"a" ,b', 'cd",x'])
+def test_a_quote_that_does_not_open_or_close_a_whole_value_is_bad_quoting(text):
+  with pytest.raises(BadRecord) as e:
+    A.split_values(text)
+  assert e.value.reason == A.BAD_QUOTING
+
+
+def test_a_quoted_value_cut_by_a_line_break_sets_both_lines_aside_as_bad_quoting():
+  # The text source makes one row of each line, so the row cannot be put back together.
+  data = _quoted(row(device_model="two\nlines"), HEADER.columns)
+  first, second = data.split(b"\n")
+  for half in (first, second):
+    with pytest.raises(BadRecord) as e:
+      A.parse_line(half, HEADER)
+    assert e.value.reason == A.BAD_QUOTING and e.value.detail
+
+
+@pytest.mark.parametrize("value,want", [("9223372036854775807", 9223372036854775807),
+                                        ("-9223372036854775808", -(1 << 63)), ("0000000000000000000000079", 79)])
+def test_every_int64_value_of_an_integer_column_is_kept(value, want):
+  assert parse(row(C21=value))["f_C21"] == [want]
+
+
+@pytest.mark.parametrize("value", ["9223372036854775808", "-9223372036854775809", "9" * 25, "1" * 5000],
+                         ids=["2**63", "-2**63-1", "25_digits", "5000_digits"])
+def test_an_integer_beyond_int64_is_set_aside_as_out_of_range_not_as_not_an_integer(value):
+  with pytest.raises(BadRecord) as e:
+    parse(row(C21=value))
+  assert e.value.reason == A.BAD_INTEGER and "out of int64 range" in e.value.detail
+
+
 # Schema: fields, crosses, raw specs.
 
 def test_crosses_and_fields_for_buckets():

@@ -15,8 +15,10 @@ import tensorflow as tf
 
 from model_fn import estimator as E
 from model_fn import input_fn as I
+from model_fn import train
 from pipeline import launch_local_cluster as L
 from pipeline import preprocess, synthetic
+from preprocessing import cli
 from preprocessing import transform as T
 
 STEPS = 400
@@ -138,7 +140,7 @@ def test_a_failing_cluster_is_reported_and_every_process_stopped(data, tmp_path)
 def test_the_kubernetes_example_runs_the_same_command_with_known_flags():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   text = open(os.path.join(root, "deploy", "kubernetes", "tfjob.yaml")).read()
-  defined = set(re.findall(r'flags\.DEFINE_\w+\(\s*"(\w+)"', open(os.path.join(root, "model_fn", "train.py")).read()))
+  defined = set(cli.flag_values(train.define_flags))
   used = re.findall(r"- --(\w+)=", text)
   assert used and set(used) <= defined, set(used) - defined
   assert re.findall(r"^    (\w+):\n      replicas:", text, re.M) == ["PS", "Chief", "Worker", "Evaluator"]

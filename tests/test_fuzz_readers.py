@@ -34,8 +34,7 @@ from preprocessing import features as F
 from preprocessing import transform as T
 
 BULK_ROWS = 12_000
-HYPOTHESIS = settings(max_examples=120, derandomize=True, deadline=None, database=None,
-                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+HYPOTHESIS = settings(max_examples=120, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 @pytest.fixture(scope="module")

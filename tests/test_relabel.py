@@ -107,7 +107,9 @@ def test_a_finished_relabel_is_not_redone(out):
 
 def test_parse_conversion_rejects_what_is_not_an_id_and_a_timestamp():
   assert relabel.parse_conversion(b"12,1413936000") == (12, 1413936000)
-  for bad in (b"12", b"a,1", b"12,1.5", b"12,1,2", b"\xff,1", b"1234567890123456789,1"):
+  # Every int64 sample id (19 digits too), and none beyond.
+  assert relabel.parse_conversion(b"9223372036854775807,1") == (9223372036854775807, 1)
+  for bad in (b"12", b"a,1", b"12,1.5", b"12,1,2", b"\xff,1", b"9223372036854775808,1"):
     with pytest.raises(relabel.BadRecord):
       relabel.parse_conversion(bad)
 

@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from model_fn import estimator as E
 from model_fn import evaluation
+from model_fn import export
 from model_fn import input_fn as I
 from model_fn.params import resolve_params
 from pipeline import preprocess, synthetic
@@ -251,6 +252,85 @@ def test_a_run_that_sets_most_rows_aside_is_not_published(data, tmp_path):
   assert len(staged) == 1 and tf.io.gfile.glob(os.path.join(staged[0], "dead_letter", "train-*"))
 
 
+def _aliccp_raw(root, empty=()):
+  """A tiny Ali-CCP input dir under the release names; ``empty`` names files left 0-byte."""
+  raw = root / "raw"
+  synthetic.generate(str(raw), num_train=300, num_test=100, num_users=30, num_items=40,
+                     impressions_per_common=5, ctr=0.3, cvr=0.3, anomalies=0, seed=3)
+  for name in empty:
+    (raw / name).write_bytes(b"")
+  return str(raw)
+
+
+def test_an_empty_split_is_refused_in_every_format_and_nothing_is_published(tmp_path):
+  # The probe: 0-byte Ali-CCP test files gave exit 0 and a published output, and training on
+  # it printed loss 0 and AUC nan. Avazu refused it; now every format does, before the job.
+  skeleton = _aliccp_raw(tmp_path / "a", ["sample_skeleton_test.csv"])
+  common = _aliccp_raw(tmp_path / "b", ["common_features_test.csv"])
+  (tmp_path / "test.csv").write_bytes(b"")
+  cases = [
+      (("pipeline.preprocess", f"--input_dir={skeleton}", f"--output_dir={tmp_path / 'o1'}"),
+       ("every skeleton file of the eval split is empty", "sample_skeleton_test.csv")),
+      (("pipeline.preprocess", f"--input_dir={common}", f"--output_dir={tmp_path / 'o2'}"),
+       ("every common file of the eval split is empty", "common_features_test.csv")),
+      (("pipeline.preprocess", "--format=avazu", f"--train_files={AVAZU_SAMPLE}",
+        f"--eval_files={tmp_path / 'test.csv'}", f"--output_dir={tmp_path / 'o3'}"),
+       ("every file of the eval split is empty", "test.csv")),
+  ]
+  for (_, phrases), result in zip(cases, _clis([args for args, _ in cases])):
+    _clear_error(*result, *phrases)
+  for o in ("o1", "o2", "o3"):
+    assert not tf.io.gfile.glob(str(tmp_path / o) + "*")
+
+  # Files with rows, none of them kept (every eval row is set aside): refused after the job.
+  raw = _aliccp_raw(tmp_path / "c")
+  with open(os.path.join(raw, "sample_skeleton_test.csv"), "rb") as f:
+    bad = b"".join(b"x" + line for line in f)           # sample ids that are not numbers
+  with open(os.path.join(raw, "sample_skeleton_test.csv"), "wb") as f:
+    f.write(bad)
+  out = str(tmp_path / "out")
+  with pytest.raises(preprocess.BadOutput, match=r"eval: no row written, nothing to evaluate on"):
+    preprocess.run("aliccp", preprocess._input_patterns(raw, {}), out, [], max_hash_buckets=64,
+                   max_dead_letter_fraction=1.0)
+  assert not os.path.exists(out)
+
+
+def test_a_second_preprocessing_run_of_an_output_is_refused_and_leaves_the_first_alone(tmp_path):
+  # The probe: a second run into the same --output_dir removed the first one's staging dir
+  # while it was written, and the first died (or published only reconciliation.json).
+  raw = _aliccp_raw(tmp_path)
+  out = str(tmp_path / "out")
+  # The first run, held inside its job (the Beam job is a stand-in that writes a file and
+  # waits for its stdin) until the second one has tried.
+  first = subprocess.Popen([sys.executable, "-c", r"""
+import os, sys
+from pipeline import preprocess
+def job(output_dir, **kwargs):
+  for entry in ("train", "eval", "transform_fn", "transformed_metadata", "dead_letter"):
+    os.makedirs(os.path.join(output_dir, entry))
+    open(os.path.join(output_dir, entry, "part-0"), "w").write("first")
+  print("writing", output_dir, flush=True)
+  sys.stdin.read()
+  return {f"aliccp/{s}/{c}": 5 for s in ("train", "eval") for c in ("skeleton_rows_read", "rows_written")}
+preprocess.run_job = job
+preprocess.run("aliccp", preprocess._input_patterns(sys.argv[1], {}), sys.argv[2], [], train_block_rows=0)
+print("published", flush=True)
+""", raw, out], cwd=ROOT, env=_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    line = first.stdout.readline().split()
+    assert line[:1] == ["writing"], line
+    staging = line[1]
+    rc, _, err = _cli("pipeline.preprocess", f"--input_dir={raw}", f"--output_dir={out}", "--overwrite")
+    _clear_error(rc, _, err, "is in use by another preprocessing run", f"pid {first.pid} ")
+    assert os.path.isfile(os.path.join(staging, "train", "part-0"))
+  finally:
+    first.stdin.close()
+  assert first.stdout.read().strip() == "published" and first.wait(timeout=120) == 0
+  assert open(os.path.join(out, "train", "part-0")).read() == "first"
+  assert sorted(os.listdir(out)) == ["dead_letter", "eval", F.RECONCILIATION, "train", "transform_fn",
+                                     "transformed_metadata"]
+
+
 def test_rows_a_runner_loses_between_stages_are_refused_and_the_hop_is_named(data, tmp_path, monkeypatch):
   # A stand-in for a runner that loses data in a shuffle: the dedup counts a row as kept, then
   # every 7th sample id's row never reaches the join. Nothing sets these rows aside.
@@ -410,3 +490,36 @@ def test_a_wrongly_typed_or_invalid_field_is_an_error_not_a_score(data, loaded, 
     fn = loaded.signatures[signature]
     with pytest.raises(tf.errors.InvalidArgumentError, match=phrase):
       fn(**{_input(fn): tf.constant([bad])})
+
+
+@pytest.mark.parametrize("batch", [[b"\xff\xfe\xfd"], "valid+garbage"])
+def test_bytes_that_are_not_a_tf_example_are_a_clear_error_not_a_binding_error(data, loaded, batch):
+  """ParseExample's error quotes the bytes; TensorFlow's Python layer could not decode that message
+  and raised "unexpected keyword argument 'inputs'". decode_proto refuses them first, quoting nothing."""
+  if batch == "valid+garbage":
+    batch = [_raw_examples(data, 1)[0], b"\x0a\x05garbage"]
+  for signature in ("regression", "serving_default", "predict"):
+    fn = loaded.signatures[signature]
+    with pytest.raises(tf.errors.DataLossError, match=export.NOT_AN_EXAMPLE):
+      fn(**{_input(fn): tf.constant(batch)})
+
+
+def test_a_long_id_list_scores_and_sum_pooling_grows_with_it_where_mean_does_not(data, loaded):
+  """README, Serving, "Long id lists": requests are not capped; sum pooling's vector grows with
+  the number of ids (10,000 ids can saturate the score), mean pooling's stays within its rows."""
+  long = _feature(_raw_examples(data, 1)[0], "f_150_14",
+                  tf.train.Feature(int64_list=tf.train.Int64List(value=list(range(1, 10_001)))))
+  long = _feature(long, "w_150_14", tf.train.Feature(float_list=tf.train.FloatList(value=[1.0] * 10_000)))
+  fn = loaded.signatures["predict"]
+  out = fn(**{_input(fn): tf.constant([long])})
+  for key in ("ctr", "cvr", "ctcvr"):
+    v = out[key].numpy().reshape(-1)
+    assert v.shape == (1,) and np.all(np.isfinite(v)) and np.all((v >= 0) & (v <= 1))
+  from model_fn import layers
+  table = tf.random.stateless_normal([20_000, 8], seed=[1, 2])
+  ids = tf.sparse.from_dense(tf.constant([list(range(1, 10_001)), [1] * 10_000], tf.int64))
+  sums = layers._pool(table, ids, None, "sum", "sum").numpy()
+  means = layers._pool(table, ids, None, "mean", "mean").numpy()
+  row_norm = np.linalg.norm(table.numpy(), axis=1).max()
+  assert np.linalg.norm(means, axis=1).max() <= row_norm + 1e-4
+  assert np.linalg.norm(sums[1]) == pytest.approx(10_000 * np.linalg.norm(table.numpy()[1]), rel=1e-4)

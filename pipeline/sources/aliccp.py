@@ -7,10 +7,11 @@ Layout (shared/docs/data-formats.md):
 
 The parse functions are pure and raise BadRecord with a stable reason; the Beam
 transforms route those rows to a dead-letter output and count every row:
-rows read = rows joined + rows set aside (per reason).
+rows read = rows joined + rows set aside (per reason). Values are checked in the dtype they
+are stored in (ids int64, weights float32), and a byte-order mark at the start of a file is
+dropped (ReadLines).
 """
 
-import math
 import operator
 import typing
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -18,10 +19,12 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io import textio
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.sources import dedup, grouping
-from pipeline.sources.deadletter import (DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage,
+from pipeline.sources.deadletter import (BOM, DEAD, FLOAT32_OVERFLOW, INT64_MAX, BadRecord, counter,
+                                        dead_letter, decode_line, parse_int64, rows_by_stage,
                                         unaccounted_by_hop)
 from preprocessing import features as F
 
@@ -60,8 +63,10 @@ def _is_uint(text: Union[str, bytes]) -> bool:
 
 def is_sample_id(text: Union[str, bytes]) -> bool:
   """A sample id as the release writes it: a non-negative decimal that fits int64 (str, or
-  bytes for pipeline/partition.py's pass over raw lines)."""
-  return _is_uint(text) and len(text) <= 18
+  bytes for pipeline/partition.py's pass over raw lines); as parse_int64 accepts it."""
+  if not _is_uint(text):
+    return False
+  return len(text.lstrip(b"0" if isinstance(text, bytes) else "0")) <= 19 and int(text) <= INT64_MAX
 
 
 def looks_like_aliccp(line) -> bool:
@@ -86,27 +91,29 @@ def parse_feature_list(text: str, feature_num: int, known_fields) -> Tuple[Featu
     feature_id, sep2, value = rest.partition(VALUE_SEP)
     if not sep or not sep2 or not field:
       raise BadRecord(BAD_FEATURE_ITEM, f"item {item[:80]!r} is not field\\x02id\\x03value")
-    if not _is_uint(feature_id) or len(feature_id) > 18:
-      raise BadRecord(BAD_FEATURE_ITEM, f"feature id {feature_id[:40]!r} of field {field[:20]!r} is not a non-negative integer")
+    if _is_uint(feature_id) and len(feature_id) <= 18:
+      feature_id = int(feature_id)   # the common case, inline: this runs per item
+    else:
+      feature_id = parse_int64(feature_id, BAD_FEATURE_ITEM, f"field {field[:20]!r}: feature id")
     try:
       weight = float(value)
     except ValueError:
       raise BadRecord(BAD_FEATURE_ITEM, f"value {value[:40]!r} of field {field[:20]!r} is not a number") from None
-    if not math.isfinite(weight) or weight < 0:
-      raise BadRecord(BAD_WEIGHT, f"weight {value[:40]!r} of field {field[:20]!r} is not a finite non-negative number")
+    # Checked as the float32 it is stored in: 1e39 is finite as a float64, inf as a float32.
+    if not 0 <= weight < FLOAT32_OVERFLOW:   # also false for NaN
+      raise BadRecord(BAD_WEIGHT, f"weight {value[:40]!r} of field {field[:20]!r} is not a finite "
+                                  "non-negative float32")
     if field not in known_fields:
       unknown += 1
       continue
     ids, weights = out.setdefault(field, ([], []))
-    ids.append(int(feature_id))
+    ids.append(feature_id)
     weights.append(weight)
   return out, unknown
 
 
 def _parse_feature_num(text: str) -> int:
-  if not _is_uint(text):
-    raise BadRecord(BAD_FEATURE_NUM, f"feature_num {text[:40]!r} is not a non-negative integer")
-  return int(text)
+  return parse_int64(text, BAD_FEATURE_NUM, "feature_num")
 
 
 def _parse_index(text: str) -> str:
@@ -122,15 +129,14 @@ def parse_skeleton_line(line, known_fields) -> Tuple[dict, int]:
   if len(parts) != 6:
     raise BadRecord(WRONG_COLUMN_COUNT, f"expected 6 comma-separated columns, got {len(parts)}")
   sample_id, click, conversion, index, feature_num, feature_list = parts
-  if not is_sample_id(sample_id):
-    raise BadRecord(BAD_SAMPLE_ID, f"sample_id {sample_id[:40]!r} is not a non-negative integer")
+  sample_id = parse_int64(sample_id, BAD_SAMPLE_ID, "sample_id")
   if click not in ("0", "1") or conversion not in ("0", "1"):
     raise BadRecord(BAD_LABEL, f"click={click[:10]!r} conversion={conversion[:10]!r}; both must be 0 or 1")
   index = _parse_index(index)
   features, unknown = parse_feature_list(feature_list, _parse_feature_num(feature_num), known_fields)
   if click == "0" and conversion == "1":
     raise BadRecord(CONVERSION_WITHOUT_CLICK, "click=0 but conversion=1 is impossible in the funnel")
-  row = {"sample_id": int(sample_id), "click": int(click), "conversion": int(conversion),
+  row = {"sample_id": sample_id, "click": int(click), "conversion": int(conversion),
          "index": index, "features": features}
   return row, unknown
 
@@ -171,6 +177,26 @@ def to_raw_instance(skeleton: Mapping, common_features: Features, schema=None) -
     if field.weighted:
       instance[field.raw_weights] = weights
   return instance
+
+
+class _TextSourceWithoutBom(textio._TextSource):
+  """Beam's text source (raw bytes lines) less a byte-order mark at the start of a file. Only the
+  reader of the range that starts at byte 0 reads the file's first record; a BOM anywhere else is
+  data (and the row is set aside for it)."""
+
+  def read_records(self, file_name, range_tracker):
+    first = range_tracker.start_position() == 0
+    for record in super().read_records(file_name, range_tracker):
+      if first:
+        first = False
+        if record.startswith(BOM):
+          record = record[len(BOM):]
+      yield record
+
+
+class ReadLines(beam.io.ReadFromText):
+  """ReadFromText (with a BytesCoder) that drops the BOM a file may start with."""
+  _source_class = _TextSourceWithoutBom
 
 
 # Tags of the two sides of the join (the first item of a grouped value).
@@ -298,18 +324,28 @@ class _JoinFn(beam.DoFn):
     skeletons, commons = [], []
     for side, line in grouped:
       (skeletons if side == SKELETON else commons).append(line)
+    common_features = None
     if len(commons) > 1:
-      # An index must name one user-side context; keep none rather than guess.
+      # An index names one user-side context. Copies that parse the same (a replayed log, a file
+      # listed twice) are one row: one is kept, the others set aside, as dedup.py does with
+      # sample ids. Copies that differ: there is no telling which is right, so none is kept,
+      # and the impressions of the index are set aside with them.
+      parsed = [parse_common_line(line, KNOWN_FIELDS)[0]["features"] for line in commons]
       reason = DUPLICATE_COMMON_FEATURE_INDEX
-      detail = f"{len(commons)} common-features rows share this index"
-      for _ in commons:
+      if all(p == parsed[0] for p in parsed[1:]):
+        common_features = parsed[0]
+        extra, detail = commons[1:], f"{len(commons)} identical common-features rows share this index; one is kept"
+      else:
+        extra, detail = commons, f"{len(commons)} different common-features rows share this index; none is kept"
+      for line in extra:
         counter(self._ns, f"common_dead/{reason}").inc()
         yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-            self._split, "common", reason, detail, common_feature_index=index))
-      commons = []
-    elif not commons:
+            self._split, "common", reason, detail, line=line, common_feature_index=index))
+      commons = commons[:1] if common_features is not None else []
+    elif commons:
+      common_features = parse_common_line(commons[0], KNOWN_FIELDS)[0]["features"]
+    else:
       reason, detail = UNKNOWN_COMMON_FEATURE_INDEX, "no common-features row has this index"
-    common_features = parse_common_line(commons[0], KNOWN_FIELDS)[0]["features"] if commons else None
     for line in skeletons:
       skeleton = parse_skeleton_line(line, KNOWN_FIELDS)[0]
       if common_features is None:
@@ -355,7 +391,7 @@ class ReadAliCCP(beam.PTransform):
 
   def expand(self, pbegin):
     read = lambda name, pattern: (
-        pbegin | f"Read{name}" >> beam.io.ReadFromText(pattern, coder=beam.coders.BytesCoder()))
+        pbegin | f"Read{name}" >> ReadLines(pattern, coder=beam.coders.BytesCoder()))
     skeleton = (read("Skeleton", self._skeleton)
                 | "ParseSkeleton" >> beam.ParDo(_ParseFn(self._split, "skeleton")).with_outputs(DEAD, main="rows"))
     common = (read("Common", self._common)

@@ -3,10 +3,11 @@
 Layout (shared/docs/data-formats.md): the 24 columns of the public Avazu release
 (``preprocessing.features.AVAZU_COLUMNS``), read by the header's names in any order,
 plus an optional ``conversion`` column (0/1, post-click conversion). Other columns are
-ignored. Values are not quoted (as in the public release). ``id`` is a decimal that can
-exceed int64 and stays a string; ``hour`` is ``YYMMDDHH`` and gives the day partition
-(``day`` = ``YYYYMMDD``) and the hour of day; an empty categorical value is a missing
-field. Files may be plain or compressed (``.gz``, ``.bz2``, by extension).
+ignored. Values may be quoted as in RFC 4180 (the public release quotes none): a quoted
+value is read without its quotes (``split_values``), so quoting does not change a row.
+``id`` is a decimal that can exceed int64 and stays a string; ``hour`` is ``YYMMDDHH`` and
+gives the day partition (``day`` = ``YYYYMMDD``) and the hour of day; an empty categorical
+value is a missing field. Files may be plain or compressed (``.gz``, ``.bz2``, by extension).
 
 Every file is read with its own header: the launcher reads the first line of each
 matched file (``scan_inputs``) before the pipeline is built, so that all files of a run
@@ -27,15 +28,14 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.sources import dedup
-from pipeline.sources.deadletter import (DEAD, BadRecord, counter, dead_letter, decode_line, rows_by_stage,
-                                        unaccounted_by_hop)
+from pipeline.sources.deadletter import (BOM, DEAD, BadRecord, counter, dead_letter, decode_line,
+                                        parse_int64, rows_by_stage, unaccounted_by_hop)
 from preprocessing import features as F
 
 FMT = "avazu"
 SOURCE = "csv"
 MAX_ID_DIGITS = 40
-_BOM = "\ufeff"
-_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_BOM = BOM.decode("utf-8")   # headers are checked as text
 HOUR_RAW = next(f.raw_ids for f in F.fields(FMT) if f.transform == F.HOUR_OF_DAY)   # f_hour
 
 # Reasons a row is set aside (stable identifiers, used in counters and dead letters).
@@ -46,8 +46,9 @@ BAD_CLICK = "bad_click"
 BAD_CONVERSION = "bad_conversion"
 BAD_HOUR = "bad_hour"
 BAD_INTEGER = "bad_integer"
+BAD_QUOTING = "bad_quoting"
 CONVERSION_WITHOUT_CLICK = "conversion_without_click"
-PARSE_REASONS = (NOT_UTF8, WRONG_COLUMN_COUNT, BAD_SAMPLE_ID, BAD_CLICK, BAD_CONVERSION, BAD_HOUR,
+PARSE_REASONS = (NOT_UTF8, WRONG_COLUMN_COUNT, BAD_QUOTING, BAD_SAMPLE_ID, BAD_CLICK, BAD_CONVERSION, BAD_HOUR,
                  BAD_INTEGER, CONVERSION_WITHOUT_CLICK)
 REASONS = PARSE_REASONS + dedup.REASONS
 
@@ -74,6 +75,47 @@ class Header:
     return F.RAW_LABELS if self.has_conversion else (F.CLICK,)
 
 
+def split_values(line: str) -> List[str]:
+  """The values of one CSV line, RFC 4180 quotes removed: a quoted value may hold commas and
+  doubled quotes (``"a ""b"", c"`` is ``a "b", c``). Raises BadRecord(bad_quoting) for a quote that
+  does not open or close a whole value. The reader takes one line as one row (Beam's text source
+  splits files at line breaks, between any two bytes of a file), so a quoted value with a line
+  break in it cannot be read: it leaves a quote open at the end of its first line, and a quote
+  in an unquoted value on the next; both lines are set aside for it."""
+  if '"' not in line:
+    return line.split(",")   # the common case: nothing quoted
+  values, i, n = [], 0, len(line)
+  while True:
+    if line.startswith('"', i):
+      pieces, i = [], i + 1
+      while True:
+        end = line.find('"', i)
+        if end < 0:
+          raise BadRecord(BAD_QUOTING, f"value {len(values) + 1} opens a quote that its line does not close "
+                                       "(a line break inside quotes cannot be read)")
+        pieces.append(line[i:end])
+        i = end + 1
+        if not line.startswith('"', i):
+          break
+        pieces.append('"')   # a doubled quote inside quotes
+        i += 1
+      value = "".join(pieces)
+      if i < n and line[i] != ",":
+        raise BadRecord(BAD_QUOTING, f"value {len(values) + 1}: a quoted value followed by "
+                                     f"{line[i:i + 20]!r}, not a comma")
+    else:
+      end = line.find(",", i)
+      end = n if end < 0 else end
+      value = line[i:end]
+      if '"' in value:
+        raise BadRecord(BAD_QUOTING, f"value {len(values) + 1} {value[:40]!r} has a quote but is not quoted")
+      i = end
+    values.append(value)
+    if i == n:
+      return values
+    i += 1   # past the comma: another value follows, perhaps empty
+
+
 def parse_header(line) -> Header:
   """The header row of a file -> Header; raises BadInput if a required column is missing."""
   raw = line if isinstance(line, bytes) else line.encode("utf-8")
@@ -84,7 +126,10 @@ def parse_header(line) -> Header:
     raise BadInput(f"header line {raw[:80]!r} is not UTF-8") from None
   if text.startswith(_BOM):
     text = text[len(_BOM):]
-  columns = tuple(c.strip() for c in text.split(","))
+  try:
+    columns = tuple(c.strip() for c in split_values(text))
+  except BadRecord as e:
+    raise BadInput(f"header line {raw[:80]!r}: {e.detail}") from None
   duplicates = sorted({c for c in columns if columns.count(c) > 1})
   if duplicates:
     raise BadInput(f"header has duplicate columns {duplicates}")
@@ -137,16 +182,6 @@ def _label(text: str, reason: str, name: str) -> int:
   return int(text)
 
 
-def _parse_int(text: str, column: str) -> int:
-  digits = text[1:] if text.startswith("-") else text
-  if not digits or not digits.isascii() or not digits.isdigit() or len(digits) > 19:
-    raise BadRecord(BAD_INTEGER, f"{column}={text[:40]!r} is not an integer")
-  value = int(text)
-  if not _INT64_MIN <= value <= _INT64_MAX:
-    raise BadRecord(BAD_INTEGER, f"{column}={text[:40]!r} does not fit in int64")
-  return value
-
-
 def parse_line(line, header: Header) -> dict:
   """One data row of a file with ``header`` -> the raw instance dict the TFT preprocessing_fn reads.
 
@@ -155,7 +190,7 @@ def parse_line(line, header: Header) -> dict:
   does the same); categorical fields are one-value lists, empty when the value is empty.
   """
   line = decode_line(line)
-  parts = line.split(",")
+  parts = split_values(line)
   if len(parts) != len(header.columns):
     raise BadRecord(WRONG_COLUMN_COUNT, f"expected {len(header.columns)} comma-separated columns "
                                         f"as in the header, got {len(parts)}")
@@ -176,7 +211,7 @@ def parse_line(line, header: Header) -> dict:
     if not value:
       instance[raw_ids] = []
     elif is_int:
-      instance[raw_ids] = [_parse_int(value, raw_ids[len(F.RAW_ID_PREFIX):])]
+      instance[raw_ids] = [parse_int64(value, BAD_INTEGER, raw_ids[len(F.RAW_ID_PREFIX):], signed=True)]
     else:
       instance[raw_ids] = [value]
   if conversion is not None:

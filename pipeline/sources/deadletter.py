@@ -7,6 +7,11 @@ import apache_beam as beam
 
 DEAD = "dead_letter"
 MAX_LINE_CHARS = 1 << 20
+BOM = b"\xef\xbb\xbf"   # a UTF-8 byte-order mark, which some exporters write at the start of a file
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+# The least float64 that float32 rounds to inf (float32's max is 2**128 - 2**104; the half-way
+# point above it rounds up): a weight is finite in float32 exactly when it is below this.
+FLOAT32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
 
 
 class BadRecord(ValueError):
@@ -26,6 +31,20 @@ def decode_line(line) -> str:
     except UnicodeDecodeError as e:
       raise BadRecord("not_utf8", str(e)) from None
   return line.rstrip("\r\n")
+
+
+def parse_int64(text: str, reason: str, what: str, signed: bool = False) -> int:
+  """A decimal integer (non-negative unless ``signed``) as the int64 it is stored in; raises
+  BadRecord(reason) saying whether ``text`` is no such integer or is out of int64 range."""
+  digits = text[1:] if signed and text.startswith("-") else text
+  if not digits or not digits.isascii() or not digits.isdigit():
+    kind = "an integer" if signed else "a non-negative integer"
+    raise BadRecord(reason, f"{what} {text[:40]!r} is not {kind}")
+  # Leading zeros are allowed; more than 19 significant digits never fit (and int() of a huge
+  # digit string is slow or raises).
+  if len(digits.lstrip("0")) > 19 or not INT64_MIN <= int(text) <= INT64_MAX:
+    raise BadRecord(reason, f"{what} {text[:40]!r} is out of int64 range")
+  return int(text)
 
 
 def dead_letter(split: str, source: str, reason: str, detail: str = "",
