@@ -34,6 +34,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import results_io  # noqa: E402
+from model_fn import calibration as C  # noqa: E402
 from model_fn import estimator as E  # noqa: E402
 from model_fn import export  # noqa: E402
 from model_fn import input_fn as I  # noqa: E402
@@ -94,7 +95,9 @@ class SessionPaths:
   """The serving graph (receiver + model) in a TF1 session, callable on raw examples or on the
   receiver's output (the transformed features) to run the model alone."""
 
-  def __init__(self, tft_output, params: Dict, model_dir: str):
+  def __init__(self, tft_output, model_dir: str):
+    # The params the model was trained with and its calibration, as the export applies them.
+    params = {**E.load_params(model_dir), "calibration": C.load(model_dir) or {}}
     self.graph = tf.Graph()
     with self.graph.as_default():
       receiver = export.make_serving_input_receiver_fn(tft_output, params["format"])()
@@ -164,7 +167,7 @@ def main(argv):
     result = E.train_and_evaluate(out, model_dir, params, batch_size=256, train_steps=FLAGS.train_steps,
                                   save_checkpoints_steps=FLAGS.train_steps)
     loaded = tf.saved_model.load(result["saved_model"])
-    paths = SessionPaths(tft_output, params, model_dir)
+    paths = SessionPaths(tft_output, model_dir)
     largest = max(int(b) for b in FLAGS.batch_sizes)
     serialized = raw_requests(raw, "test", max(largest, 1024))
     rows = []
