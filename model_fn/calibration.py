@@ -33,6 +33,9 @@ CALIBRATION_FILE = "calibration.json"
 DEFAULT_HOLDOUT = {"bias": 0.0, "platt": 0.05, "isotonic": 0.05}
 ISOTONIC_BINS = 64
 MIN_BIN_POSITIVES = 5
+# Isotonic knots closer than this (in logits) are pooled: a steeper map would turn float32
+# rounding of the tower logit into visible changes of the served probability.
+MIN_KNOT_GAP = 1e-2
 
 
 def apply(spec: Optional[dict], logit: tf.Tensor) -> tf.Tensor:
@@ -128,8 +131,8 @@ def fit_isotonic(labels: np.ndarray, logits: np.ndarray, bins: int = ISOTONIC_BI
   MIN_BIN_POSITIVES positives where the data allow); knots at the pooled blocks' mean logits.
 
   A block's rate carries one pseudo-observation at the overall rate (a block of only negatives
-  stays finite), and blocks are pooled until both the knots and these rates strictly increase, so
-  the map is strictly increasing."""
+  stays finite), and blocks are pooled until the rates strictly increase and the knots are at
+  least MIN_KNOT_GAP apart, so the map is strictly increasing and its slope bounded."""
   y, z = _labels_and_logits(labels, logits)
   bins = max(1, min(bins, int(y.sum()) // MIN_BIN_POSITIVES))
   prior = y.mean()
@@ -142,7 +145,7 @@ def fit_isotonic(labels: np.ndarray, logits: np.ndarray, bins: int = ISOTONIC_BI
       continue
     pooled.append([y[part].sum(), float(len(part)), z[part].sum()])
     while len(pooled) > 1 and (rate(pooled[-2]) >= rate(pooled[-1])
-                               or pooled[-2][2] / pooled[-2][1] >= pooled[-1][2] / pooled[-1][1]):
+                               or pooled[-1][2] / pooled[-1][1] - pooled[-2][2] / pooled[-2][1] < MIN_KNOT_GAP):
       last = pooled.pop()
       pooled[-1] = [pooled[-1][i] + last[i] for i in range(3)]
   return {"method": "isotonic", "x": [float(s_z / n) for _, n, s_z in pooled],

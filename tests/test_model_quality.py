@@ -242,6 +242,21 @@ def test_isotonic_fit_on_tied_and_thin_logits_stays_strictly_increasing():
   assert np.all(np.diff(spec["y"]) > 0)
 
 
+def test_isotonic_fit_of_a_barely_trained_model_keeps_float32_serving_exact():
+  """Logits packed within a few thousandths (a model after a few steps): knots closer than
+  MIN_KNOT_GAP are pooled, so the float32 serving graph stays within float32 rounding of numpy."""
+  rng = np.random.default_rng(7)
+  z = -4.5 + 1e-3 * rng.standard_normal(20_000)
+  y = (rng.random(z.size) < 0.011).astype(float)
+  spec = calibration.fit_isotonic(y, z)
+  assert np.all(np.diff(spec["x"]) >= calibration.MIN_KNOT_GAP)
+  z32 = z.astype(np.float32)
+  got = calibration.apply(spec, tf.constant(z32)).numpy()
+  np.testing.assert_allclose(_sigmoid(got), _sigmoid(calibration.apply_numpy(spec, z32)), rtol=2e-5)
+  spread = calibration.fit_isotonic(y, np.linspace(-6, -2, z.size) + 1e-3 * rng.standard_normal(z.size))
+  assert len(spread["x"]) > 1 and np.all(np.diff(spread["x"]) >= calibration.MIN_KNOT_GAP)
+
+
 def test_calibrated_heads_keep_the_towers_values():
   spec = {"ctr": {"method": "platt", "a": 1.0, "b": math.log(2)}, "cvr": None}
   with tf.Graph().as_default():
