@@ -11,13 +11,16 @@ do not change:
             interpolated linearly (in logit space) between the bins' centres and continued with
             slope 1 beyond the outermost ones
 pCTR is fitted on every held-out impression (label click), pCVR on the clicked ones (label
-conversion); pCTCVR stays pCTR x pCVR.
+conversion); pCTCVR stays pCTR x pCVR. With a ``conversion_scale`` r the pCVR labels are soft,
+r x conversion: an estimate of the eventual conversions of days whose conversions have not all
+arrived (pipeline/delay.py), so the calibrated pCVR is corrected for them (fake negatives).
 
 A calibration is a JSON object ({"method": "bias" or "platt", "a": .., "b": ..} or
 {"method": "isotonic", "x": [..], "y": [..]}); a model's are in MODEL_DIR/calibration.json.
 """
 
 import json
+import math
 import os
 from typing import Dict, List, Optional
 
@@ -79,10 +82,14 @@ def logit(p):
 
 
 def _labels_and_logits(labels, logits):
+  """Labels (0/1, or soft: >= 0, possibly above 1) and logits as float64 arrays; ValueError
+  unless some label is 0 and some is positive, and their mean (the rate fitted) is below 1."""
   y = np.asarray(labels, np.float64)
   z = np.asarray(logits, np.float64)
-  if y.size == 0 or y.sum() == 0 or y.sum() == y.size:
+  if y.size == 0 or not np.any(y > 0) or not np.any(y == 0):
     raise ValueError("calibration needs both positive and negative labels")
+  if not np.all(np.isfinite(y)) or np.any(y < 0) or y.mean() >= 1:
+    raise ValueError(f"calibration labels must be finite and >= 0 with a mean below 1, got mean {y.mean()}")
   return y, z
 
 
@@ -134,7 +141,7 @@ def fit_isotonic(labels: np.ndarray, logits: np.ndarray, bins: int = ISOTONIC_BI
   stays finite), and blocks are pooled until the rates strictly increase and the knots are at
   least MIN_KNOT_GAP apart, so the map is strictly increasing and its slope bounded."""
   y, z = _labels_and_logits(labels, logits)
-  bins = max(1, min(bins, int(y.sum()) // MIN_BIN_POSITIVES))
+  bins = max(1, min(bins, int(np.count_nonzero(y)) // MIN_BIN_POSITIVES))
   prior = y.mean()
   order = np.argsort(z, kind="mergesort")
   # Blocks: [sum of labels, count, sum of logits].
@@ -176,16 +183,30 @@ def holdout_fraction(method: str, holdout: Optional[float]) -> float:
   return fraction
 
 
+def check_conversion_scale(method: str, conversion_scale: float) -> float:
+  """``conversion_scale`` as a float: finite and > 0, and 1 unless a calibration is fitted."""
+  scale = float(conversion_scale)
+  if not (math.isfinite(scale) and scale > 0):
+    raise ValueError(f"conversion_scale must be finite and > 0, got {conversion_scale}")
+  if method == "none" and scale != 1.0:
+    raise ValueError(f"conversion_scale {scale} needs a calibration (the correction is applied "
+                     "through the calibration), got calibration 'none'")
+  return scale
+
+
 def fit_heads(method: str, click: np.ndarray, conversion: np.ndarray, ctr_logit: np.ndarray,
-              cvr_logit: np.ndarray, holdout: float = 0.0) -> Dict[str, dict]:
+              cvr_logit: np.ndarray, holdout: float = 0.0, conversion_scale: float = 1.0) -> Dict[str, dict]:
   """{"ctr": spec, "cvr": spec} from labels and uncalibrated logits (of the held-out slice, or of
-  the whole train split when ``holdout`` is 0)."""
+  the whole train split when ``holdout`` is 0); the CVR head to the clicked rows' conversions
+  times ``conversion_scale`` (soft labels: their estimated eventual conversions)."""
+  scale = check_conversion_scale(method, conversion_scale)
   clicked = np.asarray(click) > 0
-  return {"method": method, "holdout": holdout,
+  converted = np.asarray(conversion, np.float64)[clicked]
+  return {"method": method, "holdout": holdout, "conversion_scale": scale,
           "ctr": fit(method, click, ctr_logit),
-          "cvr": fit(method, np.asarray(conversion)[clicked], np.asarray(cvr_logit)[clicked]),
+          "cvr": fit(method, converted * scale, np.asarray(cvr_logit)[clicked]),
           "impressions": int(len(click)), "clicks": int(clicked.sum()),
-          "conversions": int(np.sum(np.asarray(conversion)[clicked]))}
+          "conversions": int(np.sum(converted))}
 
 
 def save(model_dir: str, calibrations: Dict[str, dict]) -> None:

@@ -231,7 +231,8 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
                        do_export: bool = True, warm_start_from: Optional[str] = None,
                        eval_throttle_secs: int = 30, train_input: str = "auto",
                        calibration: str = C.DEFAULT_METHOD,
-                       calibration_holdout: Optional[float] = None) -> Dict[str, Any]:
+                       calibration_holdout: Optional[float] = None,
+                       conversion_scale: float = 1.0) -> Dict[str, Any]:
   """Trains to the step budget (resuming), evaluates, exports. Returns metrics and export path.
 
   The step budget is global: on a cluster the chief and the workers together train
@@ -242,10 +243,12 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   the trained towers' logits and built into the evaluation and the SavedModel: ``bias`` (the
   default) refits each output bias on the whole train split; ``platt`` and ``isotonic`` are
   fitted on a held-out ``calibration_holdout`` share of the train split (default 0.05), which
-  training then does not read; ``none`` keeps the towers' own values.
+  training then does not read; ``none`` keeps the towers' own values. ``conversion_scale``: the
+  pCVR calibration is fitted to the conversions times it (pipeline/delay.py; needs a calibration).
 
   The output biases start at the logits of the train split's base rates (params
   ``base_rates``, read from the preprocessing run's label counts unless given)."""
+  conversion_scale = C.check_conversion_scale(calibration, conversion_scale)   # before any training
   tft_output = I.load_transform_output(transform_dir)
   I.require_rows(transform_dir)     # an empty split: an error before anything is written, not NaN metrics
   calibration_holdout = I.holdout_share(C.holdout_fraction(calibration, calibration_holdout))
@@ -301,7 +304,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
       eval_input, steps=eval_steps or None)
   if calibration != "none":
     calibrations = fit_calibration(estimator, train_pattern, tft_output, block_rows, params, calibration,
-                                   calibration_holdout)
+                                   calibration_holdout, conversion_scale)
     C.save(model_dir, calibrations)
     estimator = make_estimator(model_dir, {**params, "calibration": calibrations}, seed,
                                save_checkpoints_steps)
@@ -336,9 +339,10 @@ def start_offset(seed: int, records: int, files: int = 1) -> int:
 
 
 def fit_calibration(estimator: tf.estimator.Estimator, train_pattern: str, tft_output, block_rows: int,
-                    params: Dict[str, Any], method: str, holdout_fraction: float) -> Dict[str, Any]:
+                    params: Dict[str, Any], method: str, holdout_fraction: float,
+                    conversion_scale: float = 1.0) -> Dict[str, Any]:
   """Fits ``method`` to the uncalibrated tower logits on the train split's held-out slice, or on the
-  whole train split when ``holdout_fraction`` is 0."""
+  whole train split when ``holdout_fraction`` is 0 (the conversions times ``conversion_scale``)."""
   data_fn = I.make_input_fn(train_pattern, tft_output, 4096, training=False, labels_as_features=True,
                             fields=params["fields"], block_rows=block_rows,
                             holdout="only" if holdout_fraction > 0 else "all", holdout_fraction=holdout_fraction)
@@ -350,7 +354,7 @@ def fit_calibration(estimator: tf.estimator.Estimator, train_pattern: str, tft_o
   where = f"the held-out {holdout_fraction:.0%} of the train split" if holdout_fraction else "the train split"
   try:
     return C.fit_heads(method, data["label_click"], data["label_conversion"], data["ctr_logit"],
-                       data["cvr_logit"], holdout_fraction)
+                       data["cvr_logit"], holdout_fraction, conversion_scale)
   except ValueError as e:
     raise ValueError(f"cannot fit the {method} calibration on {where} ({len(data['label_click'])} "
                      f"impressions): {e}; use another --calibration_holdout or --calibration=none") from None

@@ -171,7 +171,10 @@ class _Relabel(beam.DoFn):
         attributed = True
         self._attributed.inc()
         counter(NS, f"attributed/{date}").inc()
+        counter(NS, f"attributed_lag/{date}/{lag}").inc()
     counter(NS, f"impressions_written/{date}").inc()
+    if click:
+      counter(NS, f"clicks/{date}").inc()
     yield date, sample_id, with_conversion(line, attributed)
 
 
@@ -224,13 +227,21 @@ def _count_passthrough(element):
 
 
 def reconcile(counters: Mapping[str, int], dates: Iterable[str]) -> Dict[str, object]:
-  """Row accounting of a relabel run from its counters ('relabel/...' keys)."""
+  """Row accounting of a relabel run from its counters ('relabel/...' keys).
+
+  Per day also its written clicked impressions and its attributed conversions by lag (whole
+  days from the impression day to the conversion's; keys are strings, for JSON), the input of
+  pipeline.delay."""
   c = {k[len(NS) + 1:]: v for k, v in counters.items() if k.startswith(NS + "/")}
   days = {}
   for date in dates:
+    prefix = f"attributed_lag/{date}/"
+    by_lag = {k[len(prefix):]: int(v) for k, v in c.items() if k.startswith(prefix) and v}
     days[date] = {"impressions_read": c.get(f"impressions_read/{date}", 0),
                   "impressions_written": c.get(f"impressions_written/{date}", 0),
-                  "conversions_attributed": c.get(f"attributed/{date}", 0)}
+                  "conversions_attributed": c.get(f"attributed/{date}", 0),
+                  "clicks": int(c.get(f"clicks/{date}", 0)),
+                  "conversions_by_lag": dict(sorted(by_lag.items(), key=lambda kv: int(kv[0])))}
   read = sum(d["impressions_read"] for d in days.values())
   written = sum(d["impressions_written"] for d in days.values())
   dup = c.get(f"impressions_set_aside/{DUPLICATE_IMPRESSION}", 0)

@@ -210,6 +210,49 @@ def test_isotonic_fit_is_increasing_and_calibrated_on_average():
     calibration.fit_isotonic(np.zeros(10), np.arange(10.0))
 
 
+
+def _funnel(seed: int, n: int = 200_000):
+  """Clicks, conversions and (distorted) tower logits of a CTR ~ 0.2, CVR ~ 0.1 funnel."""
+  rng = np.random.default_rng(seed)
+  ctr_logit, cvr_logit = rng.normal(-1.5, 1.0, n), rng.normal(-2.5, 1.2, n)
+  click = (rng.random(n) < _sigmoid(ctr_logit)).astype(float)
+  conversion = click * (rng.random(n) < _sigmoid(0.7 * cvr_logit - 0.3))
+  return click, conversion, ctr_logit, cvr_logit
+
+
+@pytest.mark.parametrize("method,rtol", [("bias", 1e-6), ("platt", 1e-4), ("isotonic", 0.03)])
+def test_cvr_fit_to_scaled_conversions_predicts_the_scaled_rate(method, rtol):
+  """Soft labels (conversions x 1.3, for conversions still to arrive): the mean pCVR on clicks is
+  1.3 x the observed CVR; pCTR is untouched."""
+  click, conversion, ctr_logit, cvr_logit = _funnel(5)
+  out = calibration.fit_heads(method, click, conversion, ctr_logit, cvr_logit, conversion_scale=1.3)
+  plain = calibration.fit_heads(method, click, conversion, ctr_logit, cvr_logit)
+  clicked = click > 0
+  assert out["conversion_scale"] == 1.3 and plain["conversion_scale"] == 1.0
+  assert out["conversions"] == int(conversion.sum()) and out["ctr"] == plain["ctr"]
+  pcvr = _sigmoid(calibration.apply_numpy(out["cvr"], cvr_logit[clicked]))
+  np.testing.assert_allclose(pcvr.mean(), 1.3 * conversion[clicked].mean(), rtol=rtol)
+  if method != "bias":
+    assert np.all(np.diff(pcvr[np.argsort(cvr_logit[clicked])]) >= -1e-12)     # ranking kept
+
+
+def test_conversion_scale_must_be_positive_and_needs_a_calibration(tmp_path):
+  from model_fn import estimator
+  click, conversion, ctr_logit, cvr_logit = _funnel(6, 1000)
+  for bad in (0.0, -1.0, float("nan"), float("inf")):
+    with pytest.raises(ValueError, match="finite and > 0"):
+      calibration.fit_heads("bias", click, conversion, ctr_logit, cvr_logit, conversion_scale=bad)
+  assert calibration.fit_heads("bias", click, conversion, ctr_logit, cvr_logit,
+                               conversion_scale=0.8)["conversion_scale"] == 0.8
+  with pytest.raises(ValueError, match="mean below 1"):       # no probability has that mean
+    calibration.fit_bias(np.array([0.0, 3.0, 3.0]), np.zeros(3))
+  # Before anything is read or trained: the transform dir does not exist.
+  model_dir = str(tmp_path / "model")
+  with pytest.raises(ValueError, match="through the calibration"):
+    estimator.train_and_evaluate(str(tmp_path / "nowhere"), model_dir, {"model": "esmm"}, 32,
+                                 calibration="none", conversion_scale=1.2)
+  assert not (tmp_path / "model").exists()
+
 @pytest.mark.parametrize("spec", [None, {"method": "platt", "a": 0.7, "b": -0.3},
                                   {"method": "isotonic", "x": [-3.0, -1.0, 2.0], "y": [-4.0, -1.5, 0.5]},
                                   {"method": "isotonic", "x": [0.5], "y": [-1.0]}])

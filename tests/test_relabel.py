@@ -70,6 +70,18 @@ def test_conversions_flip_the_right_impressions(out):
   assert out["rec"]["days"][D2]["conversions_attributed"] == 1
 
 
+def test_clicks_and_conversions_by_lag_per_day(out):
+  days = out["rec"]["days"]
+  # D1 writes 1, 2, 4, 5, 8 clicked (3 is not, the garbage line has no click); D2 writes 6, 7
+  # (its 8 is a duplicate). 1 converts on D1 (lag 0; its D2 row is a duplicate), 2 on D2 (lag 1),
+  # 6 four days after D2.
+  assert days[D1]["clicks"] == 5 and days[D2]["clicks"] == 2
+  assert days[D1]["conversions_by_lag"] == {"0": 1, "1": 1}
+  assert days[D2]["conversions_by_lag"] == {"4": 1}
+  for day in days.values():
+    assert sum(day["conversions_by_lag"].values()) == day["conversions_attributed"]
+  assert json.loads(json.dumps(days)) == days
+
 def test_every_conversion_row_is_attributed_or_set_aside_with_its_reason(out):
   rec = out["rec"]
   assert rec["conversions_read"] == 10 and rec["conversions_attributed"] == 3
