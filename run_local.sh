@@ -12,6 +12,8 @@
 #                                       # extra arguments go to the Beam job unchanged
 #   MODE=daily ./run_local.sh           # the daily rolling retrain over DAYS simulated days:
 #                                       # late conversions, warm start, gate, publish to TF Serving
+#                                       # (knobs DAYS, IMPRESSIONS_PER_DAY, HOLDOUT_PERCENT, MODEL,
+#                                       # WINDOW_DAYS, MATURITY_DAYS, LABEL_STRATEGY)
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
@@ -41,7 +43,8 @@ run_logged() {  # run_logged NAME CMD...: full log to $LOG/NAME.log, shown on fa
 
 if [ "$MODE" = daily ]; then
   DAYS="${DAYS:-8}"
-  PER_DAY="${IMPRESSIONS_PER_DAY:-20000}"
+  PER_DAY="${IMPRESSIONS_PER_DAY:-80000}"
+  HOLDOUT_PERCENT="${HOLDOUT_PERCENT:-50}"
   MODEL="${MODEL:-esmm}"
   WINDOW_DAYS="${WINDOW_DAYS:-5}"
   MATURITY_DAYS="${MATURITY_DAYS:-2}"
@@ -59,6 +62,7 @@ if [ "$MODE" = daily ]; then
     python -m pipeline.daily --date="$date" --logs_dir="$OUT/logs_daily" --work_dir="$OUT/daily" \
       --serving_root="$OUT/serving" --model="$MODEL" --window_days="$WINDOW_DAYS" \
       --maturity_days="$MATURITY_DAYS" --label_strategy="$LABEL_STRATEGY" --num_epochs="$EPOCHS" \
+      --holdout_percent="$HOLDOUT_PERCENT" \
       --max_hash_buckets="$MAX_HASH_BUCKETS" --ground_truth_dir="$OUT/logs_daily/ground_truth" "$@" \
       >"$LOG/daily_$date.log" 2>&1 || rc=$?
     sed -n '/^daily run/,$p' "$LOG/daily_$date.log"
@@ -69,6 +73,7 @@ if [ "$MODE" = daily ]; then
     fi
   done
   echo
+  echo "Monitoring: every run's decision, holdout figures and calibration trend: $OUT/daily/report.md"
   echo "TF Serving: tensorflow_model_server --model_config_file=$(cd "$OUT/serving" && pwd)/models.config"
   ls "$OUT/serving/$MODEL"
   exit 0

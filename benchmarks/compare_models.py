@@ -18,7 +18,6 @@ t-interval. Writes benchmarks/results/compare_models_<world>.{json,md,png}.
 """
 
 import json
-import math
 import os
 import shutil
 import sys
@@ -29,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from model_fn import calibration as CAL  # noqa: E402
 from model_fn import estimator as E  # noqa: E402
@@ -158,15 +156,6 @@ def _model_dir(root: str, model: str, seed) -> str:
   return os.path.join(root, "models", f"{model}_seed{seed}")
 
 
-def _interval(values: np.ndarray) -> Dict[str, float]:
-  """Mean, standard deviation and the 95% t-interval of the mean."""
-  n = len(values)
-  mean = float(values.mean())
-  std = float(values.std(ddof=1)) if n > 1 else 0.0
-  half = float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)) if n > 1 else float("nan")
-  return {"mean": mean, "std": std, "low": mean - half, "high": mean + half, "n": n}
-
-
 def _summary(runs, reference: str):
   """Per model and metric: mean ± std over seeds, and the paired difference to ``reference``."""
   out = {}
@@ -177,10 +166,10 @@ def _summary(runs, reference: str):
     keys = [k for _, k, _ in METRICS]
     keys += [UNCALIBRATED + k for k in keys if all(UNCALIBRATED + k in by[name, s] for s in seeds)]
     for key in keys:
-      out[name][key] = _interval(np.array([by[name, s][key] for s in seeds], np.float64))
+      out[name][key] = results_io.t_interval(np.array([by[name, s][key] for s in seeds], np.float64))
       if name not in (reference, "oracle") and all((reference, s) in by for s in seeds):
         diff = np.array([by[name, s][key] - by[reference, s][key] for s in seeds], np.float64)
-        out[name][key]["paired_difference"] = _interval(diff)
+        out[name][key]["paired_difference"] = results_io.t_interval(diff)
   return out
 
 

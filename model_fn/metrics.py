@@ -21,6 +21,17 @@ AUC_BINS = 1 << 16
 AUC_RANGE = (-20.0, 20.0)
 
 
+def json_ready(obj):
+  """``obj`` (nested dicts, lists, numbers) with every NaN or infinite float as None (JSON null)."""
+  if isinstance(obj, dict):
+    return {k: json_ready(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_ready(v) for v in obj]
+  if isinstance(obj, (float, np.floating)):
+    return float(obj) if math.isfinite(obj) else None
+  return obj
+
+
 def finite_or_none(metrics: Dict[str, object], where: str) -> Dict[str, object]:
   """``metrics`` to be written as JSON: a NaN or infinite number (an AUC of a split without a
   positive or a negative label, say) becomes None (JSON null), never NaN, with a warning that

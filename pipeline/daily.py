@@ -2,7 +2,7 @@ r"""The daily rolling retrain: late conversions in, a checked model out to TF Se
 
   python -m pipeline.daily --date=YYYYMMDD --logs_dir=LOGS --work_dir=WORK \
       --serving_root=SERVING [--model=esmm] [--window_days=7] [--attribution_days=7] \
-      [--maturity_days=3] [--label_strategy=wait|naive] [--max_metric_drop=0.01] [beam options]
+      [--maturity_days=3] [--label_strategy=wait|naive|corrected] [--calibration_band=0.8,1.25] [beam options]
 
 Log layout (``pipeline.synthetic --daily`` writes it, with ground truth):
   LOGS/impressions/date=D/sample_skeleton.csv, common_features.csv   Ali-CCP layout, one day
@@ -12,7 +12,10 @@ A run for date T:
   1. Plan. The eval day is E = T - maturity_days, the newest day whose labels are mature.
      Train days: the window T-window_days+1 .. T without E; with --label_strategy=wait
      (default) only the mature days before E, with naive also the immature days after E,
-     whose not-yet-converted clicks count as negatives for now (later runs correct them).
+     whose not-yet-converted clicks count as negatives for now (later runs correct them);
+     corrected trains on the same days as naive and fits pCVR's calibration to the train
+     days' conversions scaled up by the share still to come (pipeline.delay estimates the
+     conversion-delay distribution from the window's logs).
   2. Re-label (Beam, pipeline.relabel): every impression of the train and eval days gets
      the conversions logged up to T inside the attribution window; labels are recomputed
      from the logs each run, so re-running a date never counts a conversion twice.
@@ -23,11 +26,16 @@ A run for date T:
      trains from scratch, and the gate still compares with the served model).
   5. Evaluate candidate and served model on day E's holdout: --holdout_percent of every
      day's impressions (by sample id hash) that no run ever trains on, so neither model has
-     seen them, even when yesterday's run trained on day E (naive strategy). If a key metric (--gate_metrics) of the
-     candidate is lower by more than --max_metric_drop, the candidate is not published,
-     the run says so and exits 3; the served model stays.
+     seen them, even when yesterday's run trained on day E (naive strategy). The gate
+     (pipeline.gate) decides on paired differences with their intervals: a candidate whose
+     calibration is outside --calibration_band beyond the noise, or whose --gate_metrics are
+     worse beyond the noise, is not published (the run says so with the figures and exits 3;
+     the served model stays); a holdout with too few positives (--min_gate_positives) is
+     said to be too small to tell and --undecided decides.
   6. Publish to SERVING/<model_name>/<T as integer version>/ atomically with warmup
      requests, keep the newest --keep_versions, update SERVING/models.config (pipeline.publish).
+  7. Rewrite WORK/report.md: every run's decision, holdout figures with intervals, and the
+     calibration trend of the served model (pipeline.daily_report).
 
 Every step's output has a completion marker; a rerun skips finished steps and redoes an
 unfinished one, so a run killed anywhere can be rerun and completes, and rerunning a finished
@@ -48,12 +56,12 @@ from typing import Dict, List, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 import tensorflow as tf
-from absl import flags
+from absl import flags, logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from model_fn import calibration as C
 from model_fn.params import MODELS, check_params, check_run
-from pipeline import partition, preprocess, publish, relabel
+from pipeline import daily_report, delay, gate, partition, preprocess, publish, relabel
 from pipeline.sources import aliccp
 from pipeline.sources.deadletter import DEAD
 from preprocessing import cli
@@ -61,23 +69,20 @@ from preprocessing import features as F
 from preprocessing import transform as T
 
 FLAGS = flags.FLAGS
-STRATEGIES = ("wait", "naive")
-DEFAULT_GATE_METRICS = ("auc/ctcvr", "auc/cvr_clicked")
+STRATEGIES = ("wait", "naive", "corrected")
 RELABEL_MARKER = "relabel.json"
 RESULT = "result.json"
 TRAINING_RUN = "training_run.json"     # in the published version's assets.extra
 EXIT_REFUSED = 3
 CALIBRATIONS = C.METHODS
-# What the gate can compare: the metrics of model_fn.evaluation.score, without ground truth, for
-# which higher is better (a log loss or a calibration ratio must not simply "not fall").
-GATE_METRICS = ("auc/ctr", "auc/ctcvr", "auc/cvr_clicked")
 # The arguments that decide what a date's run trains, evaluates and publishes (result.json records
 # them): rerunning a finished date with other values is refused, naming them. The others (paths
 # of ground truth, partitions, Beam options, train_examples, keep_versions) change how or where
 # the work runs, not its result.
 RESULT_ARGS = ("model", "model_name", "model_params", "calibration", "window_days", "attribution_days",
                "maturity_days", "label_strategy", "holdout_percent", "max_hash_buckets", "num_epochs",
-               "warm_epochs", "warm_start", "batch_size", "seed", "gate_metrics", "max_metric_drop")
+               "warm_epochs", "warm_start", "batch_size", "seed", "gate_metrics", "max_metric_drop",
+               "calibration_band", "min_gate_positives", "undecided", "gate_confidence")
 
 
 def define_flags(fv: flags.FlagValues = FLAGS):
@@ -101,10 +106,22 @@ def define_flags(fv: flags.FlagValues = FLAGS):
   fl.DEFINE_integer("maturity_days", 3, "Labels of a day are mature this many days later.",
                     lower_bound=0)
   fl.DEFINE_enum("label_strategy", "wait", list(STRATEGIES),
-                 "wait: train only on mature days; naive: also on immature days, open clicks as negatives.")
-  fl.DEFINE_list("gate_metrics", list(DEFAULT_GATE_METRICS),
-                 f"Metrics that must not fall, among {', '.join(GATE_METRICS)}.")
-  fl.DEFINE_float("max_metric_drop", 0.01, "Largest allowed fall of a gate metric (absolute).")
+                 "wait: train only on mature days; naive: also on immature days, open clicks as "
+                 "negatives; corrected: as naive, with pCVR calibrated to the conversions still to come "
+                 "(the delay distribution estimated from the logs).")
+  fl.DEFINE_list("gate_metrics", list(gate.DEFAULT_METRICS),
+                 f"Metrics that must not be worse beyond the noise, among {', '.join(gate.GATE_METRICS)}.")
+  fl.DEFINE_float("max_metric_drop", gate.DEFAULT_MAX_DROP, "A candidate is refused when a gate metric's "
+                  "difference to the served model has its upper bound below -max_metric_drop (-g: "
+                  "refused unless its interval reaches a gain of g).", lower_bound=-1.0, upper_bound=1.0)
+  fl.DEFINE_list("calibration_band", [f"{b:g}" for b in gate.DEFAULT_BAND], "LOW,HIGH: a model whose "
+                 "calibration (mean prediction / observed rate on the holdout, per head) is outside "
+                 "this band beyond the noise is not published, and a served one is replaced.")
+  fl.DEFINE_integer("min_gate_positives", gate.DEFAULT_MIN_POSITIVES, "Fewer positive labels of a gate "
+                    "metric on the holdout: too few to tell, --undecided decides.", lower_bound=0)
+  fl.DEFINE_enum("undecided", gate.DEFAULT_UNDECIDED, list(gate.UNDECIDED_POLICIES),
+                 "When the holdout is too small to tell: publish the fresher model or keep the served one.")
+  fl.DEFINE_float("gate_confidence", gate.DEFAULT_CONFIDENCE, "Confidence of the gate's intervals.")
   fl.DEFINE_integer("keep_versions", 3, "Published versions to keep.", lower_bound=1)
   fl.DEFINE_integer("holdout_percent", 20,
                     "Share of every day's impressions (by sample id hash) that no run trains on; the "
@@ -132,6 +149,9 @@ def define_flags(fv: flags.FlagValues = FLAGS):
                     "--notrain_examples: blocks only, a faster job.")
 
 
+# The flag of each gate setting (pipeline.gate.decide's parameters).
+GATE_FLAGS = {"metrics": "gate_metrics", "band": "calibration_band", "min_positives": "min_gate_positives",
+              "undecided": "undecided", "confidence": "gate_confidence"}
 UsageError = preprocess.UsageError   # a mistake in how the job was called (exit 2)
 
 
@@ -142,7 +162,9 @@ class TransformDrift(RuntimeError):
 def check_args(date: str, model: str, model_params: Dict, calibration: str, window_days: int,
                maturity_days: int, label_strategy: str, holdout_percent: int, batch_size: int,
                num_epochs: float, warm_epochs: float, gate_metrics: Sequence[str], max_hash_buckets: int,
-               attribution_days: int, keep_versions: int) -> Dict:
+               attribution_days: int, keep_versions: int, calibration_band: Sequence = gate.DEFAULT_BAND,
+               min_gate_positives: int = gate.DEFAULT_MIN_POSITIVES, undecided: str = gate.DEFAULT_UNDECIDED,
+               gate_confidence: float = gate.DEFAULT_CONFIDENCE, max_metric_drop: float = 0.0) -> Dict:
   """Every argument of a day's run, before any work or write (the flags parser runs it on the
   flags, run() on its arguments): the model params as model_fn.params.check_params checks them
   for model_fn.train too, the run's numbers as check_run. Returns the model params the run
@@ -163,18 +185,31 @@ def check_args(date: str, model: str, model_params: Dict, calibration: str, wind
     raise UsageError(f"--model / --params_file: {e}") from None
   if calibration not in CALIBRATIONS:
     raise UsageError(f"--calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+  if label_strategy == "corrected" and calibration == "none":
+    raise UsageError("--label_strategy=corrected corrects pCVR through the calibration; give a "
+                     "--calibration other than none")
   _check_window(window_days, maturity_days, label_strategy)
   if not 0 <= holdout_percent < 100:
     raise UsageError("--holdout_percent must be in [0, 100)")
-  unknown = [m for m in gate_metrics if m not in GATE_METRICS]
-  if unknown or not gate_metrics:
-    raise UsageError(f"--gate_metrics must name metrics among {', '.join(GATE_METRICS)}; got "
-                     f"{', '.join(gate_metrics) or 'none'}")
+  if not (np.isfinite(max_metric_drop) and -1 <= max_metric_drop <= 1):
+    raise UsageError(f"--max_metric_drop must be a number in [-1, 1], got {max_metric_drop}")
+  try:
+    gate.check_config(gate_metrics, band(calibration_band), min_gate_positives, undecided, gate_confidence)
+  except gate.ConfigError as e:
+    raise UsageError(f"--{GATE_FLAGS[e.setting]}: {e}") from None
   for name, value, minimum in (("max_hash_buckets", max_hash_buckets, 0),
                                ("attribution_days", attribution_days, 0), ("keep_versions", keep_versions, 1)):
     if value < minimum:
       raise UsageError(f"--{name} must be at least {minimum}, got {value}")
   return model_params
+
+
+def band(values: Sequence) -> List[float]:
+  """--calibration_band's LOW,HIGH as floats (HIGH may be inf)."""
+  try:
+    return [float(v) for v in values]
+  except (TypeError, ValueError):
+    raise UsageError(f"--calibration_band must be two numbers LOW,HIGH, got {list(values)}") from None
 
 
 def load_params_file(path: Optional[str]) -> Dict:
@@ -198,12 +233,16 @@ def validate_flags(fv: flags.FlagValues = FLAGS) -> None:
   check_args(v("date"), v("model"), load_params_file(v("params_file")), v("calibration"), v("window_days"),
              v("maturity_days"), v("label_strategy"), v("holdout_percent"), v("batch_size"), v("num_epochs"),
              v("warm_epochs"), v("gate_metrics"), v("max_hash_buckets"), v("attribution_days"),
-             v("keep_versions"))
+             v("keep_versions"), v("calibration_band"), v("min_gate_positives"), v("undecided"),
+             v("gate_confidence"), v("max_metric_drop"))
 
 
 def _differences(recorded: Dict, given: Dict) -> List[str]:
+  # A result of the gate before intervals (no calibration_band recorded) gave max_metric_drop
+  # another meaning: its gate arguments are not compared.
+  skip = () if "calibration_band" in recorded else ("gate_metrics", "max_metric_drop")
   return [f"--{k if k != 'model_params' else 'params_file'} {recorded[k]!r} -> {given[k]!r}"
-          for k in RESULT_ARGS if k in recorded and k in given and recorded[k] != given[k]]
+          for k in RESULT_ARGS if k in recorded and k in given and k not in skip and recorded[k] != given[k]]
 
 
 def _recorded_args(done: Dict) -> Dict:
@@ -253,7 +292,7 @@ def plan(date: str, logs_dir: str, window_days: int, maturity_days: int, strateg
   eval_day = _fmt(t - datetime.timedelta(days=maturity_days))
   if eval_day not in present:
     raise UsageError(f"no impression log for the eval day {eval_day} under {logs_dir}/impressions")
-  train = [d for d in present if d < eval_day or (strategy == "naive" and d > eval_day)]
+  train = [d for d in present if d < eval_day or (strategy != "wait" and d > eval_day)]
   if not train:
     raise UsageError(f"no train day in the window {window[0]}..{window[-1]} before the eval day {eval_day}")
   logs = {d: relabel.log_paths(logs_dir, d)["conversions"] for d in window}
@@ -442,6 +481,22 @@ def label_completeness(logs_dir: str, truth_dir: str, rec: Dict) -> Dict[str, Di
   return out
 
 
+def delay_figures(rec: Dict, p: Dict, date: str, attribution_days: int, maturity_days: int) -> Dict:
+  """The conversion-delay distribution estimated from the window's relabel counts, the eval day's
+  estimated label completeness, and the factor the corrected strategy scales the train days'
+  conversions by (1 for the other strategies)."""
+  try:
+    est = delay.estimate(rec["days"], date, attribution_days)
+    scale = delay.conversion_scale(est, rec["days"], p["train_days"], date)
+  except ValueError as e:
+    if p["strategy"] == "corrected":
+      raise UsageError(f"{date}: cannot estimate the conversion delay: {e}") from None
+    return {"conversion_scale": 1.0, "note": str(e)}
+  return {**est, "eval_day_completeness": delay.completeness(est, maturity_days),
+          "train_conversion_scale": scale,
+          "conversion_scale": scale if p["strategy"] == "corrected" else 1.0}
+
+
 def epochs_for_run(num_epochs: float, warm_epochs: float, warm: bool, num_train_days: int) -> float:
   """A cold start trains ``num_epochs``. A warm start continues a model that has already
   trained on most of the window: a row stays a train day for about ``num_train_days``
@@ -463,33 +518,18 @@ def served_run(serving_root: str, model_name: str) -> Optional[Dict]:
   return info
 
 
-def gate(candidate: Dict[str, float], served: Optional[Dict[str, float]], metrics: Sequence[str],
-         max_drop: float) -> List[str]:
-  """The reasons not to publish (empty: publish)."""
-  if not served:
-    return []
-  reasons = []
-  for m in metrics:
-    if m not in candidate or m not in served:
-      raise UsageError(f"gate metric {m!r} is not reported (have {sorted(candidate)})")
-    if not (np.isfinite(candidate[m]) and np.isfinite(served[m])):
-      reasons.append(f"{m} is undefined on the eval set (no positive or no negative label), so the "
-                     "candidate cannot be shown not to be worse")
-    elif candidate[m] < served[m] - max_drop:
-      reasons.append(f"{m} {candidate[m]:.4f} < served {served[m]:.4f} - {max_drop:g}")
-  return reasons
-
-
 def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str = "esmm",
         model_name: Optional[str] = None, window_days: int = 7, attribution_days: int = 7,
         maturity_days: int = 3, label_strategy: str = "wait",
-        gate_metrics: Sequence[str] = DEFAULT_GATE_METRICS, max_metric_drop: float = 0.01,
+        gate_metrics: Sequence[str] = gate.DEFAULT_METRICS, max_metric_drop: float = gate.DEFAULT_MAX_DROP,
         keep_versions: int = 3, num_epochs: float = 1.0, batch_size: int = 1024,
         max_hash_buckets: int = 1 << 17, ground_truth_dir: Optional[str] = None, seed: int = 42,
         beam_args: Sequence[str] = (), holdout_percent: int = 20, warm_epochs: float = 0.0,
         warm_start: bool = True, partitions: int = 0, parallel_partitions: int = 1,
         train_examples: bool = True, model_params: Optional[Dict] = None,
-        calibration: str = "bias") -> Dict:
+        calibration: str = "bias", calibration_band: Sequence = gate.DEFAULT_BAND,
+        min_gate_positives: int = gate.DEFAULT_MIN_POSITIVES, undecided: str = gate.DEFAULT_UNDECIDED,
+        gate_confidence: float = gate.DEFAULT_CONFIDENCE) -> Dict:
   """One day's run (see the module doc). Returns the run's result (also RUN/result.json).
   ``model_params``: params the model trains with besides ``model`` (checked before any work)."""
   from model_fn import estimator as E
@@ -498,14 +538,18 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
   from model_fn import metrics as M
   model_params = check_args(date, model, model_params, calibration, window_days, maturity_days,
                             label_strategy, holdout_percent, batch_size, num_epochs, warm_epochs,
-                            gate_metrics, max_hash_buckets, attribution_days, keep_versions)
+                            gate_metrics, max_hash_buckets, attribution_days, keep_versions, calibration_band,
+                            min_gate_positives, undecided, gate_confidence, max_metric_drop)
+  calibration_band = band(calibration_band)
   model_name = model_name or model
   args = dict(model=model, model_name=model_name, model_params=model_params, calibration=calibration,
               window_days=window_days, attribution_days=attribution_days, maturity_days=maturity_days,
               label_strategy=label_strategy, holdout_percent=holdout_percent,
               max_hash_buckets=max_hash_buckets, num_epochs=float(num_epochs),
               warm_epochs=float(warm_epochs), warm_start=bool(warm_start), batch_size=batch_size, seed=seed,
-              gate_metrics=list(gate_metrics), max_metric_drop=float(max_metric_drop))
+              gate_metrics=list(gate_metrics), max_metric_drop=float(max_metric_drop),
+              calibration_band=[format(b, "g") for b in calibration_band], min_gate_positives=min_gate_positives, undecided=undecided,
+              gate_confidence=float(gate_confidence))
   args = json.loads(json.dumps(args))      # as result.json records it
   run_dir = os.path.join(work_dir, "runs", date)
   # One run of a date at a time: a second is refused (UsageError naming the first one's pid)
@@ -543,27 +587,35 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
       raise UsageError(f"{date}: {e} (the eval split is --holdout_percent={holdout_percent} of day "
                        f"{p['eval_day']}); nothing was trained or published") from None
     epochs = epochs_for_run(num_epochs, warm_epochs, bool(warm), len(p["train_days"]))
+    delays = delay_figures(rec, p, date, attribution_days, maturity_days)
     trained = _done(os.path.join(model_dir, "train_result.json"))
-    if not trained or not tf.io.gfile.exists(trained.get("saved_model", "")):
+    # A model fitted at another conversion scale (a killed run resumed with another strategy) is
+    # refitted: the budget is spent, so this only recalibrates and exports again.
+    if (not trained or not tf.io.gfile.exists(trained.get("saved_model", ""))
+        or (C.load(model_dir) or {}).get("conversion_scale", 1.0) != delays["conversion_scale"]):
       params = {**model_params, "model": model, "hash_buckets": buckets}
       trained = E.train_and_evaluate(transform_dir, model_dir, params, batch_size, num_epochs=epochs, seed=seed,
-                                     warm_start_from=warm, calibration=calibration)
+                                     warm_start_from=warm, calibration=calibration,
+                                     conversion_scale=delays["conversion_scale"])
     to_score = [("candidate", model_dir)] + ([("served", served_dir)] if served_dir else [])
-    report, _ = evaluation.evaluate(to_score, transform_dir)
+    report, curves = evaluation.evaluate(to_score, transform_dir)
     candidate = {k: v for k, v in report["candidate"].items() if isinstance(v, float)}
     served_metrics = ({k: v for k, v in report["served"].items() if isinstance(v, float)}
                       if "served" in report else None)
-    reasons = gate(candidate, served_metrics, gate_metrics, max_metric_drop)
+    decision = gate.decide(curves["candidate"], curves.get("served"), gate_metrics, max_metric_drop,
+                           calibration_band, min_gate_positives, undecided, gate_confidence,
+                           delays.get("eval_day_completeness", 1.0))
     # Written as JSON: an undefined metric (NaN) is null there, with a warning naming it.
     result = {"date": date, "plan": p, "relabel": rec, "transform": transform_check,
               "warm_start_from": warm, "epochs": epochs, "served_before": served and served["version"],
               "candidate": M.finite_or_none(candidate, f"{date}: the candidate's metrics"),
               "served": served_metrics and M.finite_or_none(served_metrics, f"{date}: the served model's metrics"),
-              "model_dir": model_dir, "saved_model": trained["saved_model"], "args": args}
+              "model_dir": model_dir, "saved_model": trained["saved_model"], "args": args, "gate": decision,
+              "delay": delays}
     if ground_truth_dir:
       result["label_completeness"] = label_completeness(logs_dir, ground_truth_dir, rec)
-    if reasons:
-      result.update(published=False, refused=reasons)
+    if not decision["publish"]:
+      result.update(published=False, refused=decision["refused"] or [decision["decision"]])
     else:
       extra = {"model_dir": model_dir, "date": date, "metrics": result["candidate"]}
       pub = publish.publish(trained["saved_model"], serving_root, model_name, int(date), probes,
@@ -571,6 +623,10 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
       result.update(published=pub["published"], version=pub["version"], versions=pub["versions"],
                     publish=pub["reason"])
     _write_json(os.path.join(run_dir, RESULT), result)
+    try:
+      daily_report.write(work_dir)
+    except (OSError, tf.errors.OpError, ValueError, KeyError) as e:   # the run's result stands
+      logging.warning("could not rewrite %s: %s", os.path.join(work_dir, daily_report.REPORT), e)
     return result
 
 
@@ -586,6 +642,11 @@ def format_result(r: Dict) -> str:
                + str({k: v for k, v in rel["conversions_set_aside"].items() if v}))
   for date, c in sorted(r.get("label_completeness", {}).items()):
     lines.append(f"  labels of {date}: {c['known']}/{c['eventual']} conversions known ({100 * c['completeness']:.0f}%)")
+  d = r.get("delay") or {}
+  if "cdf" in d:
+    lines.append(f"  delay: {100 * d['eval_day_completeness']:.0f}% of the eval day's conversions arrived "
+                 f"(estimated); the train days' eventual conversions are {d['train_conversion_scale']:.3f}x "
+                 f"the known ones" + ("; pCVR calibrated to them" if d["conversion_scale"] != 1.0 else ""))
   lines.append(f"  transform: {r['transform']}; warm start: {r['warm_start_from'] or 'none (cold start)'}; "
                f"epochs {r['epochs']:g}")
   keys = ("auc/ctr", "auc/ctcvr", "auc/cvr_clicked", "calibration/ctcvr")
@@ -596,6 +657,8 @@ def format_result(r: Dict) -> str:
                  + "  ".join(f"{k}={num(r['served'][k])}" for k in keys if k in r["served"]))
   else:
     lines.append("  gate: no served model with a known training run to compare with")
+  if r.get("gate"):
+    lines += gate.summary_lines(r["gate"])
   if r.get("refused"):
     lines.append("  NOT PUBLISHED, the served model stays: " + "; ".join(r["refused"]))
   else:
@@ -612,7 +675,8 @@ def main(argv):
             FLAGS.gate_metrics, FLAGS.max_metric_drop, FLAGS.keep_versions, FLAGS.num_epochs,
             FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args,
             FLAGS.holdout_percent, FLAGS.warm_epochs, FLAGS.warm_start, FLAGS.partitions,
-            FLAGS.parallel_partitions, FLAGS.train_examples, model_params, FLAGS.calibration)
+            FLAGS.parallel_partitions, FLAGS.train_examples, model_params, FLAGS.calibration,
+            FLAGS.calibration_band, FLAGS.min_gate_positives, FLAGS.undecided, FLAGS.gate_confidence)
   except (UsageError, publish.OutputBusy) as e:    # busy: another run publishes this model now
     print(f"error: {e}", file=sys.stderr)
     return cli.EXIT_USAGE

@@ -179,7 +179,10 @@ def test_train_and_daily_refuse_a_run_that_would_train_nothing():
   for argv, phrase in ((["--batch_size=0"], "batch_size"), (["--num_epochs=0"], "num_epochs"),
                        (["--date=2024011"], "YYYYMMDD"), (["--gate_metrics=auc/nope"], "gate_metrics"),
                        (["--maturity_days=7", "--window_days=7"], "maturity_days"),
-                       (["--holdout_percent=100"], "holdout_percent")):
+                       (["--holdout_percent=100"], "holdout_percent"),
+                       (["--calibration_band=1.2,2"], "calibration_band"),
+                       (["--calibration_band=low,high"], "calibration_band"),
+                       (["--gate_confidence=1"], "gate_confidence"), (["--max_metric_drop=nan"], "max_metric_drop")):
     with pytest.raises(cli.UsageError, match=phrase):
       _parse("pipeline.daily", *argv)
   with pytest.raises(ValueError, match="batch_size"):
@@ -330,6 +333,18 @@ def test_a_finished_date_rerun_with_other_flags_is_refused_naming_them(tmp_path)
     run(batch_size=128, seed=7)
   with pytest.raises(daily.UsageError, match=r"--params_file \{\} -> \{'dropout': 0.5\}"):
     run(model_params={"dropout": 0.5})
+  # A result of the gate before intervals (no calibration_band recorded) meant another thing by
+  # max_metric_drop: its gate flags are not compared; a result of today's gate compares them.
+  assert run(max_metric_drop=0.0)["rerun"]
+  banded = str(tmp_path / "banded")
+  _finished_run(banded, "20240105", calibration_band=["0.8", "1.25"], min_gate_positives=100)
+  rerun = lambda **kw: daily.run("20240105", str(tmp_path / "logs"), banded, str(tmp_path / "serving"),
+                                 **dict(SAME, **kw))
+  assert rerun(calibration_band=(0.8, 1.25))["rerun"]
+  with pytest.raises(daily.UsageError, match=r"--calibration_band \['0.8', '1.25'\] -> \['0.5', '2'\]"):
+    rerun(calibration_band=(0.5, 2.0))
+  with pytest.raises(daily.UsageError, match=r"--max_metric_drop 1.0 -> 0.0"):
+    rerun(max_metric_drop=0.0)
   # A result.json of an earlier version recorded no flags: what its plan shows is compared.
   old = str(tmp_path / "old")
   result = _finished_run(old, "20240105")

@@ -19,19 +19,20 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow_serving.apis import prediction_log_pb2
 
+from model_fn import calibration
 from model_fn import input_fn as I
-from pipeline import daily, publish, relabel, synthetic
+from pipeline import daily, daily_report, publish, relabel, synthetic
 from preprocessing import features as F
 
 DAYS = [(synthetic.DAILY_START + datetime.timedelta(days=k)).strftime("%Y%m%d") for k in range(6)]
 RUN_DATES = DAYS[2:]                     # 4 consecutive runs
 # Models trained on a few thousand rows have noise-level AUCs and an eval day may have no
-# conversion: the simulation gates on CTR AUC only with a tolerance of 1.0, so it publishes
-# every day; the gate is tested on its own below. Holdout 0: the whole eval day evaluates,
+# conversion: the simulation gates on CTR AUC only with a tolerance of 1.0 and no calibration
+# band, so it publishes every day; the gate is tested on its own (test_gate.py). Holdout 0: the whole eval day evaluates,
 # so an impression is seen by consecutive runs (the holdout routing is tested in test_relabel).
 SETTINGS = dict(window_days=4, maturity_days=1, attribution_days=7, keep_versions=2, batch_size=256,
                 max_hash_buckets=4096, num_epochs=1.0, max_metric_drop=1.0, gate_metrics=("auc/ctr",),
-                holdout_percent=0)
+                holdout_percent=0, calibration_band=(0.0, float("inf")))
 
 
 @pytest.fixture(scope="module")
@@ -165,15 +166,54 @@ def test_rerunning_a_day_changes_nothing(sim):
   assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
 
 
+def test_the_report_shows_every_run_its_decision_figures_and_calibration(sim):
+  with open(os.path.join(sim["work"], daily_report.REPORT)) as f:
+    report = f.read()
+  sections = report.split("## ")
+  decisions = next(s for s in sections if s.startswith("Decisions"))
+  holdout = next(s for s in sections if s.startswith("Holdout figures"))
+  calibration = next(s for s in sections if s.startswith("Calibration of the served model"))
+  for date in RUN_DATES:
+    r = sim["results"][date]
+    row = next(l for l in decisions.splitlines() if l.startswith(f"| {date} |"))
+    assert r["gate"]["decision"] in row and f"v{r['version']}" in row
+    assert f"| {date} | v{r['version']} |" in calibration
+    cal = r["gate"]["calibration"]["candidate"]["ctr"]
+    assert f"{cal['ratio']:.4f} [{cal['low']:.4f}, {cal['high']:.4f}]" in calibration
+  # Every run after the first compared with the model served before it, on the same rows.
+  for date in RUN_DATES[1:]:
+    c = sim["results"][date]["gate"]["comparisons"]["auc/ctr"]
+    assert c["low"] <= c["diff"] <= c["high"]
+    assert f"| {date} | auc/ctr | {c['auc_a']:.4f} [{c['low_a']:.4f}, {c['high_a']:.4f}]" in holdout
+  assert f"| {RUN_DATES[0]} | auc/ctr |" not in holdout        # nothing served before the first run
+
+
+def test_the_corrected_strategy_trains_on_fresh_days_and_calibrates_to_the_conversions_to_come(sim, tmp_path):
+  date = RUN_DATES[-1]
+  r = daily.run(date, sim["logs"], str(tmp_path / "work"), str(tmp_path / "serving"),
+                **dict(SETTINGS, label_strategy="corrected"))
+  wait = sim["results"][date]
+  assert r["plan"]["immature_days"] and set(r["plan"]["train_days"]) == (
+      set(wait["plan"]["train_days"]) | set(r["plan"]["immature_days"]))
+  d = r["delay"]
+  # The day of age 0 has only part of its conversions: the train days' eventual ones are more.
+  assert d["conversion_scale"] == d["train_conversion_scale"] > 1.0
+  assert d["cdf"][-1] == pytest.approx(1.0) and np.all(np.diff(d["cdf"]) >= 0)
+  assert d["eval_day_completeness"] == pytest.approx(d["cdf"][min(SETTINGS["maturity_days"], d["max_lag"])])
+  assert calibration.load(r["model_dir"])["conversion_scale"] == d["conversion_scale"]
+  # The other strategies report the estimate and do not apply it.
+  # (wait's train days are a few days old inside a 7-day attribution window: some still to come.)
+  assert wait["delay"]["conversion_scale"] == 1.0 and wait["delay"]["train_conversion_scale"] > 1.0
+  assert "pCVR calibrated to them" in daily.format_result(r)
+  with pytest.raises(daily.UsageError, match="corrected"):
+    daily.run(date, sim["logs"], str(tmp_path / "w2"), str(tmp_path / "s2"),
+              **dict(SETTINGS, label_strategy="corrected", calibration="none"))
+
+
 def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
-  # The gate itself, on numbers.
-  assert daily.gate({"auc/ctcvr": 0.70}, {"auc/ctcvr": 0.72}, ["auc/ctcvr"], 0.01) != []
-  assert daily.gate({"auc/ctcvr": 0.715}, {"auc/ctcvr": 0.72}, ["auc/ctcvr"], 0.01) == []
-  assert daily.gate({"auc/ctcvr": 0.5}, None, ["auc/ctcvr"], 0.01) == []
-  undefined = daily.gate({"auc/ctcvr": float("nan")}, {"auc/ctcvr": 0.7}, ["auc/ctcvr"], 0.01)
-  assert len(undefined) == 1 and "undefined" in undefined[0]
-  # A whole run whose candidate cannot pass (it would have to beat the served model by a
-  # full AUC point on every gate metric): refused, exit 3, the served version stays. It is
+  # The gate's decisions on constructed models are in test_gate.py. A whole run whose candidate
+  # cannot pass (it would have to beat the served model by a full AUC point beyond the noise):
+  # refused with the interval it fails on, exit 3, the served version stays. It is
   # a cold start (--nowarm_start): the gate compares with the served model all the same.
   serving = str(tmp_path / "serving")
   publish.copy_tree(sim["serving"], serving)
@@ -182,7 +222,7 @@ def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
   before = publish.versions(os.path.join(serving, "esmm"))
   cmd = [sys.executable, "-m", "pipeline.daily", f"--date={DAYS[-1]}", f"--logs_dir={sim['logs']}",
          f"--work_dir={work}", f"--serving_root={serving}", "--max_metric_drop=-1",
-         "--gate_metrics=auc/ctr", "--holdout_percent=0",
+         "--gate_metrics=auc/ctr", "--holdout_percent=0", "--min_gate_positives=1", "--calibration_band=0,inf",
          "--window_days=4", "--maturity_days=1", "--max_hash_buckets=4096", "--batch_size=256",
          "--keep_versions=2", "--nowarm_start",
          # Beam options, passed through to both Beam jobs. In worker processes, a DoFn of the
@@ -190,7 +230,8 @@ def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
          "--direct_running_mode=multi_processing", "--direct_num_workers=2"]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(daily.__file__)))
   assert proc.returncode == daily.EXIT_REFUSED, proc.stderr[-3000:]
-  assert "NOT PUBLISHED, the served model stays" in proc.stdout
+  assert "NOT PUBLISHED, the served model stays: auc/ctr" in proc.stdout
+  assert "beyond the noise" in proc.stdout and "difference" in proc.stdout
   assert "warm start: none (cold start); epochs 1" in proc.stdout and f"served v{before[-1]}:" in proc.stdout
   assert publish.versions(os.path.join(serving, "esmm")) == before
 
