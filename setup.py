@@ -15,12 +15,17 @@ INSTALL_REQUIRES = [
     "absl-py",
     "tensorflow-serving-api==2.15.1",
     "numpy<1.25",
+    # Evaluation report charts (model_fn/report.py); the daily gate's intervals (model_fn/intervals.py).
+    "matplotlib==3.8.4",
+    "contourpy==1.3.0",
+    "scipy==1.15.3",
 ]
 
 setuptools.setup(
     name="esmm-pipeline",
     version="0.1.0",
     description="Beam/TFT preprocessing and tf.estimator ESMM/MMoE training for post-click conversion rate",
+    license="Apache-2.0",
     python_requires=">=3.11,<3.12",
     packages=["pipeline", "pipeline.sources", "preprocessing", "model_fn"],
     install_requires=INSTALL_REQUIRES,

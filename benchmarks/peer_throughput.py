@@ -15,7 +15,7 @@ Systems (each in a process of its own, see benchmarks/peers/):
   ours_float32    the same with the towers in float32 whatever the machine
                   (--train_matmul_dtype=float32)
   ours_adagrad    (opt-in, like the next ones) Adagrad 0.05 on the tables, init stddev 0.05,
-                  float32: the defaults before 2026-12-05
+                  float32
   ours_adagrad_bf16  the same with --train_matmul_dtype=bfloat16
   ours_lazy_adam  lazy Adam tables with init stddev 0.05, float32
   deepctr         DeepCTR 0.9.4 ESMM (Keras), model.fit on in-memory numpy arrays, Adam
@@ -49,7 +49,7 @@ here with one AUC function for all: CTR and CTCVR AUC over all impressions, CVR 
 clicked impressions (the paper's protocol). The tables give each AUC's mean and standard
 deviation over the seeds, and the targets compare means: on 200k test impressions the CTCVR
 and CVR AUCs of one run move from seed to seed by more than the 0.005 tolerance of the "no
-worse" target (standard deviations over 3 seeds on 2026-12-05: CVR AUC on clicks DeepCTR
+worse" target (standard deviations over 3 seeds: CVR AUC on clicks DeepCTR
 0.009-0.010, this project 0.002-0.005, torch-rechub 0.010-0.046), so one run per system cannot
 tell the systems apart; 6 seeds (the default) bring the standard error of DeepCTR's mean CVR AUC
 to about 0.004 (0.006 with 3). Two invocations on the same preprocessed files have given the
@@ -88,14 +88,14 @@ FIELDS = ("101", "121", "122", "124", "125", "126", "127", "128", "129", "205", 
 SYSTEMS = {
     "ours": ("this project (defaults: lazy Adam tables, towers bfloat16 where native)", "ours.py"),
     "ours_float32": ("this project (defaults, towers float32)", "ours.py"),
-    "ours_adagrad": ("this project (Adagrad tables, init 0.05, float32: the defaults before 2026-12-05)", "ours.py"),
+    "ours_adagrad": ("this project (Adagrad tables, init 0.05, float32)", "ours.py"),
     "ours_adagrad_bf16": ("this project (Adagrad tables, init 0.05, bfloat16)", "ours.py"),
     "ours_lazy_adam": ("this project (lazy Adam tables, init 0.05, float32)", "ours.py"),
     "deepctr": ("DeepCTR 0.9.4", "deepctr_esmm.py"),
     "deepctr_bf16": ("DeepCTR 0.9.4, Keras mixed_bfloat16", "deepctr_esmm.py"),
     "rechub": ("torch-rechub 0.9.0", "rechub_esmm.py"),
 }
-# The peers as their documentation runs them: the issue's targets compare against these.
+# The peers as their documentation runs them: the speed and quality targets compare against these.
 PEERS = ("deepctr", "rechub")
 # Peer variants beyond their documentation (what the peer's script is told, benchmarks/peers/):
 # shown with a ratio of their own, not counted in the targets.
@@ -111,7 +111,7 @@ OURS = {"ours": DEFAULTS, "ours_float32": {**DEFAULTS, "train_matmul_dtype": "fl
 # The systems a plain invocation runs (--systems): the trainer's defaults as they are, and with
 # float32 towers, and the peers, DeepCTR also in bfloat16; the others are opt-in.
 DEFAULT_SYSTEMS = ("ours", "ours_float32", "deepctr", "deepctr_bf16", "rechub")
-# The issue's targets: this project's examples/s over the faster peer's, by table size.
+# The speed targets: this project's examples/s over the faster peer's, by table size.
 SPEEDUP_TARGETS = {10_000: 1.0, 100_000: 3.0, 1_000_000: 20.0}
 FLAT_TARGET = 1.25        # own examples/s at the smallest size / at the largest
 AUC_TOLERANCE = 0.005     # "no worse": at most this far below the best peer
@@ -318,7 +318,7 @@ def _mean_sd(a: Dict[str, object], metric: str) -> str:
 
 
 def targets(summary, systems, sizes) -> List[Dict[str, object]]:
-  """The issue's targets, for each of this project's configurations on its own."""
+  """The speed and quality targets, for each of this project's configurations on its own."""
   thr, out = summary["throughput"], []
   peers = [p for p in PEERS if p in systems]
   for ours in (o for o in OURS if o in systems):
@@ -389,7 +389,7 @@ def markdown(meta, summary, goals, systems, sizes) -> str:
       lines.append(f"| {int(n):,} | {SYSTEMS[s][0]} | {len(a['seeds'])} | {_mean_sd(a, 'ctr')} | "
                    f"{_mean_sd(a, 'ctcvr')} | {_mean_sd(a, 'cvr_clicked')} | {a['epoch_examples_per_s']:,.0f} |")
   if goals:
-    lines += ["", "## Targets of the issue", "", "| target | value | met |", "|---|---:|---|"]
+    lines += ["", "## Targets", "", "| target | value | met |", "|---|---:|---|"]
     lines += [f"| {g['target']} | {g['value']} | {'-' if g['met'] is None else ('yes' if g['met'] else 'NO')} |"
               for g in goals]
   return "\n".join(lines) + "\n"

@@ -104,7 +104,9 @@ def main(argv):
       json.dump({name: finite_or_none(row, f"{name}'s metrics") for name, row in report.items()}, f,
                 indent=2, sort_keys=True)
   report_dir = FLAGS.report_dir or (
-      os.path.join(os.path.dirname(os.path.abspath(FLAGS.output)), "report") if FLAGS.output
+      # Beside --output (a gs:// URL stays one).
+      os.path.join(os.path.dirname(FLAGS.output if "://" in FLAGS.output else os.path.abspath(FLAGS.output)),
+                   "report") if FLAGS.output
       else os.path.join(models[0][1], "report"))
   index = R.write_report(report_dir, report, curves,
                          title=f"Evaluation on {FLAGS.transform_dir}")

@@ -26,6 +26,7 @@ data) and optionally ``gates`` (task -> mean gate weight per expert, shape [num_
 import html
 import os
 import re
+import tempfile
 from typing import Dict, List, Optional, Tuple
 
 import matplotlib
@@ -449,7 +450,23 @@ def _figure(src: str, alt: str, caption: str) -> str:
 def write_report(output_dir: str, report: Dict[str, Dict[str, float]],
                  predictions: Dict[str, Dict[str, np.ndarray]],
                  title: str = "Conversion-rate model evaluation", num_bins: int = 15) -> str:
-  """Writes the charts (PNG) and ``index.html`` into ``output_dir``; returns the path of index.html.
+  """Writes the charts (PNG) and ``index.html`` into ``output_dir`` (a local path, or a URL of a
+  file system TensorFlow reads, such as gs://: drawn locally, then copied); returns the path of
+  index.html."""
+  if "://" not in output_dir:
+    return _write_local(output_dir, report, predictions, title, num_bins)
+  import tensorflow as tf
+  with tempfile.TemporaryDirectory() as local:
+    _write_local(local, report, predictions, title, num_bins)
+    tf.io.gfile.makedirs(output_dir)
+    for name in sorted(os.listdir(local)):
+      tf.io.gfile.copy(os.path.join(local, name), output_dir.rstrip("/") + "/" + name, overwrite=True)
+  return output_dir.rstrip("/") + "/index.html"
+
+
+def _write_local(output_dir: str, report: Dict[str, Dict[str, float]],
+                 predictions: Dict[str, Dict[str, np.ndarray]], title: str, num_bins: int) -> str:
+  """write_report into a local directory.
 
   ``report``: model name -> metrics (``model_fn.evaluation.evaluate``); ``predictions``: model
   name -> aligned arrays (see the module docstring). Models without predictions appear only in

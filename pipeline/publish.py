@@ -181,7 +181,7 @@ def write_model_config(serving_root: str, model_name: str, num_versions: int = 1
     entry = entries.add()
   entry.Clear()
   entry.name = model_name
-  entry.base_path = os.path.abspath(os.path.join(serving_root, model_name))
+  entry.base_path = absolute(os.path.join(serving_root, model_name))
   entry.model_platform = "tensorflow"
   entry.model_version_policy.latest.num_versions = num_versions
   tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
@@ -189,6 +189,11 @@ def write_model_config(serving_root: str, model_name: str, num_versions: int = 1
     f.write(text_format.MessageToString(config))
   tf.io.gfile.rename(tmp, path, overwrite=True)
   return path
+
+
+def absolute(path: str) -> str:
+  """A local path made absolute; a URL of a file system (gs://, s3://, hdfs://) as it is."""
+  return path if "://" in path else os.path.abspath(path)
 
 
 def publish(saved_model_dir: str, serving_root: str, model_name: str, version: int,

@@ -21,6 +21,7 @@ the entry points report their other usage errors; no traceback.
 
 import difflib
 import functools
+import logging
 import sys
 from typing import Callable, List, Optional, Sequence
 
@@ -149,7 +150,16 @@ def run(main, define_flags: Callable[[flags.FlagValues], None],
         positional: bool = False) -> None:
   """Defines the flags into flags.FLAGS and runs ``main`` after they are parsed and validated."""
   define_flags(flags.FLAGS)
-  app.run(main, flags_parser=flags_parser(beam, validate, positional=positional))
+
+  def main_once(argv):
+    # TensorFlow, imported before absl set up the root logger, gave its logger a handler of its
+    # own; absl's handler on the root logger prints every line already (no line twice).
+    tf_logger = logging.getLogger("tensorflow")
+    for handler in list(tf_logger.handlers):
+      tf_logger.removeHandler(handler)
+    return main(argv)
+
+  app.run(main_once, flags_parser=flags_parser(beam, validate, positional=positional))
 
 
 def require(fv: flags.FlagValues, *names: str) -> None:

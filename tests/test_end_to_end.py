@@ -551,3 +551,11 @@ def test_evaluation_reports_every_model_with_gates_and_the_oracle(run, zoo):
   assert "gate utilisation of mmoe" in evaluation.format_gates(report)
   p = curves["mmoe"]
   np.testing.assert_allclose(p["ctcvr"], p["ctr"] * p["cvr"], rtol=1e-5)
+
+
+def test_a_conversion_scale_without_a_calibration_is_refused_before_any_work(tmp_path):
+  model_dir = str(tmp_path / "model")
+  with pytest.raises(ValueError, match="through the calibration"):
+    E.train_and_evaluate(str(tmp_path / "nowhere"), model_dir, {"model": "esmm"}, 32,
+                         calibration="none", conversion_scale=1.2)
+  assert not (tmp_path / "model").exists()

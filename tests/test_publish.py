@@ -103,6 +103,10 @@ def test_model_config_is_valid_text_proto_and_keeps_other_models(model, tmp_path
   assert entries["esmm"].base_path == os.path.abspath(os.path.join(root, "esmm"))
   assert entries["esmm"].model_platform == "tensorflow"
   assert entries["esmm"].model_version_policy.latest.num_versions == 1
+  # A serving root on a remote file system keeps its URL (ram:// stands in for gs://).
+  path = P.write_model_config("ram://serving", "esmm")
+  with tf.io.gfile.GFile(path) as f:
+    assert 'base_path: "ram://serving/esmm"' in f.read()
 
 
 def test_a_model_that_fails_its_warmup_is_not_published(tmp_path):

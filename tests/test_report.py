@@ -215,6 +215,17 @@ def test_write_report_without_optional_inputs(tmp_path):
   assert "CVR AUC all (truth)" not in html and "gate/" not in html
 
 
+def test_write_report_to_a_file_system_url_lands_there(tmp_path):
+  """--report_dir=gs://...: drawn locally, copied through tf.io.gfile (ram:// stands in for gs://)."""
+  import tensorflow as tf
+  rng = np.random.default_rng(16)
+  predictions = _predictions(rng, 5_000, gates=False, truth=False)
+  index = R.write_report("ram://reports/run1", _report(predictions), predictions)
+  assert index == "ram://reports/run1/index.html" and tf.io.gfile.exists(index)
+  assert "roc_ctr.png" in tf.io.gfile.listdir("ram://reports/run1")
+  assert not os.path.exists("ram:") and not (tmp_path / "ram:").exists()
+
+
 def test_write_report_notes_a_task_without_positives_and_draws_no_gates_without_gates(tmp_path):
   n = 5_000
   rng = np.random.default_rng(16)
