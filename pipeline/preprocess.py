@@ -24,7 +24,7 @@ Then the TFT ``preprocessing_fn`` hashes every categorical field and the job wri
       (train: not with --notrain_examples)
   OUT/train_blocks/part-*.tfrecord.gz   the train split again as column blocks of
       --train_block_rows rows, in a random order over the split (what training reads;
-      preprocessing.transform.EncodeBlocks, ShuffleBlocks)
+      pipeline.encode.EncodeBlocks, ShuffleBlocks)
   OUT/transform_fn/, OUT/transformed_metadata/                the TFT graph and schema
   OUT/dead_letter/{train,eval}-*.jsonl                        rows set aside, with reasons
   OUT/reconciliation.json                                     written last: marks the output complete
@@ -73,7 +73,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import partition, publish
+from pipeline import encode, partition, publish
 from pipeline.sources import aliccp, avazu
 from pipeline.sources.deadletter import DEAD
 from preprocessing import cli
@@ -300,11 +300,11 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
     # way in, converted back to a dict and encoded in Python on the way out) took about half
     # of the job's CPU (benchmarks/preprocess_throughput.py). The Ali-CCP reader builds the
     # RecordBatches in its join; Avazu's reader hands over instance dicts, batched here.
-    tfxio = T.raw_tfxio(raw_md)
+    tfxio = encode.raw_tfxio(raw_md)
     arrow_schema = tfxio.ArrowSchema()
     read = {split: p | f"Read_{split}" >> reader(split, pat, arrow_schema) for split, pat in patterns.items()}
     batches = {split: (out["record_batches"] if "record_batches" in out else
-                       T.to_record_batches(out["rows"], arrow_schema, f"_{split}", f"{fmt}/{split}"))
+                       encode.to_record_batches(out["rows"], arrow_schema, f"_{split}", f"{fmt}/{split}"))
                for split, out in read.items()}
     raw_config = tfxio.TensorAdapterConfig()
     if T.analyzed_columns(preprocessing_fn, tfxio.TensorAdapter().OriginalTypeSpecs()):
@@ -331,13 +331,13 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
       examples = split != "train" or train_examples
       if examples:
         _ = (data
-             | f"Encode_{split}" >> beam.ParDo(T.EncodeRecordBatches(f"{fmt}/{split}"))
+             | f"Encode_{split}" >> beam.ParDo(encode.EncodeRecordBatches(f"{fmt}/{split}"))
              | f"Write_{split}" >> _write_tfrecords(os.path.join(output_dir, split), num_shards, infix))
       if split == "train" and train_block_rows:
         _ = (data
-             | "EncodeBlocks_train" >> beam.ParDo(T.EncodeBlocks(f"{fmt}/{split}", train_block_rows,
+             | "EncodeBlocks_train" >> beam.ParDo(encode.EncodeBlocks(f"{fmt}/{split}", train_block_rows,
                                                                  count_rows_written=not examples))
-             | "ShuffleBlocks_train" >> T.ShuffleBlocks()
+             | "ShuffleBlocks_train" >> encode.ShuffleBlocks()
              | "WriteBlocks_train" >> _write_tfrecords(os.path.join(output_dir, F.BLOCKS_DIR), num_shards, infix))
       _ = (read[split][DEAD]
            | f"WriteDeadLetters_{split}" >> beam.io.WriteToText(

@@ -39,7 +39,7 @@ DAY = "day"
 RECONCILIATION = "reconciliation.json"
 # Counter-name prefix of the positive labels a split wrote (label_positives/click, ...).
 LABEL_POSITIVES_PREFIX = "label_positives/"
-# The train split again as column blocks (preprocessing.transform.EncodeBlocks), under the output dir.
+# The train split again as column blocks (pipeline.encode.EncodeBlocks), under the output dir.
 BLOCKS_DIR = "train_blocks"
 # A column's row lengths in a block.
 BLOCK_LENGTHS_SUFFIX = "/lengths"

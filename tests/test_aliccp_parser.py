@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from pipeline import encode
 from pipeline.sources import aliccp as A
 from pipeline.sources.deadletter import BadRecord, unaccounted_by_hop
 from preprocessing import features as F
@@ -94,7 +95,7 @@ def test_bad_common_rows():
 
 
 def test_record_batches_for_tft_hold_what_its_instance_dict_path_would():
-  # The job builds TFT's input RecordBatches itself (preprocessing.transform.InstancesToRecordBatch)
+  # The job builds TFT's input RecordBatches itself (pipeline.encode.InstancesToRecordBatch)
   # instead of TFT encoding every instance dict as a tf.Example and decoding it again; both must
   # give the same columns: multi-valued and weighted fields, empty fields, scalar labels.
   from tensorflow_transform.coders import example_proto_coder
@@ -108,8 +109,8 @@ def test_record_batches_for_tft_hold_what_its_instance_dict_path_would():
   rows.append(A.parse_skeleton_line(skeleton(sample_id="9", num="0", flist="").encode(), KNOWN)[0])
   instances = [A.to_raw_instance(r, common["features"]) for r in rows]
   md = T.raw_metadata("aliccp", F.RAW_LABELS)
-  schema = T.raw_tfxio(md).ArrowSchema()
-  (built,) = list(T.InstancesToRecordBatch(schema).process(instances))
+  schema = encode.raw_tfxio(md).ArrowSchema()
+  (built,) = list(encode.InstancesToRecordBatch(schema).process(instances))
   coder = example_proto_coder.ExampleProtoCoder(md.schema)
   decoded = example_coder.ExamplesToRecordBatchDecoder(md.schema.SerializeToString()).DecodeBatch(
       [coder.encode(i) for i in instances])
@@ -129,7 +130,7 @@ def test_the_join_builds_the_same_record_batches_as_the_instance_dicts_would():
   # including a field that both the common row and the skeleton fill (common values first).
   from preprocessing import transform as T
 
-  schema = T.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
+  schema = encode.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
   common = A.parse_common_line(f"u1,3,{items(('101', 5, '1.0'), ('150_14', 9, '0.25'), ('150_14', 8, '2'))}",
                                KNOWN)[0]["features"]
   rows = [A.parse_skeleton_line(skeleton(sample_id=str(i), click=str(i % 2)), KNOWN)[0] for i in range(3)]
@@ -141,7 +142,7 @@ def test_the_join_builds_the_same_record_batches_as_the_instance_dicts_would():
     for r in batch:
       builder.add(r, common)
     built = builder.build()
-    (want,) = list(T.InstancesToRecordBatch(schema).process([A.to_raw_instance(r, common) for r in batch]))
+    (want,) = list(encode.InstancesToRecordBatch(schema).process([A.to_raw_instance(r, common) for r in batch]))
     assert built.schema == want.schema and built.num_rows == len(batch)
     assert built.to_pydict() == want.to_pydict()
   assert len(builder) == 0
@@ -223,7 +224,7 @@ def _read_aliccp(tmp_path, skeleton_bytes: bytes, common_bytes: bytes, want_ids,
 
   (tmp_path / "s.csv").write_bytes(skeleton_bytes)
   (tmp_path / "c.csv").write_bytes(common_bytes)
-  schema = T.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
+  schema = encode.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
   p = beam.Pipeline()
   out = p | A.ReadAliCCP("train", str(tmp_path / "s.csv"), str(tmp_path / "c.csv"), schema, 100)
   ids = out["record_batches"] | beam.FlatMap(lambda b: [v[0] for v in b.column("sample_id").to_pylist()])
@@ -260,7 +261,7 @@ def test_the_largest_float32_weight_is_kept_and_stored_finite():
 
   biggest = float(np.finfo(np.float32).max)
   row, _ = A.parse_skeleton_line(skeleton(flist=items(("853", 31, repr(biggest)))), KNOWN)
-  schema = T.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
+  schema = encode.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
   builder = A.RecordBatchBuilder(schema)
   builder.add(row, {})
   stored = builder.build().column("w_853").to_pylist()[0]

@@ -20,7 +20,7 @@ from model_fn import evaluation
 from model_fn import input_fn as I
 from model_fn import layers
 from model_fn.params import resolve_params
-from pipeline import preprocess, synthetic
+from pipeline import encode, preprocess, synthetic
 from pipeline.sources import aliccp
 from preprocessing import features as F
 from preprocessing import transform as T
@@ -198,7 +198,7 @@ def _written_order(tmp_path, items, shuffle: bool):
   with beam.Pipeline() as p:
     pc = p | beam.Create(items, reshuffle=False)
     if shuffle:
-      pc = pc | T.ShuffleBlocks(seed=3, groups=16)
+      pc = pc | encode.ShuffleBlocks(seed=3, groups=16)
     _ = pc | beam.Map(lambda b: b.decode()) | beam.io.WriteToText(str(out), num_shards=1)
   return [line.encode() for line in open(tf.io.gfile.glob(str(out) + "*")[0]).read().split()]
 
@@ -218,12 +218,12 @@ def test_shuffle_blocks_is_a_seeded_permutation_of_the_whole_split(tmp_path):
   # Every tenth of the output draws on every tenth of the input.
   for k in range(10):
     assert len({position[b] * 10 // len(items) for b in out[k * 300:(k + 1) * 300]}) == 10
-  keys = {b: T.shuffle_key(b, 3) for b in items}
+  keys = {b: encode.shuffle_key(b, 3) for b in items}
   for g in range(16):
     in_group = [b for b in out if keys[b] % 16 == g]
     assert in_group == [b for b in backwards if keys[b] % 16 == g]
     assert in_group == sorted(in_group, key=keys.get)
-  assert T.shuffle_key(items[0], 3) != T.shuffle_key(items[0], 4)
+  assert encode.shuffle_key(items[0], 3) != encode.shuffle_key(items[0], 4)
 
 
 def _block_rows(out, spec):

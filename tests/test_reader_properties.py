@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import partition
+from pipeline import encode, partition
 from pipeline.sources import aliccp as ALI
 from pipeline.sources import avazu as AVA
 from pipeline.sources.deadletter import FLOAT32_OVERFLOW, INT64_MAX, INT64_MIN, BadRecord
@@ -28,7 +28,7 @@ PROPERTY = settings(max_examples=200,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 KNOWN = ALI.KNOWN_FIELDS
 WEIGHTED = sorted(f.name for f in F.fields("aliccp") if f.weighted)
-SCHEMA = T.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
+SCHEMA = encode.raw_tfxio(T.raw_metadata("aliccp", F.RAW_LABELS)).ArrowSchema()
 BOM = b"\xef\xbb\xbf"
 
 int64s = st.integers(0, INT64_MAX)
