@@ -27,7 +27,7 @@ def machine() -> str:
   """The machine in words: architecture, CPU model, cores, the CPU's native bfloat16 instructions
   (what the trainer's train_matmul_dtype "auto" decides on: machines that differ there train at
   different speeds) and Python."""
-  from model_fn import layers   # TensorFlow: imported when results are written, not at start-up
+  from model_fn import hardware   # TensorFlow: imported when results are written, not at start-up
   try:
     with open("/proc/cpuinfo") as f:
       cpuinfo = f.read()
@@ -35,7 +35,7 @@ def machine() -> str:
     cpuinfo = ""
   model = next((line.partition(":")[2].strip() for line in cpuinfo.splitlines()
                 if line.partition(":")[0].strip() == "model name"), platform.processor())
-  bf16 = layers.native_bfloat16_flags(cpuinfo)
+  bf16 = hardware.native_bfloat16_flags(cpuinfo)
   return (f"{platform.machine()}, {model or 'CPU model unknown'}, {os.cpu_count()} cores, native bfloat16: "
           f"{', '.join(bf16) if bf16 else 'none'}, Python {platform.python_version()}")
 

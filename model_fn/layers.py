@@ -1,11 +1,11 @@
 """Composable pieces of the networks: field embeddings with weighted pooling, MLP towers,
 MMoE experts and gates."""
 
-import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
 
+from model_fn import hardware
 from model_fn import params as P
 from preprocessing import features as F
 
@@ -111,50 +111,15 @@ def embedding_input(features: Dict[str, tf.Tensor], params, scope: str) -> tf.Te
   return pooled
 
 
-# /proc/cpuinfo flags of native bfloat16 arithmetic (oneDNN runs bfloat16 matmuls on them).
-BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def native_bfloat16_flags(cpuinfo: str) -> List[str]:
-  """The native bfloat16 instruction sets that the ``flags`` lines of a /proc/cpuinfo text name."""
-  found = set()
-  for line in cpuinfo.splitlines():
-    key, _, value = line.partition(":")
-    if key.strip() == "flags":
-      found |= set(value.split()) & set(BFLOAT16_CPU_FLAGS)
-  return sorted(found)
-
-
-def cpu_has_native_bfloat16(cpuinfo: str) -> bool:
-  """Whether the ``flags`` lines of a /proc/cpuinfo text name a native bfloat16 instruction set."""
-  return bool(native_bfloat16_flags(cpuinfo))
-
-
-@functools.lru_cache(maxsize=None)
-def native_bfloat16() -> bool:
-  """Whether this machine trains faster in bfloat16 than in float32: every visible GPU has compute
-  capability 8.0 or more, or, without GPUs, the CPU has AMX-BF16 or AVX512_BF16 (read from
-  /proc/cpuinfo; False where there is none, as on macOS)."""
-  gpus = tf.config.list_physical_devices("GPU")
-  if gpus:
-    return all(tuple(tf.config.experimental.get_device_details(g).get("compute_capability") or (0, 0))
-               >= (8, 0) for g in gpus)
-  try:
-    with open("/proc/cpuinfo") as f:
-      return cpu_has_native_bfloat16(f.read())
-  except OSError:
-    return False
-
-
 def matmul_dtype(params, training: bool) -> tf.DType:
   """The dense layers' compute dtype: ``params['train_matmul_dtype']`` while training ("auto":
-  bfloat16 where native_bfloat16(), else float32), float32 otherwise (the variables are float32
+  bfloat16 where hardware.native_bfloat16(), else float32), float32 otherwise (the variables are float32
   either way, so a checkpoint serves the same in both)."""
   if not training:
     return tf.float32
   name = params["train_matmul_dtype"]
   if name == "auto":
-    name = "bfloat16" if native_bfloat16() else "float32"
+    name = "bfloat16" if hardware.native_bfloat16() else "float32"
   return tf.as_dtype(name)
 
 

@@ -18,7 +18,7 @@ from model_fn import calibration
 from model_fn import estimator as E
 from model_fn import evaluation
 from model_fn import input_fn as I
-from model_fn import layers
+from model_fn import hardware, layers
 from model_fn.params import resolve_params
 from pipeline import encode, preprocess, synthetic
 from pipeline.sources import aliccp
@@ -324,7 +324,7 @@ def test_training_reports_the_protocol_metrics_and_they_match_sklearn(run):
     assert key in m and np.isfinite(m[key]), key
   assert run["result"]["train_steps"] == 60
   # The arithmetic the default train_matmul_dtype ("auto") chose on this machine is on record.
-  assert run["result"]["train_compute_dtype"] == ("bfloat16" if layers.native_bfloat16() else "float32")
+  assert run["result"]["train_compute_dtype"] == ("bfloat16" if hardware.native_bfloat16() else "float32")
   p = evaluation.predict(run["model_dir"], run["out"])
   click, conv = p["label_click"], p["label_conversion"]
   assert abs(m["auc/ctr"] - roc_auc_score(click, p["ctr"])) < 0.002

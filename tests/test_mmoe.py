@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from model_fn import esmm, heads, layers, mmoe
+from model_fn import esmm, hardware, heads, layers, mmoe
 from model_fn.params import resolve_params
 
 from graph_inputs import BATCH, feature_batch, label_batch, model_params
@@ -309,20 +309,20 @@ flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512bw {extra}
 
 
 def test_native_bfloat16_is_read_from_the_cpu_flags():
-  assert layers.cpu_has_native_bfloat16(CPUINFO.format(extra="amx_tile amx_bf16 amx_int8"))
-  assert layers.cpu_has_native_bfloat16(CPUINFO.format(extra="avx512_bf16 avx512_vnni"))
-  assert not layers.cpu_has_native_bfloat16(CPUINFO.format(extra="avx512_vnni amx_int8"))
+  assert hardware.cpu_has_native_bfloat16(CPUINFO.format(extra="amx_tile amx_bf16 amx_int8"))
+  assert hardware.cpu_has_native_bfloat16(CPUINFO.format(extra="avx512_bf16 avx512_vnni"))
+  assert not hardware.cpu_has_native_bfloat16(CPUINFO.format(extra="avx512_vnni amx_int8"))
   # A flag's name elsewhere than on a flags line (or as part of another word) does not count.
-  assert not layers.cpu_has_native_bfloat16("model name\t: has avx512_bf16\nflags\t: avx2 xavx512_bf16\n")
-  assert not layers.cpu_has_native_bfloat16("")
+  assert not hardware.cpu_has_native_bfloat16("model name\t: has avx512_bf16\nflags\t: avx2 xavx512_bf16\n")
+  assert not hardware.cpu_has_native_bfloat16("")
   # The flags themselves, as the benchmarks' machine line names them (benchmarks/results_io.py).
-  assert layers.native_bfloat16_flags(CPUINFO.format(extra="amx_bf16 avx512_bf16")) == ["amx_bf16", "avx512_bf16"]
-  assert layers.native_bfloat16_flags(CPUINFO.format(extra="avx512_vnni")) == []
+  assert hardware.native_bfloat16_flags(CPUINFO.format(extra="amx_bf16 avx512_bf16")) == ["amx_bf16", "avx512_bf16"]
+  assert hardware.native_bfloat16_flags(CPUINFO.format(extra="avx512_vnni")) == []
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_trains_in_bfloat16_only_where_the_hardware_has_it(monkeypatch, native):
-  monkeypatch.setattr(layers, "native_bfloat16", lambda: native)
+  monkeypatch.setattr(hardware, "native_bfloat16", lambda: native)
   params = resolve_params(model_params("esmm"))          # the default, "auto"
   want = "bfloat16" if native else "float32"
   assert layers.matmul_dtype(params, training=True) == tf.as_dtype(want)
