@@ -103,14 +103,16 @@ def task_metrics(labels: Dict[str, tf.Tensor], heads: Dict[str, tf.Tensor],
   """
   click = labels["click"]
   ops = {}
-  # task: (label, weights) -- CVR is measured on clicked impressions only.
-  tasks = {"ctr": (click, None), "ctcvr": (labels["ctcvr"], None), "cvr": (labels["conversion"], click)}
-  for task, (y, w) in tasks.items():
-    ops[f"auc/{task}"] = histogram_auc(y, heads[f"{task}_logit"], w, name=f"auc_{task}")
-    ops[f"log_loss/{task}"] = tf.compat.v1.metrics.mean(losses[task], weights=w)
-    ops[f"calibration/{task}"] = calibration(y, heads[task], w, name=f"calibration_{task}")
-    ops[f"label_mean/{task}"] = tf.compat.v1.metrics.mean(y, weights=w)
-    ops[f"prediction_mean/{task}"] = tf.compat.v1.metrics.mean(heads[task], weights=w)
+  # task: (label, weights, metric name) -- CVR is measured on clicked impressions only, named
+  # cvr_clicked as in model_fn.evaluation.score.
+  tasks = {"ctr": (click, None, "ctr"), "ctcvr": (labels["ctcvr"], None, "ctcvr"),
+           "cvr": (labels["conversion"], click, "cvr_clicked")}
+  for task, (y, w, name) in tasks.items():
+    ops[f"auc/{name}"] = histogram_auc(y, heads[f"{task}_logit"], w, name=f"auc_{task}")
+    ops[f"log_loss/{name}"] = tf.compat.v1.metrics.mean(losses[task], weights=w)
+    ops[f"calibration/{name}"] = calibration(y, heads[task], w, name=f"calibration_{task}")
+    ops[f"label_mean/{name}"] = tf.compat.v1.metrics.mean(y, weights=w)
+    ops[f"prediction_mean/{name}"] = tf.compat.v1.metrics.mean(heads[task], weights=w)
   return ops
 
 

@@ -105,7 +105,7 @@ def test_the_export_is_servable_on_one_machine_and_matches_the_checkpoint(cluste
   local = estimator.evaluate(I.make_input_fn(I.split_files(data["out"], "eval"), tft_output, 32, training=False))
   chief = cluster["result"]["metrics"]
   assert local["global_step"] == chief["global_step"] >= STEPS
-  for k in ("auc/ctr", "auc/ctcvr", "auc/cvr", "loss"):
+  for k in ("auc/ctr", "auc/ctcvr", "auc/cvr_clicked", "loss"):
     assert local[k] == pytest.approx(chief[k], abs=1e-6), k
   loaded = tf.saved_model.load(cluster["result"]["saved_model"])
   examples = [T.raw_example({"f_101": [u], "f_205": [130000000 + u], "f_301": [1]}, "aliccp").SerializeToString()

@@ -319,8 +319,8 @@ def test_the_seed_picks_where_in_the_train_split_a_run_starts(run):
 
 def test_training_reports_the_protocol_metrics_and_they_match_sklearn(run):
   m = run["result"]["metrics"]
-  for key in ("auc/ctr", "auc/ctcvr", "auc/cvr", "log_loss/ctr", "log_loss/ctcvr", "log_loss/cvr",
-              "calibration/ctr", "calibration/cvr", "calibration/ctcvr"):
+  for key in ("auc/ctr", "auc/ctcvr", "auc/cvr_clicked", "log_loss/ctr", "log_loss/ctcvr", "log_loss/cvr_clicked",
+              "calibration/ctr", "calibration/cvr_clicked", "calibration/ctcvr"):
     assert key in m and np.isfinite(m[key]), key
   assert run["result"]["train_steps"] == 60
   # The arithmetic the default train_matmul_dtype ("auto") chose on this machine is on record.
@@ -330,7 +330,7 @@ def test_training_reports_the_protocol_metrics_and_they_match_sklearn(run):
   assert abs(m["auc/ctr"] - roc_auc_score(click, p["ctr"])) < 0.002
   assert abs(m["auc/ctcvr"] - roc_auc_score(click * conv, p["ctcvr"])) < 0.002
   clicked = click > 0
-  assert abs(m["auc/cvr"] - roc_auc_score(conv[clicked], p["cvr"][clicked])) < 0.002
+  assert abs(m["auc/cvr_clicked"] - roc_auc_score(conv[clicked], p["cvr"][clicked])) < 0.002
   np.testing.assert_allclose(p["ctcvr"], p["ctr"] * p["cvr"], rtol=1e-5)
   np.testing.assert_array_equal(p["label_ctcvr"], click * conv)
 
@@ -532,7 +532,7 @@ def test_gated_models_report_gate_utilisation(zoo):
     for task in ("ctr", "cvr"):
       gate = [m[f"gate/{task}/expert_{e}"] for e in range(experts)]
       assert abs(sum(gate) - 1) < 1e-4, (model, gate)
-    assert np.isfinite(m["auc/cvr"]) and np.isfinite(m["auc/ctcvr"])
+    assert np.isfinite(m["auc/cvr_clicked"]) and np.isfinite(m["auc/ctcvr"])
 
 
 def test_evaluation_reports_every_model_with_gates_and_the_oracle(run, zoo):

@@ -129,7 +129,7 @@ def test_mmoe_eval_reports_gate_utilisation_and_the_protocol_metrics():
   for task in ("ctr", "cvr"):
     weights = [m[f"gate/{task}/expert_{e}"] for e in range(3)]
     assert abs(sum(weights) - 1) < 1e-5
-  for key in ("auc/ctr", "auc/ctcvr", "auc/cvr", "calibration/cvr", "log_loss/ctcvr"):
+  for key in ("auc/ctr", "auc/ctcvr", "auc/cvr_clicked", "calibration/cvr_clicked", "log_loss/ctcvr"):
     assert key in m
 
 
