@@ -23,7 +23,8 @@ from apache_beam.io import textio
 from apache_beam.transforms.window import GlobalWindows
 
 from pipeline.sources import dedup, grouping
-from pipeline.sources.deadletter import (BOM, DEAD, FLOAT32_OVERFLOW, INT64_MAX, BadRecord, counter,
+from pipeline.sources.deadletter import (BAD_SAMPLE_ID, BOM, CONVERSION_WITHOUT_CLICK, DEAD, FLOAT32_OVERFLOW,
+                                        INT64_MAX, NOT_UTF8, WRONG_COLUMN_COUNT, BadRecord, counter,
                                         dead_letter, decode_line, parse_int64, rows_by_stage,
                                         unaccounted_by_hop)
 from preprocessing import features as F
@@ -33,17 +34,14 @@ ITEM_SEP = "\x01"
 FIELD_SEP = "\x02"
 VALUE_SEP = "\x03"
 
-# Reasons a row is set aside (stable identifiers, used in counters and dead letters).
-NOT_UTF8 = "not_utf8"
-WRONG_COLUMN_COUNT = "wrong_column_count"
-BAD_SAMPLE_ID = "bad_sample_id"
+# Reasons a row is set aside (stable identifiers, used in counters and dead letters), besides
+# the ones every source has (deadletter.py).
 BAD_LABEL = "bad_label"
 BAD_COMMON_FEATURE_INDEX = "bad_common_feature_index"
 BAD_FEATURE_NUM = "bad_feature_num"
 FEATURE_NUM_MISMATCH = "feature_num_mismatch"
 BAD_FEATURE_ITEM = "bad_feature_item"
 BAD_WEIGHT = "bad_weight"
-CONVERSION_WITHOUT_CLICK = "conversion_without_click"
 UNKNOWN_COMMON_FEATURE_INDEX = "unknown_common_feature_index"
 DUPLICATE_COMMON_FEATURE_INDEX = "duplicate_common_feature_index"
 _PARSE_REASONS = (NOT_UTF8, WRONG_COLUMN_COUNT, BAD_COMMON_FEATURE_INDEX, BAD_FEATURE_NUM,

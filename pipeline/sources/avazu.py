@@ -28,7 +28,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.sources import dedup
-from pipeline.sources.deadletter import (BOM, DEAD, BadRecord, counter, dead_letter, decode_line,
+from pipeline.sources.deadletter import (BAD_SAMPLE_ID, BOM, CONVERSION_WITHOUT_CLICK, DEAD, NOT_UTF8,
+                                        WRONG_COLUMN_COUNT, BadRecord, counter, dead_letter, decode_line,
                                         parse_int64, rows_by_stage, unaccounted_by_hop)
 from preprocessing import features as F
 
@@ -38,16 +39,13 @@ MAX_ID_DIGITS = 40
 _BOM = BOM.decode("utf-8")   # headers are checked as text
 HOUR_RAW = next(f.raw_ids for f in F.fields(FMT) if f.transform == F.HOUR_OF_DAY)   # f_hour
 
-# Reasons a row is set aside (stable identifiers, used in counters and dead letters).
-NOT_UTF8 = "not_utf8"
-WRONG_COLUMN_COUNT = "wrong_column_count"
-BAD_SAMPLE_ID = "bad_sample_id"
+# Reasons a row is set aside (stable identifiers, used in counters and dead letters), besides
+# the ones every source has (deadletter.py).
 BAD_CLICK = "bad_click"
 BAD_CONVERSION = "bad_conversion"
 BAD_HOUR = "bad_hour"
 BAD_INTEGER = "bad_integer"
 BAD_QUOTING = "bad_quoting"
-CONVERSION_WITHOUT_CLICK = "conversion_without_click"
 PARSE_REASONS = (NOT_UTF8, WRONG_COLUMN_COUNT, BAD_QUOTING, BAD_SAMPLE_ID, BAD_CLICK, BAD_CONVERSION, BAD_HOUR,
                  BAD_INTEGER, CONVERSION_WITHOUT_CLICK)
 REASONS = PARSE_REASONS + dedup.REASONS

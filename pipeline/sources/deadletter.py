@@ -13,6 +13,13 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 # point above it rounds up): a weight is finite in float32 exactly when it is below this.
 FLOAT32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103
 
+# Reasons a row of any source is set aside for (stable identifiers, used in counters and dead
+# letters); each source adds its own.
+NOT_UTF8 = "not_utf8"
+WRONG_COLUMN_COUNT = "wrong_column_count"
+BAD_SAMPLE_ID = "bad_sample_id"
+CONVERSION_WITHOUT_CLICK = "conversion_without_click"
+
 
 class BadRecord(ValueError):
   """A raw row that cannot be used; ``reason`` is a short stable identifier."""
@@ -24,12 +31,12 @@ class BadRecord(ValueError):
 
 
 def decode_line(line) -> str:
-  """Raw bytes from a text source to str; raises BadRecord('not_utf8')."""
+  """Raw bytes from a text source to str; raises BadRecord(NOT_UTF8)."""
   if isinstance(line, bytes):
     try:
       line = line.decode("utf-8")
     except UnicodeDecodeError as e:
-      raise BadRecord("not_utf8", str(e)) from None
+      raise BadRecord(NOT_UTF8, str(e)) from None
   return line.rstrip("\r\n")
 
 
