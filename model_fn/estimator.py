@@ -247,10 +247,17 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   pCVR calibration is fitted to the conversions times it (pipeline/delay.py; needs a calibration).
 
   The output biases start at the logits of the train split's base rates (params
-  ``base_rates``, read from the preprocessing run's label counts unless given)."""
+  ``base_rates``, read from the preprocessing run's label counts unless given); ``format`` and
+  ``hash_buckets`` are read from the transform output unless given."""
   conversion_scale = C.check_conversion_scale(calibration, conversion_scale)   # before any training
   tft_output = I.load_transform_output(transform_dir)
   I.require_rows(transform_dir)     # an empty split: an error before anything is written, not NaN metrics
+  # What the data decide unless given: the format and every field's hash buckets (the schema).
+  if params.get("format") is None:
+    params = dict(params, format=I.transform_format(transform_dir))
+  if params.get("hash_buckets") is None:
+    from preprocessing import transform as T
+    params = dict(params, hash_buckets=T.transformed_hash_buckets(tft_output))
   calibration_holdout = I.holdout_share(C.holdout_fraction(calibration, calibration_holdout))
   params = dict(params, train_holdout=calibration_holdout)
   if params.get("base_rates") is None:

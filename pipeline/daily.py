@@ -580,7 +580,6 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
       served_dir = None
     warm = served_dir if warm_start else None
     model_dir = os.path.join(run_dir, "model")
-    buckets = T.transformed_hash_buckets(I.load_transform_output(transform_dir))
     try:
       I.require_rows(transform_dir)     # an empty split would train or gate on nothing (NaN metrics)
     except I.EmptySplit as e:
@@ -593,7 +592,7 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
     # refitted: the budget is spent, so this only recalibrates and exports again.
     if (not trained or not tf.io.gfile.exists(trained.get("saved_model", ""))
         or (C.load(model_dir) or {}).get("conversion_scale", 1.0) != delays["conversion_scale"]):
-      params = {**model_params, "model": model, "hash_buckets": buckets}
+      params = {**model_params, "model": model}      # format and hash buckets: the day's transform
       trained = E.train_and_evaluate(transform_dir, model_dir, params, batch_size, num_epochs=epochs, seed=seed,
                                      warm_start_from=warm, calibration=calibration,
                                      conversion_scale=delays["conversion_scale"])
