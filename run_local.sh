@@ -32,9 +32,16 @@ LOG="$OUT/logs"
 mkdir -p "$LOG"
 step() { echo "[run_local] $(date +%H:%M:%S) $*"; }
 MODE="${MODE:-batch}"
-run_logged() {  # run_logged NAME CMD...: full log to $LOG/NAME.log, shown on failure
+run_logged() {  # run_logged NAME CMD...: full log to $LOG/NAME.log (its progress lines shown), shown on failure
   local name="$1"; shift
-  if ! "$@" >"$LOG/$name.log" 2>&1; then
+  "$@" >"$LOG/$name.log" 2>&1 &
+  local pid=$! last="" line
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 2
+    line=$(grep -o 'progress: .*' "$LOG/$name.log" 2>/dev/null | tail -n 1 || true)
+    if [ -n "$line" ] && [ "$line" != "$last" ]; then echo "[run_local]   $line"; last="$line"; fi
+  done
+  if ! wait "$pid"; then
     tail -n 40 "$LOG/$name.log" >&2
     echo "[run_local] step '$name' failed; full log: $LOG/$name.log" >&2
     exit 1

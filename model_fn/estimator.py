@@ -13,6 +13,7 @@ final checkpoint and exports the SavedModel.
 import json
 import math
 import os
+import time
 from typing import Any, Dict, Optional
 
 import tensorflow as tf
@@ -71,6 +72,37 @@ class TaskStepsHook(tf.estimator.SessionRunHook):
     tf.io.gfile.makedirs(os.path.dirname(self._path))
     with tf.io.gfile.GFile(self._path, "w") as f:
       json.dump({"task": self._task, "steps": self._steps, "global_step_seen_last": self._last}, f)
+
+
+class ProgressHook(tf.estimator.SessionRunHook):
+  """Logs ``progress: step N of M (P%), R steps/s, about T left`` at most every ``every_secs``
+  seconds while training (run_local.sh shows these lines while a model trains)."""
+
+  def __init__(self, train_steps: int, every_secs: float = 20.0):
+    self._total = int(train_steps)
+    self._every = every_secs
+
+  def begin(self):
+    self._global_step = tf.compat.v1.train.get_global_step()
+    self._start_step = self._start = None
+    self._last_log = time.monotonic()
+
+  def before_run(self, run_context):
+    return tf.estimator.SessionRunArgs(self._global_step)
+
+  def after_run(self, run_context, run_values):
+    step, now = int(run_values.results), time.monotonic()
+    if self._start_step is None:
+      self._start_step, self._start = step, now
+      return
+    if now - self._last_log < self._every:
+      return
+    self._last_log = now
+    rate = (step - self._start_step) / max(now - self._start, 1e-9)
+    left = max(self._total - step, 0) / rate if rate > 0 else float("inf")
+    logging.info("progress: step %d of %d (%d%%), %.1f steps/s, about %s left", step, self._total,
+                 100 * step // max(self._total, 1), rate,
+                 f"{int(left // 60)}m{int(left % 60):02d}s" if left != float("inf") else "unknown")
 
 
 def task_steps(model_dir: str) -> Dict[str, int]:
@@ -293,7 +325,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   eval_input = I.make_input_fn(I.split_files(transform_dir, "eval"), tft_output, batch_size,
                                training=False, fields=params["fields"])
   train_spec = tf.estimator.TrainSpec(train_fn, max_steps=train_steps,
-                                      hooks=[TaskStepsHook(model_dir, task)])
+                                      hooks=[TaskStepsHook(model_dir, task), ProgressHook(train_steps)])
   eval_spec = tf.estimator.EvalSpec(eval_input, steps=eval_steps or None,
                                     throttle_secs=eval_throttle_secs if is_distributed(config) else 0,
                                     start_delay_secs=0)

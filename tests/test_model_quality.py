@@ -387,3 +387,19 @@ def test_a_params_json_of_an_earlier_version_reads_as_what_it_trained(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps(dict(old, model=model)))
     with pytest.raises(E.ModelDirError, match=f"a model '{model}' of an earlier version"):
       E.load_params(str(tmp_path))
+
+
+def test_progress_hook_logs_the_step_the_share_and_the_time_left(caplog):
+  from model_fn import estimator as E
+  with tf.Graph().as_default():
+    step = tf.compat.v1.train.get_or_create_global_step()
+    bump = tf.compat.v1.assign_add(step, 1)
+    hook = E.ProgressHook(train_steps=10, every_secs=0.0)
+    with caplog.at_level("INFO"), tf.compat.v1.train.MonitoredSession(hooks=[hook]) as session:
+      for _ in range(4):
+        session.run(bump)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress:")]
+  # The first step only starts the clock; each later one logs (every_secs 0).
+  assert len(lines) == 3
+  assert lines[-1].startswith("progress: step 3 of 10 (30%), ") and "steps/s, about " in lines[-1]
+  assert lines[-1].endswith(" left") and "m" in lines[-1].split("about ")[1]
