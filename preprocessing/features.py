@@ -110,7 +110,7 @@ def _f(name, side, log2_buckets, description, multi=False, weighted=False, raw_d
   return Field(name, side, 1 << log2_buckets, multi, weighted, description, raw_dtype)
 
 
-# Ali-CCP (see shared/docs/data-formats.md). Bucket sizes: about 2x the public
+# Ali-CCP (see docs/data-formats.md). Bucket sizes: about 2x the public
 # cardinality (4.3M items, 0.4M users), powers of two.
 ALICCP_FIELDS: Tuple[Field, ...] = (
     _f("101", "user", 20, "user id"),
@@ -138,7 +138,7 @@ ALICCP_FIELDS: Tuple[Field, ...] = (
     _f("301", "context", 8, "position"),
 )
 
-# Avazu-style CSV (see shared/docs/data-formats.md): one value per column, read by the
+# Avazu-style CSV (see docs/data-formats.md): one value per column, read by the
 # header's names. Bucket sizes: about 1.5-2x the cardinality of the public 40M-row
 # release (6.7M device_ip, 2.7M device_id, 8k apps, 5k sites), powers of two.
 AVAZU_ID = "id"        # the sample id column: a decimal that can exceed int64, kept as a string

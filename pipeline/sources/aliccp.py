@@ -1,6 +1,6 @@
 """Reader for the raw Ali-CCP release: skeleton + common-features CSV pairs.
 
-Layout (shared/docs/data-formats.md):
+Layout (docs/data-formats.md):
   skeleton: sample_id,click,conversion,common_feature_index,feature_num,feature_list
   common:   common_feature_index,feature_num,feature_list
   feature_list: items separated by \\x01; item = field_id \\x02 feature_id \\x03 value

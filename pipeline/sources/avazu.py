@@ -1,6 +1,6 @@
 """Reader for Avazu-style CSV logs: a header row, then one impression per row.
 
-Layout (shared/docs/data-formats.md): the 24 columns of the public Avazu release
+Layout (docs/data-formats.md): the 24 columns of the public Avazu release
 (``preprocessing.features.AVAZU_COLUMNS``), read by the header's names in any order,
 plus an optional ``conversion`` column (0/1, post-click conversion). Other columns are
 ignored. Values may be quoted as in RFC 4180 (the public release quotes none): a quoted
