@@ -94,8 +94,8 @@ DEFAULT_PARAMS: Dict[str, Any] = {
     "learning_rate_schedule": "constant",
     "warmup_steps": 0,               # warmup_linear_decay: steps of linear warm-up from 0
     # Tables: Adam that updates only the batch's rows (model_fn/optimizers.py), initialised near
-    # zero (embedding_init_stddev); adagrad trailed it on every model and metric (README,
-    # "Performance").
+    # zero (embedding_init_stddev); adagrad trailed it on every model and metric (benchmarks/README.md,
+    # "Training throughput against DeepCTR and torch-rechub").
     "embedding_optimizer": "lazy_adam",
     "embedding_learning_rate": None,  # None: the optimizer's own (EMBEDDING_LEARNING_RATES)
     "embedding_init_stddev": 1e-4,

@@ -428,7 +428,7 @@ RUNNER_LOST_ROWS_HINT = (
     "Rows vanished between two stages of the job without a set-aside reason, so the runner lost "
     "them. The multi-process DirectRunner (--direct_running_mode=multi_processing) has done this "
     "on inputs of several million rows; rerun with the default --direct_running_mode=in_memory, "
-    "or on a distributed runner (README: \"Beam on distributed runners\").")
+    "or on a distributed runner (docs/scaling.md: \"Beam on distributed runners\").")
 
 
 STAGING = publish.STAGING_DIR    # <output_dir>.staging-<pid>@<host>-<id>: a run in progress (or killed)

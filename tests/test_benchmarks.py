@@ -1,4 +1,4 @@
-"""Helpers of the benchmark scripts whose output the README quotes (benchmarks/)."""
+"""Helpers of the benchmark scripts whose output benchmarks/README.md quotes."""
 
 import json
 import os

@@ -2,7 +2,7 @@
 
 BUILD is Starlark, which for this file is also Python: it is evaluated here with stand-ins
 for Bazel's functions that record the targets, and the targets are compared with the tree.
-(`bazel test //...` itself runs with scripts/bazel_test.sh, see the README's "Bazel".)
+(`bazel test //...` itself runs with scripts/bazel_test.sh, see docs/scaling.md, "Bazel".)
 """
 
 import fnmatch

@@ -259,8 +259,8 @@ def test_bfloat16_matmuls_only_while_training(model):
       # gradients' too.
       assert _matmul_dtypes(g) == want, mode
       if mode == tf.estimator.ModeKeys.TRAIN:
-        # Only the matmuls: the bias adds and ReLUs (and their gradients) stay float32. With them
-        # in bfloat16 too, one-epoch CTCVR AUC fell by about 0.01 (README, "Performance").
+        # Only the matmuls: the bias adds and ReLUs (and their gradients) stay float32 (with them
+        # in bfloat16 too: benchmarks/results/peer_throughput_bf16_activations.md).
         for op_type in ("BiasAdd", "Relu", "ReluGrad", "BiasAddGrad"):
           assert _matmul_dtypes(g, op_type) == ["float32"], op_type
         # The heads, the loss and the optimizers stay float32.

@@ -141,8 +141,8 @@ def test_training_killed_with_sigkill_resumes_and_reaches_the_same_quality(data,
   # The restarted process trained only the steps left after the last checkpoint.
   assert E.task_steps(model_dir) == {"local": STEPS - killed_at}
   # The reference learned something, and the resumed run is as good. 1000 steps of 128 rows are
-  # 16 epochs over these 8000 rows, which the default lazy Adam tables overfit (README,
-  # "Train one epoch"): the reference scores about 0.61 CTR and 0.60 CTCVR AUC (Adagrad 0.64
+  # 16 epochs over these 8000 rows, which the default lazy Adam tables overfit (docs/training.md,
+  # "Train one epoch with these tables"): the reference scores about 0.61 CTR and 0.60 CTCVR AUC (Adagrad 0.64
   # CTCVR), so "learned" means clearly above chance (0.5).
   assert want["auc/ctr"] > 0.57 and want["auc/ctcvr"] > 0.57
   # CPU training is not bit-reproducible (thread scheduling; the restarted input pipeline also
@@ -505,7 +505,7 @@ def test_bytes_that_are_not_a_tf_example_are_a_clear_error_not_a_binding_error(d
 
 
 def test_a_long_id_list_scores_and_sum_pooling_grows_with_it_where_mean_does_not(data, loaded):
-  """README, Serving, "Long id lists": requests are not capped; sum pooling's vector grows with
+  """docs/serving.md, "Long id lists": requests are not capped; sum pooling's vector grows with
   the number of ids (10,000 ids can saturate the score), mean pooling's stays within its rows."""
   long = _feature(_raw_examples(data, 1)[0], "f_150_14",
                   tf.train.Feature(int64_list=tf.train.Int64List(value=list(range(1, 10_001)))))
