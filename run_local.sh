@@ -58,7 +58,7 @@ if [ "$MODE" = daily ]; then
   LABEL_STRATEGY="${LABEL_STRATEGY:-wait}"
   step "generating $DAYS days of impression and conversion logs ($PER_DAY impressions a day) -> $OUT/logs_daily"
   rm -rf "$OUT/logs_daily" "$OUT/daily" "$OUT/serving"
-  run_logged synthetic python -m pipeline.synthetic --daily --output_dir="$OUT/logs_daily" \
+  run_logged synthetic python -m datagen.synthetic --daily --output_dir="$OUT/logs_daily" \
     --num_days="$DAYS" --impressions_per_day="$PER_DAY" --seed="$SEED" --bad_rows=2
   cat "$LOG/synthetic.log" | grep -E '^[0-9]{8}:' || true
   first_day=$(ls "$OUT/logs_daily/impressions" | head -n 1 | cut -d= -f2)
@@ -99,7 +99,7 @@ done
 
 step "generating synthetic $FORMAT data ($NUM_TRAIN train / $NUM_TEST test impressions) -> $OUT/raw"
 rm -rf "$OUT/raw"
-run_logged synthetic python -m pipeline.synthetic --format="$FORMAT" --output_dir="$OUT/raw" \
+run_logged synthetic python -m datagen.synthetic --format="$FORMAT" --output_dir="$OUT/raw" \
   --num_train="$NUM_TRAIN" --num_test="$NUM_TEST" --seed="$SEED"
 tail -n 2 "$LOG/synthetic.log" | grep -v '^I' || true
 

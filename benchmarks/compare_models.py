@@ -4,9 +4,9 @@ several seeds each, on the same rows, with paired differences against BASE.
   .venv/bin/python benchmarks/compare_models.py [--world=selection|control] [--seeds=1,2,3,4,5] \
       [--num_train=600000] [--num_test=200000] [--models=base,esmm,...] [--calibration=none]
 
-Generates synthetic Ali-CCP-layout data (pipeline.synthetic, data seed --data_seed) in one of two
+Generates synthetic Ali-CCP-layout data (datagen.synthetic, data seed --data_seed) in one of two
 worlds: ``selection`` (the generator's default: users click more of what they would buy, at
-pipeline.synthetic's documented strength) or ``control`` (clicks do not select on conversion
+datagen.synthetic's documented strength) or ``control`` (clicks do not select on conversion
 propensity); preprocesses it once with the Beam/TFT job; trains every model with every seed
 (the seed sets the initialisation and where in the data each run starts, see
 model_fn.estimator.start_offset; models alternate within a seed) and scores the test split
@@ -29,12 +29,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from datagen import synthetic  # noqa: E402
 from model_fn import calibration as CAL  # noqa: E402
 from model_fn import estimator as E  # noqa: E402
 from model_fn import evaluation  # noqa: E402
 from model_fn import input_fn as I  # noqa: E402
 from model_fn.params import MODELS, resolve_params  # noqa: E402
-from pipeline import preprocess, synthetic  # noqa: E402
+from pipeline import preprocess  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 from preprocessing import transform as T  # noqa: E402
 

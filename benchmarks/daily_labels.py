@@ -3,7 +3,7 @@
   .venv/bin/python benchmarks/daily_labels.py [--num_days=9] [--impressions_per_day=12000] [--seeds=1,2,3]
 
 Per seed (the seed of the generated world, its data and the models), generates daily logs with
-delayed conversions (pipeline.synthetic.generate_daily, with ground truth) and runs
+delayed conversions (datagen.synthetic.generate_daily, with ground truth) and runs
 pipeline.daily for every day from the fourth on, once per variant, in separate work and
 serving dirs (every run publishes: the gate is opened wide, the comparison is of the label
 strategies):
@@ -37,8 +37,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from datagen import synthetic  # noqa: E402
 from model_fn import evaluation  # noqa: E402
-from pipeline import daily, preprocess, synthetic  # noqa: E402
+from pipeline import daily, preprocess  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 
 import results_io  # noqa: E402  (benchmarks/ is this script's directory)

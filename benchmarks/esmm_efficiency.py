@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from model_fn.metrics import exact_auc  # noqa: E402
-from pipeline.synthetic import solve_bias  # noqa: E402
+from datagen.synthetic import solve_bias  # noqa: E402
 
 import results_io  # noqa: E402  (benchmarks/ is this script's directory)
 

@@ -3,7 +3,7 @@
   .venv/bin/python benchmarks/fuzz_readers.py [--rows=200000] [--pipeline_rows=40000] [--seed=1]
 
 Parser level: --rows mutated lines per reader (Ali-CCP skeleton, Ali-CCP common, Avazu-style
-CSV), 90% of them damaged (pipeline/fuzz.py: truncation, wrong separators, non-UTF-8 bytes,
+CSV), 90% of them damaged (datagen/fuzz.py: truncation, wrong separators, non-UTF-8 bytes,
 huge lines, NaN/inf/negative weights, non-0/1 labels, bad ids, control characters, stray
 line breaks, byte flips, missing or extra columns, empty lines). Every line must be set aside
 with a known reason or accepted as a valid row (checked field by field and encoded in the
@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 
 import results_io  # noqa: E402  (benchmarks/ is this script's directory)
-from pipeline import fuzz, preprocess, synthetic  # noqa: E402
+from datagen import fuzz, synthetic  # noqa: E402
+from pipeline import preprocess  # noqa: E402
 from pipeline.sources import avazu  # noqa: E402
 
 FLAGS = flags.FLAGS

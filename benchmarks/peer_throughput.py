@@ -30,7 +30,7 @@ defaults does not change what an earlier results file measured.
 The peers live in their own virtual environment, .venv-peers, which this script creates from
 benchmarks/peers/requirements.lock when missing (never in the project's dependencies).
 
-Data: synthetic Ali-CCP-layout impressions (pipeline.synthetic), preprocessed once by this
+Data: synthetic Ali-CCP-layout impressions (datagen.synthetic), preprocessed once by this
 project's Beam/TFT job with --max_hash_buckets = the largest size. The same hashed ids go to
 every system: this project reads the TFRecords, the peers a numpy export of them. torch-rechub's
 ESMM takes single-valued fields only, so all three get the same reduced field set: the
@@ -174,7 +174,7 @@ def ensure_peers_venv() -> str:
 
 def prepare_data(work: str, max_rows: int) -> Dict[str, object]:
   """Synthetic raw data and its preprocessing (reused when the same config was done before)."""
-  from pipeline import synthetic
+  from datagen import synthetic
   from preprocessing import features as F
   config = {"impressions": FLAGS.impressions, "test": FLAGS.test_impressions, "users": FLAGS.num_users,
             "items": FLAGS.num_items, "seed": FLAGS.seed, "max_hash_buckets": max_rows,

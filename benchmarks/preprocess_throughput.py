@@ -57,7 +57,7 @@ sys.path.insert(0, ROOT)
 from absl import app, flags  # noqa: E402
 
 import results_io  # noqa: E402
-from pipeline import synthetic  # noqa: E402
+from datagen import synthetic  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -34,12 +34,13 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import results_io  # noqa: E402
+from datagen import synthetic  # noqa: E402
 from model_fn import calibration as C  # noqa: E402
 from model_fn import estimator as E  # noqa: E402
 from model_fn import export  # noqa: E402
 from model_fn import input_fn as I  # noqa: E402
 from model_fn import params as P  # noqa: E402
-from pipeline import preprocess, synthetic  # noqa: E402
+from pipeline import preprocess  # noqa: E402
 from pipeline.sources import aliccp  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 from preprocessing import transform as T  # noqa: E402

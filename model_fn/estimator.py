@@ -3,7 +3,7 @@
 No flags here: ``model_fn.train`` and ``model_fn.evaluate`` both import it.
 
 On a cluster the same code runs in every task; ``TF_CONFIG`` (set by the cluster manager, or
-by pipeline.launch_local_cluster) says which. ``tf.estimator.train_and_evaluate`` then runs
+by model_fn.launch_local_cluster) says which. ``tf.estimator.train_and_evaluate`` then runs
 the task's role: parameter servers serve the variables (the embedding tables partitioned over
 them), the chief and the workers train between-graph on their shards of the input, the
 evaluator evaluates every new checkpoint. Only the chief records params.json, evaluates the

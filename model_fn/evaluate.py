@@ -35,7 +35,7 @@ def define_flags(fv: flags.FlagValues = FLAGS):
   fl.DEFINE_alias("data", "transform_dir")
   fl.DEFINE_list("models", None, "NAME:MODEL_DIR pairs to evaluate, e.g. esmm:/m/esmm,base:/m/base.")
   fl.DEFINE_string("model_dir", None, "One model to evaluate (named after its params' model).")
-  fl.DEFINE_string("ground_truth", None, "ground_truth_test.csv of pipeline.synthetic (optional).")
+  fl.DEFINE_string("ground_truth", None, "ground_truth_test.csv of datagen.synthetic (optional).")
   fl.DEFINE_string("output", None, "Write the metrics as JSON here (optional).")
   fl.DEFINE_string("report_dir", None, "Charts and index.html go here (see the module doc).")
   fl.DEFINE_integer("batch_size", 4096, "Prediction batch size.", lower_bound=1)

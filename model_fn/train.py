@@ -16,7 +16,7 @@ the remaining steps. At the end it evaluates on the eval split (the paper's prot
 see model_fn/metrics.py) and exports a SavedModel for TF Serving under MODEL/export/.
 
 On a cluster, every task runs this same command with its TF_CONFIG (see
-pipeline/launch_local_cluster.py and docs/scaling.md, "Distributed training"): parameter servers
+model_fn/launch_local_cluster.py and docs/scaling.md, "Distributed training"): parameter servers
 hold the variables, the chief and the workers train on their shards of the input, an
 evaluator evaluates new checkpoints, and the chief exports.
 """

@@ -4,7 +4,7 @@ r"""The daily rolling retrain: late conversions in, a checked model out to TF Se
       --serving_root=SERVING [--model=esmm] [--window_days=7] [--attribution_days=7] \
       [--maturity_days=3] [--label_strategy=wait|naive|corrected] [--calibration_band=0.8,1.25] [beam options]
 
-Log layout (``pipeline.synthetic --daily`` writes it, with ground truth):
+Log layout (``datagen.synthetic --daily`` writes it, with ground truth):
   LOGS/impressions/date=D/sample_skeleton.csv, common_features.csv   Ali-CCP layout, one day
   LOGS/conversions/date=C/conversions.csv     sample_id,conversion_timestamp: conversions of day C
 

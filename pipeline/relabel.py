@@ -1,6 +1,6 @@
 """Late conversions: re-label a window of impression logs from the conversion logs (Beam).
 
-Inputs, per day D (see ``pipeline.synthetic.generate_daily`` for the layout):
+Inputs, per day D (see ``datagen.synthetic.generate_daily`` for the layout):
   impressions/date=D/sample_skeleton.csv   Ali-CCP skeleton rows; the conversion column as
                                            logged (0: unknown at impression time)
   conversions/date=C/conversions.csv       header ``sample_id,conversion_timestamp`` (UTC

@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
 
-from pipeline import preprocess, synthetic
+from datagen import synthetic
+from pipeline import preprocess
 from pipeline.sources import avazu as A
 from pipeline.sources.deadletter import BadRecord
 from preprocessing import features as F

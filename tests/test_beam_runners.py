@@ -17,7 +17,8 @@ import tarfile
 import pytest
 import tensorflow as tf
 
-from pipeline import preprocess, synthetic
+from datagen import synthetic
+from pipeline import preprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -27,14 +27,15 @@ from absl import flags
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from datagen import synthetic
 from model_fn import estimator as E
 from model_fn import evaluate as evaluate_cli
 from model_fn import evaluation
 from model_fn import input_fn as I
 from model_fn import metrics as M
 from model_fn import params as P
-from model_fn import train
-from pipeline import daily, launch_local_cluster, preprocess, publish, synthetic
+from model_fn import launch_local_cluster, train
+from pipeline import daily, preprocess, publish
 from preprocessing import cli
 from preprocessing import features as F
 
@@ -48,8 +49,8 @@ ENTRY_POINTS = {
     "pipeline.preprocess": (preprocess, True, ["--output_dir=/nonexistent/out"]),
     "pipeline.daily": (daily, True, ["--date=20240105", "--logs_dir=/nonexistent/logs",
                                      "--work_dir=/nonexistent/work", "--serving_root=/nonexistent/serving"]),
-    "pipeline.synthetic": (synthetic, False, ["--output_dir=/nonexistent/raw"]),
-    "pipeline.launch_local_cluster": (launch_local_cluster, False, []),
+    "datagen.synthetic": (synthetic, False, ["--output_dir=/nonexistent/raw"]),
+    "model_fn.launch_local_cluster": (launch_local_cluster, False, []),
     "model_fn.train": (train, False, ["--transform_dir=/nonexistent/pre", "--model_dir=/nonexistent/model"]),
     "model_fn.evaluate": (evaluate_cli, False, [f"--data={MODEL_DIR}", f"--model_dir={MODEL_DIR}"]),
 }
@@ -110,7 +111,7 @@ def test_the_flags_that_the_probe_found_unchecked_have_bounds_or_enums():
   have = {(name, flag) for name, flag, _ in BOUNDED}
   for want in [("pipeline.preprocess", "format"), ("pipeline.preprocess", "max_hash_buckets"),
                ("model_fn.train", "batch_size"), ("pipeline.daily", "model"), ("pipeline.daily", "window_days"),
-               ("pipeline.synthetic", "num_train"), ("pipeline.daily", "calibration")]:
+               ("datagen.synthetic", "num_train"), ("pipeline.daily", "calibration")]:
     assert want in have, want
 
 
@@ -284,7 +285,7 @@ def test_the_programs_refuse_bad_flags_with_one_line_and_write_nothing(tmp_path)
       (["model_fn.train", f"--transform_dir={tmp_path}", f"--model_dir={out}", "--batch_size=-5"], "--batch_size"),
       (["pipeline.daily", *daily_base, "--model=nosuchmodel"], "--model"),
       (["pipeline.daily", *daily_base, "--window_day=3"], "did you mean --window_days"),
-      (["pipeline.synthetic", f"--output_dir={out}", "--num_train=0"], "--num_train"),
+      (["datagen.synthetic", f"--output_dir={out}", "--num_train=0"], "--num_train"),
   ]
   procs = [subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True) for args, _ in cases]

@@ -1,6 +1,6 @@
 """Distributed training on a real multi-process cluster on 127.0.0.1.
 
-pipeline.launch_local_cluster starts 2 parameter servers, the chief, 1 worker and an
+model_fn.launch_local_cluster starts 2 parameter servers, the chief, 1 worker and an
 evaluator, each a `python -m model_fn.train` process with its own TF_CONFIG, and ESMM trains
 a few hundred steps on small synthetic data. The tests read what the cluster left.
 """
@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from datagen import synthetic
 from model_fn import estimator as E
 from model_fn import input_fn as I
+from model_fn import launch_local_cluster as L
 from model_fn import train
-from pipeline import launch_local_cluster as L
-from pipeline import preprocess, synthetic
+from pipeline import preprocess
 from preprocessing import cli
 from preprocessing import transform as T
 

@@ -19,9 +19,10 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow_serving.apis import prediction_log_pb2
 
+from datagen import synthetic
 from model_fn import calibration
 from model_fn import input_fn as I
-from pipeline import daily, daily_report, publish, relabel, synthetic
+from pipeline import daily, daily_report, publish, relabel
 from preprocessing import features as F
 
 DAYS = [(synthetic.DAILY_START + datetime.timedelta(days=k)).strftime("%Y%m%d") for k in range(6)]

@@ -14,13 +14,14 @@ import tensorflow as tf
 from sklearn.metrics import roc_auc_score
 from tensorflow.core.protobuf import saved_model_pb2
 
+from datagen import synthetic
 from model_fn import calibration
 from model_fn import estimator as E
 from model_fn import evaluation
 from model_fn import input_fn as I
 from model_fn import hardware, layers
 from model_fn.params import resolve_params
-from pipeline import encode, preprocess, synthetic
+from pipeline import encode, preprocess
 from pipeline.sources import aliccp
 from preprocessing import features as F
 from preprocessing import transform as T

@@ -1,4 +1,4 @@
-"""Fuzzing both raw readers with damaged rows and files (pipeline/fuzz.py).
+"""Fuzzing both raw readers with damaged rows and files (datagen/fuzz.py).
 
 Properties, for every generated input:
   * parsing never raises anything but BadRecord (with a known reason), and a row it accepts
@@ -26,7 +26,8 @@ import tensorflow_transform as tft
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import fuzz, preprocess, synthetic
+from datagen import fuzz, synthetic
+from pipeline import preprocess
 from pipeline.sources import aliccp as ALI
 from pipeline.sources import avazu as AVA
 from pipeline.sources import dedup as DEDUP

@@ -17,7 +17,8 @@ import pytest
 import tensorflow as tf
 from google.protobuf import json_format
 
-from pipeline import fuzz, partition, preprocess, synthetic
+from datagen import fuzz, synthetic
+from pipeline import partition, preprocess
 from pipeline.sources import aliccp as ALI
 
 PARTS = 3

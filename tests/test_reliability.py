@@ -23,12 +23,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from datagen import synthetic
 from model_fn import estimator as E
 from model_fn import evaluation
 from model_fn import export
 from model_fn import input_fn as I
 from model_fn.params import resolve_params
-from pipeline import preprocess, synthetic
+from pipeline import preprocess
 from pipeline.sources import aliccp, dedup
 from preprocessing import features as F
 from preprocessing import transform as T

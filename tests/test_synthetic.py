@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
+from datagen import synthetic
 from model_fn import metrics as M
-from pipeline import synthetic
 
 SIZES = dict(num_train=12000, num_test=8000, num_users=2000, num_items=3000)
 

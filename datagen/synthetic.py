@@ -49,8 +49,8 @@ half above 2^63, so they overflow int64); most devices are the anonymous ``a99f2
 in the public data; a few values are left empty. ``bad_rows`` injects rows of every
 reason the reader sets aside (train split only, never in the ground truth).
 
-Usage: python -m pipeline.synthetic --output_dir=/tmp/aliccp [--num_train=...]
-       python -m pipeline.synthetic --format=avazu --output_dir=/tmp/avazu [--bad_rows=8]
+Usage: python -m datagen.synthetic --output_dir=/tmp/aliccp [--num_train=...]
+       python -m datagen.synthetic --format=avazu --output_dir=/tmp/avazu [--bad_rows=8]
 """
 
 import datetime

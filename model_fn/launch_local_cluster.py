@@ -1,6 +1,6 @@
 """A real multi-process Estimator cluster on this machine, for development and tests.
 
-  python -m pipeline.launch_local_cluster [--ps=1] [--workers=1] [--evaluator] \
+  python -m model_fn.launch_local_cluster [--ps=1] [--workers=1] [--evaluator] \
       [--task_logs=DIR] [--timeout_s=0] -- --transform_dir=T --model_dir=M [model_fn.train flags]
 
 Starts one ``python -m model_fn.train`` process per task of a parameter-server cluster on
