@@ -66,7 +66,7 @@ if [ "$MODE" = daily ]; then
     date=$(python -c "import datetime,sys; d=datetime.datetime.strptime(sys.argv[1],'%Y%m%d')+datetime.timedelta(days=int(sys.argv[2])); print(d.strftime('%Y%m%d'))" "$first_day" "$k")
     step "daily run for $date"
     rc=0
-    python -m pipeline.daily --date="$date" --logs_dir="$OUT/logs_daily" --work_dir="$OUT/daily" \
+    python -m orchestration.daily --date="$date" --logs_dir="$OUT/logs_daily" --work_dir="$OUT/daily" \
       --serving_root="$OUT/serving" --model="$MODEL" --window_days="$WINDOW_DAYS" \
       --maturity_days="$MATURITY_DAYS" --label_strategy="$LABEL_STRATEGY" --num_epochs="$EPOCHS" \
       --holdout_percent="$HOLDOUT_PERCENT" \

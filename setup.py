@@ -27,7 +27,7 @@ setuptools.setup(
     description="Beam/TFT preprocessing and tf.estimator ESMM/MMoE training for post-click conversion rate",
     license="Apache-2.0",
     python_requires=">=3.11,<3.12",
-    packages=["pipeline", "pipeline.sources", "preprocessing", "model_fn", "datagen"],
+    packages=["pipeline", "pipeline.sources", "preprocessing", "model_fn", "orchestration", "datagen"],
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest==8.3.3", "scikit-learn==1.3.2"]},
 )

@@ -4,7 +4,7 @@
 
 Per seed (the seed of the generated world, its data and the models), generates daily logs with
 delayed conversions (datagen.synthetic.generate_daily, with ground truth) and runs
-pipeline.daily for every day from the fourth on, once per variant, in separate work and
+orchestration.daily for every day from the fourth on, once per variant, in separate work and
 serving dirs (every run publishes: the gate is opened wide, the comparison is of the label
 strategies):
 
@@ -13,7 +13,7 @@ strategies):
   naive      also train on the newest, immature days, where clicks that have not converted
              yet are negatives (what a job that ignores conversion delay does)
   corrected  naive's days, with pCVR calibrated to the conversions still to come (the delay
-             distribution estimated from the logs, pipeline.delay)
+             distribution estimated from the logs, orchestration.delay)
   wait_cold  the default strategy without warm start: every day a fresh model, num_epochs
              over the window (what warm starting is measured against)
 
@@ -39,7 +39,8 @@ from absl import app, flags  # noqa: E402
 
 from datagen import synthetic  # noqa: E402
 from model_fn import evaluation  # noqa: E402
-from pipeline import daily, preprocess  # noqa: E402
+from orchestration import daily  # noqa: E402
+from pipeline import preprocess  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 
 import results_io  # noqa: E402  (benchmarks/ is this script's directory)
@@ -49,10 +50,10 @@ VARIANTS = {"wait": ("wait", True), "naive": ("naive", True), "corrected": ("cor
             "wait_cold": ("wait", False)}
 flags.DEFINE_integer("num_days", 9, "Days of logs.")
 flags.DEFINE_integer("impressions_per_day", 12_000, "Impressions per day.")
-flags.DEFINE_integer("window_days", 5, "pipeline.daily --window_days.")
-flags.DEFINE_integer("maturity_days", 2, "pipeline.daily --maturity_days.")
+flags.DEFINE_integer("window_days", 5, "orchestration.daily --window_days.")
+flags.DEFINE_integer("maturity_days", 2, "orchestration.daily --maturity_days.")
 flags.DEFINE_float("num_epochs", 2.0, "Epochs per daily run.")
-flags.DEFINE_integer("batch_size", 1024, "pipeline.daily --batch_size.")
+flags.DEFINE_integer("batch_size", 1024, "orchestration.daily --batch_size.")
 flags.DEFINE_integer("max_hash_buckets", 1 << 14, "Hash bucket cap.")
 flags.DEFINE_list("seeds", ["2018"], "Seeds: of the generated world and its data, and of the models.")
 flags.DEFINE_integer("num_users", 20_000, "Distinct users of the world.")
@@ -61,7 +62,7 @@ flags.DEFINE_float("ctr", 0.04, "Mean click-through rate of the world.")
 flags.DEFINE_float("cvr", 0.05, "Mean post-click conversion rate of the world.")
 flags.DEFINE_list("variants", ["wait", "naive", "corrected"], f"Which of {list(VARIANTS)} to run.")
 flags.DEFINE_integer("test_impressions", 100_000, "Fully labelled test impressions every model is scored on.")
-flags.DEFINE_integer("holdout_percent", 20, "pipeline.daily --holdout_percent.")
+flags.DEFINE_integer("holdout_percent", 20, "orchestration.daily --holdout_percent.")
 flags.DEFINE_string("work_dir", "/tmp/daily_labels", "Logs, runs and serving dirs.")
 flags.DEFINE_string("results_dir", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     "Where to write daily_labels.{json,md}.")

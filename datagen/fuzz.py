@@ -19,6 +19,11 @@ import random
 import struct
 from typing import Callable, Dict, List, Optional, Sequence
 
+from pipeline.sources import aliccp, avazu, dedup
+from pipeline.sources.deadletter import BadRecord, dead_letter
+from preprocessing import features as F
+from preprocessing import transform as T
+
 ALICCP = "aliccp"
 AVAZU = "avazu"
 
@@ -239,7 +244,6 @@ def records(data: bytes) -> List[bytes]:
 
 def _resolve(rows_by_id: Dict, dead: Dict[str, int]) -> list:
   """The dedup rule of pipeline/sources/dedup.py on {sample id: [rows]}."""
-  from pipeline.sources import dedup
   kept = []
   for rows in rows_by_id.values():
     if len(rows) == 1 or all(r == rows[0] for r in rows[1:]):
@@ -258,8 +262,6 @@ def _count(d: Dict[str, int], reason: str, n: int = 1) -> None:
 def expected_aliccp(skeleton_files: Sequence[bytes], common_files: Sequence[bytes]) -> dict:
   """{skeleton_rows_read, common_rows_read, skeleton_dead, common_dead, common_used,
   common_unused, written_ids (sorted)} for one split of raw Ali-CCP file contents."""
-  from pipeline.sources import aliccp as A
-  from preprocessing import features as F
   known = frozenset(f.name for f in F.fields(ALICCP))
   out = {"skeleton_dead": {}, "common_dead": {}, "skeleton_rows_read": 0, "common_rows_read": 0}
 
@@ -270,14 +272,14 @@ def expected_aliccp(skeleton_files: Sequence[bytes], common_files: Sequence[byte
         out[f"{source}_rows_read"] += 1
         try:
           row, _ = parse(line, known)
-        except A.BadRecord as e:
+        except aliccp.BadRecord as e:
           _count(out[f"{source}_dead"], e.reason)
           continue
         grouped.setdefault(row[key], []).append(row)
     return grouped
 
-  commons = parse_all(common_files, "common", A.parse_common_line, "index")
-  by_id = parse_all(skeleton_files, "skeleton", A.parse_skeleton_line, "sample_id")
+  commons = parse_all(common_files, "common", aliccp.parse_common_line, "index")
+  by_id = parse_all(skeleton_files, "skeleton", aliccp.parse_skeleton_line, "sample_id")
   kept = _resolve(by_id, out["skeleton_dead"])
   by_index: Dict[str, list] = {}
   for row in kept:
@@ -288,7 +290,7 @@ def expected_aliccp(skeleton_files: Sequence[bytes], common_files: Sequence[byte
   for index, rows in commons.items():
     same = all(r == rows[0] for r in rows[1:])
     if len(rows) > 1:
-      _count(out["common_dead"], A.DUPLICATE_COMMON_FEATURE_INDEX, len(rows) - 1 if same else len(rows))
+      _count(out["common_dead"], aliccp.DUPLICATE_COMMON_FEATURE_INDEX, len(rows) - 1 if same else len(rows))
     if same:
       joinable.add(index)
       used, unused = (used + 1, unused) if by_index.get(index) else (used, unused + 1)
@@ -296,7 +298,7 @@ def expected_aliccp(skeleton_files: Sequence[bytes], common_files: Sequence[byte
     if index in joinable:
       written.extend(r["sample_id"] for r in rows)
     else:
-      reason = A.DUPLICATE_COMMON_FEATURE_INDEX if index in commons else A.UNKNOWN_COMMON_FEATURE_INDEX
+      reason = aliccp.DUPLICATE_COMMON_FEATURE_INDEX if index in commons else aliccp.UNKNOWN_COMMON_FEATURE_INDEX
       _count(out["skeleton_dead"], reason, len(rows))
   out["common_used"] = used
   out["common_unused"] = unused
@@ -307,23 +309,20 @@ def expected_aliccp(skeleton_files: Sequence[bytes], common_files: Sequence[byte
 def expected_avazu(files: Sequence[bytes]) -> dict:
   """{rows_read, header_lines, dead, written_ids (sorted)} for one split of Avazu-style
   file contents (each file read with its own header; empty files hold nothing)."""
-  from pipeline.sources import avazu as A
-  from pipeline.sources.deadletter import BadRecord
-  from preprocessing import features as F
   out = {"dead": {}, "rows_read": 0, "header_lines": 0}
   by_id: Dict[str, list] = {}
   for data in files:
     lines = records(data)
     if not lines:
       continue
-    header = A.parse_header(lines[0])
+    header = avazu.parse_header(lines[0])
     for line in lines:
-      if A.is_header_line(line, header):
+      if avazu.is_header_line(line, header):
         out["header_lines"] += 1
         continue
       out["rows_read"] += 1
       try:
-        inst = A.parse_line(line, header)
+        inst = avazu.parse_line(line, header)
       except BadRecord as e:
         _count(out["dead"], e.reason)
         continue
@@ -350,7 +349,6 @@ def _require(ok: bool, what: str, line: bytes) -> None:
 def raw_coder(fmt: str):
   """The encoder of raw instances in the TFT raw schema (what the Beam job feeds TFT)."""
   import tensorflow_transform as tft
-  from preprocessing import transform as T
   return tft.coders.ExampleProtoCoder(T.raw_metadata(fmt).schema)
 
 
@@ -358,15 +356,12 @@ def classify_aliccp(line: bytes, source: str, coder=None) -> str:
   """Parses one Ali-CCP line ('skeleton' or 'common'); returns ACCEPTED after checking the row,
   or the reason it was set aside. Raises InvalidRow; any other exception is a crash."""
   import json as _json
-  from pipeline.sources import aliccp as A
-  from pipeline.sources.deadletter import dead_letter
-  from preprocessing import features as F
   known = frozenset(f.name for f in F.fields(ALICCP))
-  parse = A.parse_skeleton_line if source == "skeleton" else A.parse_common_line
+  parse = aliccp.parse_skeleton_line if source == "skeleton" else aliccp.parse_common_line
   try:
     row, _ = parse(line, known)
-  except A.BadRecord as e:
-    _require(e.reason in (A.SKELETON_REASONS if source == "skeleton" else A.COMMON_REASONS),
+  except aliccp.BadRecord as e:
+    _require(e.reason in (aliccp.SKELETON_REASONS if source == "skeleton" else aliccp.COMMON_REASONS),
              f"unknown reason {e.reason}", line)
     _json.loads(dead_letter("train", source, e.reason, e.detail, line=line))
     return e.reason
@@ -381,29 +376,26 @@ def classify_aliccp(line: bytes, source: str, coder=None) -> str:
     _require(row["click"] in (0, 1) and row["conversion"] in (0, 1), "bad label accepted", line)
     _require(not (row["conversion"] and not row["click"]), "conversion without click accepted", line)
     if coder is not None:
-      coder.encode(A.to_raw_instance(row, {}))
+      coder.encode(aliccp.to_raw_instance(row, {}))
   return ACCEPTED
 
 
 def classify_avazu(line: bytes, header, coder=None) -> str:
   """Parses one Avazu-style data line with its file's header; as classify_aliccp."""
   import json as _json
-  from pipeline.sources import avazu as A
-  from pipeline.sources.deadletter import BadRecord, dead_letter
-  from preprocessing import features as F
   try:
-    inst = A.parse_line(line, header)
+    inst = avazu.parse_line(line, header)
   except BadRecord as e:
-    _require(e.reason in A.PARSE_REASONS, f"unknown reason {e.reason}", line)
+    _require(e.reason in avazu.PARSE_REASONS, f"unknown reason {e.reason}", line)
     _json.loads(dead_letter("train", "csv", e.reason, e.detail, line=line))
     return e.reason
   sid = inst[F.SAMPLE_ID]
-  _require(sid.isascii() and sid.isdigit() and len(sid) <= A.MAX_ID_DIGITS, "bad id accepted", line)
+  _require(sid.isascii() and sid.isdigit() and len(sid) <= avazu.MAX_ID_DIGITS, "bad id accepted", line)
   _require(inst[F.CLICK] in (0, 1), "bad click accepted", line)
   if header.has_conversion:
     _require(inst[F.CONVERSION] in (0, 1) and not (inst[F.CONVERSION] and not inst[F.CLICK]),
              "bad conversion accepted", line)
-  _require(20000101 <= inst[F.DAY] <= 20991231 and 0 <= inst[A.HOUR_RAW][0] % 100 <= 23,
+  _require(20000101 <= inst[F.DAY] <= 20991231 and 0 <= inst[avazu.HOUR_RAW][0] % 100 <= 23,
            "bad hour accepted", line)
   for f in F.fields(AVAZU):
     values = inst.get(f.raw_ids, [])
@@ -442,7 +434,6 @@ def written_sample_ids(output_dir: str, split: str) -> list:
   import glob
   import os
   import tensorflow as tf
-  from preprocessing import features as F
   files = glob.glob(os.path.join(output_dir, split, "part-*.tfrecord.gz"))
   spec = {F.SAMPLE_ID: tf.io.FixedLenFeature([], tf.string if _is_avazu(output_dir) else tf.int64)}
   ids = []
@@ -455,6 +446,5 @@ def written_sample_ids(output_dir: str, split: str) -> list:
 def _is_avazu(output_dir: str) -> bool:
   import json as _json
   import os
-  from preprocessing import features as F
   with open(os.path.join(output_dir, F.RECONCILIATION)) as f:
     return _json.load(f)["format"] == AVAZU

@@ -100,7 +100,7 @@ def define_flags(fv: flags.FlagValues = FLAGS):
   fl.DEFINE_boolean("with_conversion", True, "Avazu: write the conversion column.")
   fl.DEFINE_integer("bad_rows", 0, "Avazu: bad rows of every reason injected into train; daily: "
                     "malformed and unknown-impression conversion rows per day.", lower_bound=0)
-  fl.DEFINE_boolean("daily", False, "Ali-CCP daily logs for pipeline.daily: --num_days days of "
+  fl.DEFINE_boolean("daily", False, "Ali-CCP daily logs for orchestration.daily: --num_days days of "
                     "impressions (conversion 0) and the conversion logs their late conversions land in.")
   fl.DEFINE_integer("impressions_per_day", 20_000, "Daily logs: impressions per day.",
                     lower_bound=1)

@@ -13,7 +13,7 @@ do not change:
 pCTR is fitted on every held-out impression (label click), pCVR on the clicked ones (label
 conversion); pCTCVR stays pCTR x pCVR. With a ``conversion_scale`` r the pCVR labels are soft,
 r x conversion: an estimate of the eventual conversions of days whose conversions have not all
-arrived (pipeline/delay.py), so the calibrated pCVR is corrected for them (fake negatives).
+arrived (orchestration/delay.py), so the calibrated pCVR is corrected for them (fake negatives).
 
 A calibration is a JSON object ({"method": "bias" or "platt", "a": .., "b": ..} or
 {"method": "isotonic", "x": [..], "y": [..]}); a model's are in MODEL_DIR/calibration.json.

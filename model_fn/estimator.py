@@ -26,6 +26,7 @@ from model_fn import esmm, export, layers, mmoe
 from model_fn import input_fn as I
 from model_fn import metrics as M
 from model_fn.params import MODEL_SPECS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params, upgrade_recorded
+from preprocessing import transform as T
 
 PARAMS_FILE = "params.json"
 TASK_STEPS_DIR = "task_steps"     # MODEL_DIR/task_steps/<task>.json: steps each process trained
@@ -178,7 +179,6 @@ def schema_difference(old_buckets: Dict[str, int], new_buckets: Dict[str, int]) 
 
 def check_transform_matches(params: Dict[str, Any], model_dir: str, tft_output, transform_dir: str) -> None:
   """A trained model reads only transform outputs of the schema it was trained on."""
-  from preprocessing import transform as T
   got = T.transformed_hash_buckets(tft_output)
   fmt = I.transform_format(transform_dir)
   if params.get("format") != fmt or params.get("hash_buckets") != got:
@@ -276,7 +276,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   default) refits each output bias on the whole train split; ``platt`` and ``isotonic`` are
   fitted on a held-out ``calibration_holdout`` share of the train split (default 0.05), which
   training then does not read; ``none`` keeps the towers' own values. ``conversion_scale``: the
-  pCVR calibration is fitted to the conversions times it (pipeline/delay.py; needs a calibration).
+  pCVR calibration is fitted to the conversions times it (orchestration/delay.py; needs a calibration).
 
   The output biases start at the logits of the train split's base rates (params
   ``base_rates``, read from the preprocessing run's label counts unless given); ``format`` and
@@ -288,7 +288,6 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   if params.get("format") is None:
     params = dict(params, format=I.transform_format(transform_dir))
   if params.get("hash_buckets") is None:
-    from preprocessing import transform as T
     params = dict(params, hash_buckets=T.transformed_hash_buckets(tft_output))
   calibration_holdout = I.holdout_share(C.holdout_fraction(calibration, calibration_holdout))
   params = dict(params, train_holdout=calibration_holdout)

@@ -286,7 +286,7 @@ def resolve_params(params) -> Dict[str, Any]:
 
 def check_params(params: Dict[str, Any]) -> Dict[str, Any]:
   """resolve_params before the transform output is read (its hash_buckets are not known yet): the
-  one check of the model params that the entry points (model_fn.train, pipeline.daily) run on
+  one check of the model params that the entry points (model_fn.train, orchestration.daily) run on
   their flags before any work or write; a stand-in schema holds the given ``fields``."""
   fields = params.get("fields") or []
   return resolve_params({**params, "hash_buckets": params.get("hash_buckets")
@@ -295,7 +295,7 @@ def check_params(params: Dict[str, Any]) -> Dict[str, Any]:
 
 def check_run(batch_size: int, num_epochs: float = 1.0, train_steps: int = 0, eval_steps: int = 0,
               warm_epochs: float = 0.0) -> None:
-  """A training run's numbers besides the model params (model_fn.train's and pipeline.daily's
+  """A training run's numbers besides the model params (model_fn.train's and orchestration.daily's
   flags), checked before any work: a run of batch size 0 or of no epoch would fail, or train
   nothing, only after writing its model_dir."""
   for name, value, minimum in (("batch_size", batch_size, 1), ("train_steps", train_steps, 0),

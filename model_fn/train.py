@@ -180,7 +180,7 @@ def params_from_flags(tft_output, fmt: str, fv: flags.FlagValues = FLAGS) -> Dic
 def validate_flags(fv: flags.FlagValues = FLAGS) -> None:
   """Every flag together, before anything is read or written (run by the flags parser,
   preprocessing/cli.py): the model params as model_fn.params.check_params checks them (the same
-  check pipeline.daily runs), the run's numbers as check_run, and the calibration's."""
+  check orchestration.daily runs), the run's numbers as check_run, and the calibration's."""
   cli.require(fv, "transform_dir", "model_dir")
   try:
     check_params(_flag_params(fv))

@@ -231,7 +231,7 @@ def reconcile(counters: Mapping[str, int], dates: Iterable[str]) -> Dict[str, ob
 
   Per day also its written clicked impressions and its attributed conversions by lag (whole
   days from the impression day to the conversion's; keys are strings, for JSON), the input of
-  pipeline.delay."""
+  orchestration.delay."""
   c = {k[len(NS) + 1:]: v for k, v in counters.items() if k.startswith(NS + "/")}
   days = {}
   for date in dates:
@@ -260,7 +260,7 @@ class RouteToSplits(beam.DoFn):
   """Relabeled lines to their split: the eval split is the holdout slice of the eval day,
   the train split the rest of the train days. With holdout 0 the whole eval day evaluates.
 
-  (Here and not in pipeline.daily: a DoFn of a module run as __main__ does not unpickle on
+  (Here and not in orchestration.daily: a DoFn of a module run as __main__ does not unpickle on
   the workers of a multi-process or remote runner.)"""
 
   def __init__(self, train_days, eval_day: str, holdout_percent: int):

@@ -20,7 +20,7 @@ settings.register_profile("project", derandomize=True, deadline=None, database=N
 settings.load_profile("project")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("pipeline", "model_fn", "preprocessing", "datagen")    # what setup.py installs and BUILD declares
+PACKAGES = ("pipeline", "model_fn", "preprocessing", "orchestration", "datagen")    # what setup.py installs and BUILD declares
 
 
 @pytest.fixture(scope="session")

@@ -335,7 +335,8 @@ def test_partition_files_drop_the_byte_order_mark_as_the_reader_does(tmp_path):
 
 
 def test_the_daily_jobs_probe_examples_drop_the_byte_order_mark_as_the_reader_does(tmp_path):
-  from pipeline import daily, relabel
+  from pipeline import relabel
+  from orchestration import daily
   skel = [skeleton(sample_id=str(i), index=f"u{i % 2}") for i in range(4)]
   common = [f"u{k},1,{items(('101', k, '1.0'))}" for k in range(2)]
   probes = {}

@@ -69,3 +69,42 @@ def test_every_test_file_is_a_test_target_and_the_slow_ones_are_large():
     text = open(os.path.join(ROOT, path)).read()
     if path != "tests/test_build.py" and re.search(r"train_and_evaluate|LocalCluster|daily\.run\(|preprocess\.run\(", text):
       assert t["size"] in ("medium", "large", "enormous"), f"{path} trains or preprocesses; mark it larger"
+
+
+# Which project package may import which (BUILD's deps say the same).
+ALLOWED_IMPORTS = {"preprocessing": set(), "pipeline": {"preprocessing"}, "model_fn": {"preprocessing"},
+                   "orchestration": {"pipeline", "model_fn", "preprocessing"},
+                   "datagen": {"pipeline", "preprocessing"}}
+
+
+def _project_imports(path):
+  """(package imported, at module level?) for every import of a project package in ``path``."""
+  import ast
+  tree = ast.parse(open(os.path.join(ROOT, path)).read())
+  top = set(id(n) for n in tree.body)
+  out = []
+  for node in ast.walk(tree):
+    names = []
+    if isinstance(node, ast.Import):
+      names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+      names = [node.module]
+    for name in names:
+      pkg = name.split(".")[0]
+      if pkg in ALLOWED_IMPORTS:
+        out.append((pkg, id(node) in top))
+  return out
+
+
+def test_imports_between_packages_run_one_way_and_at_module_level(package_modules):
+  targets = {t["name"]: t for t in _targets() if t["kind"] == "py_library"}
+  assert set(ALLOWED_IMPORTS) <= set(targets)
+  for pkg, allowed in ALLOWED_IMPORTS.items():
+    assert {d.lstrip(":") for d in targets[pkg].get("deps", [])} == allowed, pkg
+  for module in package_modules:
+    own = module.split("/")[0]
+    for pkg, top_level in _project_imports(module):
+      if pkg == own:
+        continue
+      assert pkg in ALLOWED_IMPORTS[own], f"{module} imports {pkg}: {own} may import {sorted(ALLOWED_IMPORTS[own])}"
+      assert top_level, f"{module} imports {pkg} inside a function"

@@ -35,7 +35,8 @@ from model_fn import input_fn as I
 from model_fn import metrics as M
 from model_fn import params as P
 from model_fn import launch_local_cluster, train
-from pipeline import daily, preprocess, publish
+from orchestration import daily
+from pipeline import preprocess, publish
 from preprocessing import cli
 from preprocessing import features as F
 
@@ -47,7 +48,7 @@ FAST = settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow, He
 # Each entry point: (module, runs Beam, the flags that make an otherwise valid command line).
 ENTRY_POINTS = {
     "pipeline.preprocess": (preprocess, True, ["--output_dir=/nonexistent/out"]),
-    "pipeline.daily": (daily, True, ["--date=20240105", "--logs_dir=/nonexistent/logs",
+    "orchestration.daily": (daily, True, ["--date=20240105", "--logs_dir=/nonexistent/logs",
                                      "--work_dir=/nonexistent/work", "--serving_root=/nonexistent/serving"]),
     "datagen.synthetic": (synthetic, False, ["--output_dir=/nonexistent/raw"]),
     "model_fn.launch_local_cluster": (launch_local_cluster, False, []),
@@ -110,8 +111,8 @@ BOUNDED = _bounded_flags()
 def test_the_flags_that_the_probe_found_unchecked_have_bounds_or_enums():
   have = {(name, flag) for name, flag, _ in BOUNDED}
   for want in [("pipeline.preprocess", "format"), ("pipeline.preprocess", "max_hash_buckets"),
-               ("model_fn.train", "batch_size"), ("pipeline.daily", "model"), ("pipeline.daily", "window_days"),
-               ("datagen.synthetic", "num_train"), ("pipeline.daily", "calibration")]:
+               ("model_fn.train", "batch_size"), ("orchestration.daily", "model"), ("orchestration.daily", "window_days"),
+               ("datagen.synthetic", "num_train"), ("orchestration.daily", "calibration")]:
     assert want in have, want
 
 
@@ -146,12 +147,12 @@ MODEL_PARAM_BREAKERS = st.sampled_from([
 @FAST
 @given(case=MODEL_PARAM_BREAKERS)
 def test_model_params_are_checked_by_one_function_for_train_and_daily(case, tmp_path_factory):
-  """model_fn.train's flags and pipeline.daily's --params_file go through the same
+  """model_fn.train's flags and orchestration.daily's --params_file go through the same
   model_fn.params.check_params, before anything is read or written."""
   args, phrase = case
   with pytest.raises(cli.UsageError, match=phrase):
     _parse("model_fn.train", *args.split())
-  # The same params, as pipeline.daily reads them from --params_file.
+  # The same params, as orchestration.daily reads them from --params_file.
   params = {}
   for a in args.split():
     key, value = a[2:].split("=", 1)
@@ -166,7 +167,7 @@ def test_model_params_are_checked_by_one_function_for_train_and_daily(case, tmp_
   path = tmp_path_factory.mktemp("params") / "params.json"
   path.write_text(json.dumps(params))
   with pytest.raises(cli.UsageError, match=phrase):
-    _parse("pipeline.daily", f"--params_file={path}", f"--model={params.get('model', 'esmm')}")
+    _parse("orchestration.daily", f"--params_file={path}", f"--model={params.get('model', 'esmm')}")
   with pytest.raises(ValueError, match=phrase):
     P.check_params(dict(params, model=params.get("model", "esmm")))
 
@@ -185,7 +186,7 @@ def test_train_and_daily_refuse_a_run_that_would_train_nothing():
                        (["--calibration_band=low,high"], "calibration_band"),
                        (["--gate_confidence=1"], "gate_confidence"), (["--max_metric_drop=nan"], "max_metric_drop")):
     with pytest.raises(cli.UsageError, match=phrase):
-      _parse("pipeline.daily", *argv)
+      _parse("orchestration.daily", *argv)
   with pytest.raises(ValueError, match="batch_size"):
     P.check_run(0)
 
@@ -250,7 +251,7 @@ def test_the_probes_misspellings_name_the_flag_meant():
   with pytest.raises(cli.UsageError, match="unknown flag --max_hash_bucket: .*did you mean --max_hash_buckets"):
     _parse("pipeline.preprocess", "--max_hash_bucket=1024")
   with pytest.raises(cli.UsageError, match="unknown flag --window_day: .*did you mean --window_days"):
-    _parse("pipeline.daily", "--window_day=3")
+    _parse("orchestration.daily", "--window_day=3")
   with pytest.raises(cli.UsageError, match="did you mean --batch_size"):
     _parse("model_fn.train", "--batch_siz=3")
   with pytest.raises(cli.UsageError, match="Beam pipeline option: .*direct_num_workers"):
@@ -283,8 +284,8 @@ def test_the_programs_refuse_bad_flags_with_one_line_and_write_nothing(tmp_path)
       (["model_fn.evaluate", f"--data={tmp_path}", f"--model_dir={tmp_path}",
         f"--ground_truth={tmp_path / 'gt.csv'}"], "--ground_truth"),
       (["model_fn.train", f"--transform_dir={tmp_path}", f"--model_dir={out}", "--batch_size=-5"], "--batch_size"),
-      (["pipeline.daily", *daily_base, "--model=nosuchmodel"], "--model"),
-      (["pipeline.daily", *daily_base, "--window_day=3"], "did you mean --window_days"),
+      (["orchestration.daily", *daily_base, "--model=nosuchmodel"], "--model"),
+      (["orchestration.daily", *daily_base, "--window_day=3"], "did you mean --window_days"),
       (["datagen.synthetic", f"--output_dir={out}", "--num_train=0"], "--num_train"),
   ]
   procs = [subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -371,13 +372,13 @@ def test_a_second_run_of_a_date_is_refused_while_the_first_one_runs(tmp_path):
      daily.EXIT_REFUSED)])
 def test_daily_reports_a_publish_it_cannot_make_in_one_line(monkeypatch, capsys, error, status):
   fv = cli.flag_values(daily.define_flags)
-  cli.parse(["pipeline.daily", *ENTRY_POINTS["pipeline.daily"][2]], fv, beam=True)
+  cli.parse(["orchestration.daily", *ENTRY_POINTS["orchestration.daily"][2]], fv, beam=True)
 
   def run(*args):
     raise error
   monkeypatch.setattr(daily, "FLAGS", fv)
   monkeypatch.setattr(daily, "run", run)
-  assert daily.main(["pipeline.daily"]) == status
+  assert daily.main(["orchestration.daily"]) == status
   err = capsys.readouterr().err.splitlines()
   assert len(err) == 1 and err[0].startswith("error: ") and str(error) in err[0], err
 

@@ -22,7 +22,8 @@ from tensorflow_serving.apis import prediction_log_pb2
 from datagen import synthetic
 from model_fn import calibration
 from model_fn import input_fn as I
-from pipeline import daily, daily_report, publish, relabel
+from orchestration import daily, daily_report
+from pipeline import publish, relabel
 from preprocessing import features as F
 
 DAYS = [(synthetic.DAILY_START + datetime.timedelta(days=k)).strftime("%Y%m%d") for k in range(6)]
@@ -221,7 +222,7 @@ def test_a_regressing_model_is_not_published_and_the_cli_exits_3(sim, tmp_path):
   work = str(tmp_path / "work")
   publish.copy_tree(os.path.join(sim["work"], "transform_reference"), os.path.join(work, "transform_reference"))
   before = publish.versions(os.path.join(serving, "esmm"))
-  cmd = [sys.executable, "-m", "pipeline.daily", f"--date={DAYS[-1]}", f"--logs_dir={sim['logs']}",
+  cmd = [sys.executable, "-m", "orchestration.daily", f"--date={DAYS[-1]}", f"--logs_dir={sim['logs']}",
          f"--work_dir={work}", f"--serving_root={serving}", "--max_metric_drop=-1",
          "--gate_metrics=auc/ctr", "--holdout_percent=0", "--min_gate_positives=1", "--calibration_band=0,inf",
          "--window_days=4", "--maturity_days=1", "--max_hash_buckets=4096", "--batch_size=256",
@@ -299,7 +300,7 @@ def test_a_changed_transform_stops_the_run(sim, tmp_path):
 
 
 def test_a_day_retrains_any_model_with_its_params(sim, tmp_path):
-  """pipeline.daily trains the model and params it is given (e.g. a tuned model's params.json),
+  """orchestration.daily trains the model and params it is given (e.g. a tuned model's params.json),
   calibrated as asked (here not at all; by default the output biases are refitted), and serves
   it under the model's name."""
   work, serving = str(tmp_path / "work"), str(tmp_path / "serving")

@@ -6,7 +6,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from pipeline import delay
+from orchestration import delay
 
 RUN = "20141030"
 

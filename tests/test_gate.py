@@ -7,7 +7,7 @@ import pytest
 
 from model_fn import intervals
 from model_fn import metrics as M
-from pipeline import gate
+from orchestration import gate
 
 
 def _scores(rng, n=4000, rate=0.1):

@@ -141,9 +141,9 @@ def test_a_staged_output_missing_entries_is_not_published(tmp_path):
 
 
 def test_a_second_daily_run_leaves_the_relabeling_and_reference_of_a_live_one_alone(tmp_path):
-  # The same pattern in pipeline/daily.py: an unfinished relabel dir, and the reference
+  # The same pattern in orchestration/daily.py: an unfinished relabel dir, and the reference
   # transform's staging copy, were removed by whichever run came next, live or not.
-  from pipeline import daily
+  from orchestration import daily
   relabeled = str(tmp_path / "runs" / "20240110" / "relabeled")
   os.makedirs(os.path.join(relabeled, "train"))       # a live run is writing it (no marker yet)
   reference = str(tmp_path / "transform_reference")

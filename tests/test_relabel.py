@@ -8,7 +8,8 @@ import os
 
 import pytest
 
-from pipeline import daily, relabel
+from orchestration import daily
+from pipeline import relabel
 
 D1, D2 = "20141021", "20141022"
 

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from pipeline import gate
+from orchestration import gate
 
 REPORT = "report.md"
 RESULT = "result.json"
@@ -48,7 +48,7 @@ def _served_after(r: Dict) -> str:
 
 def render(results: List[Dict]) -> str:
   lines = ["# Daily retrain report", "",
-           "Written by pipeline.daily after every run. Intervals are the gate's (DeLong for AUC differences, the delta method for "
+           "Written by orchestration.daily after every run. Intervals are the gate's (DeLong for AUC differences, the delta method for "
            "calibration), on each run's holdout of its eval day; the conversion heads' calibration is against the "
            "eval day's estimated eventual conversions (observed / the estimated share arrived).", "",
            "## Decisions", "", "| run date | eval day | strategy | holdout clicks / conversions | served after | decision |",

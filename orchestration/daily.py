@@ -1,6 +1,6 @@
 r"""The daily rolling retrain: late conversions in, a checked model out to TF Serving.
 
-  python -m pipeline.daily --date=YYYYMMDD --logs_dir=LOGS --work_dir=WORK \
+  python -m orchestration.daily --date=YYYYMMDD --logs_dir=LOGS --work_dir=WORK \
       --serving_root=SERVING [--model=esmm] [--window_days=7] [--attribution_days=7] \
       [--maturity_days=3] [--label_strategy=wait|naive|corrected] [--calibration_band=0.8,1.25] [beam options]
 
@@ -14,7 +14,7 @@ A run for date T:
      (default) only the mature days before E, with naive also the immature days after E,
      whose not-yet-converted clicks count as negatives for now (later runs correct them);
      corrected trains on the same days as naive and fits pCVR's calibration to the train
-     days' conversions scaled up by the share still to come (pipeline.delay estimates the
+     days' conversions scaled up by the share still to come (orchestration.delay estimates the
      conversion-delay distribution from the window's logs).
   2. Re-label (Beam, pipeline.relabel): every impression of the train and eval days gets
      the conversions logged up to T inside the attribution window; labels are recomputed
@@ -27,7 +27,7 @@ A run for date T:
   5. Evaluate candidate and served model on day E's holdout: --holdout_percent of every
      day's impressions (by sample id hash) that no run ever trains on, so neither model has
      seen them, even when yesterday's run trained on day E (naive strategy). The gate
-     (pipeline.gate) decides on paired differences with their intervals: a candidate whose
+     (orchestration.gate) decides on paired differences with their intervals: a candidate whose
      calibration is outside --calibration_band beyond the noise, or whose --gate_metrics are
      worse beyond the noise, is not published (the run says so with the figures and exits 3;
      the served model stays); a holdout with too few positives (--min_gate_positives) is
@@ -35,7 +35,7 @@ A run for date T:
   6. Publish to SERVING/<model_name>/<T as integer version>/ atomically with warmup
      requests, keep the newest --keep_versions, update SERVING/models.config (pipeline.publish).
   7. Rewrite WORK/report.md: every run's decision, holdout figures with intervals, and the
-     calibration trend of the served model (pipeline.daily_report).
+     calibration trend of the served model (orchestration.daily_report).
 
 Every step's output has a completion marker; a rerun skips finished steps and redoes an
 unfinished one, so a run killed anywhere can be rerun and completes, and rerunning a finished
@@ -56,12 +56,18 @@ from typing import Dict, List, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 import tensorflow as tf
+import tensorflow_transform as tft
 from absl import flags, logging
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from model_fn import calibration as C
+from model_fn import estimator as E
+from model_fn import evaluation
+from model_fn import input_fn as I
+from model_fn import metrics as M
 from model_fn.params import MODELS, check_params, check_run
-from pipeline import daily_report, delay, gate, partition, preprocess, publish, relabel
+from orchestration import daily_report, delay, gate
+from pipeline import partition, preprocess, publish, relabel
 from pipeline.sources import aliccp
 from pipeline.sources.deadletter import DEAD
 from preprocessing import cli
@@ -149,7 +155,7 @@ def define_flags(fv: flags.FlagValues = FLAGS):
                     "--notrain_examples: blocks only, a faster job.")
 
 
-# The flag of each gate setting (pipeline.gate.decide's parameters).
+# The flag of each gate setting (orchestration.gate.decide's parameters).
 GATE_FLAGS = {"metrics": "gate_metrics", "band": "calibration_band", "min_positives": "min_gate_positives",
               "undecided": "undecided", "confidence": "gate_confidence"}
 UsageError = preprocess.UsageError   # a mistake in how the job was called (exit 2)
@@ -424,7 +430,6 @@ def probe_examples(logs_dir: str, date: str, n: int = 32) -> List[bytes]:
 
 
 def _transform(transform_dir: str, serialized: Sequence[bytes]) -> Dict[str, np.ndarray]:
-  import tensorflow_transform as tft
   # The transform_fn is a TF1 graph (tft_beam.Context(force_tf_compat_v1=True)): apply it in one.
   with tf.Graph().as_default() as graph:
     raw = tf.io.parse_example(tf.constant(list(serialized)),
@@ -450,7 +455,6 @@ def check_transform(reference: str, transform_dir: str, serialized: Sequence[byt
           publish.copy_tree(os.path.join(transform_dir, sub), os.path.join(staging, sub))
         tf.io.gfile.rename(staging, reference, overwrite=True)
         return "reference set"
-  import tensorflow_transform as tft
   want = T.transformed_hash_buckets(tft.TFTransformOutput(reference))
   got = T.transformed_hash_buckets(tft.TFTransformOutput(transform_dir))
   if want != got:
@@ -532,10 +536,6 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
         gate_confidence: float = gate.DEFAULT_CONFIDENCE) -> Dict:
   """One day's run (see the module doc). Returns the run's result (also RUN/result.json).
   ``model_params``: params the model trains with besides ``model`` (checked before any work)."""
-  from model_fn import estimator as E
-  from model_fn import evaluation
-  from model_fn import input_fn as I
-  from model_fn import metrics as M
   model_params = check_args(date, model, model_params, calibration, window_days, maturity_days,
                             label_strategy, holdout_percent, batch_size, num_epochs, warm_epochs,
                             gate_metrics, max_hash_buckets, attribution_days, keep_versions, calibration_band,
