@@ -28,3 +28,21 @@ def package_modules():
   """Every .py file of the project's packages, relative to the checkout (sorted)."""
   return sorted(os.path.relpath(p, ROOT) for pkg in PACKAGES
                 for p in glob.glob(os.path.join(ROOT, pkg, "**", "*.py"), recursive=True))
+
+
+def _large_test_files():
+  """The test files BUILD's LARGE_TESTS names (they train models, run Beam or start processes)."""
+  import ast
+  with open(os.path.join(ROOT, "BUILD")) as f:
+    tree = ast.parse(f.read())
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "LARGE_TESTS":
+      return {os.path.basename(e.value) for e in node.value.elts}
+  raise AssertionError("BUILD defines no LARGE_TESTS")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks each test slow (its file is a large Bazel test) or fast: ./run_tests.sh -m "not slow"."""
+  large = _large_test_files()
+  for item in items:
+    item.add_marker(pytest.mark.slow if os.path.basename(str(item.fspath)) in large else pytest.mark.fast)
