@@ -73,8 +73,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import encode, partition, publish
-from pipeline.sources import aliccp, avazu
+from pipeline import encode, formats, partition, publish
+from pipeline import reconciliation as R
+from pipeline.reconciliation import BadOutput, format_reconciliation
+from pipeline.sources import avazu
 from pipeline.sources.deadletter import DEAD
 from preprocessing import cli
 from preprocessing import features as F
@@ -130,11 +132,7 @@ def define_flags(fv: flags.FlagValues = FLAGS):
                    lower_bound=1)
   d.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
 
-SPLITS = (("train", "train"), ("eval", "test"))   # (output split, release file suffix)
-# Avazu-style files of a split under --input_dir ({} = the release file suffix).
-AVAZU_RELEASE_PATTERNS = ("{}", "{}.gz", "{}*.csv", "{}*.csv.gz")
-_ALICCP_OVERRIDES = ("train_skeleton", "train_common", "eval_skeleton", "eval_common")
-_AVAZU_OVERRIDES = ("train_files", "eval_files")
+SPLITS = formats.SPLITS
 
 
 UsageError = cli.UsageError   # a mistake in how the job was called; printed without a traceback (exit 2)
@@ -145,8 +143,8 @@ def validate_flags(fv: flags.FlagValues = FLAGS) -> None:
   by the flags parser (preprocessing/cli.py), so a mistake is one error line and nothing is read
   or written. run() runs _check_job too, for callers that do not come through the command line."""
   cli.require(fv, "output_dir")
-  own, other = ((_AVAZU_OVERRIDES, _ALICCP_OVERRIDES) if fv["format"].value == "avazu"
-                else (_ALICCP_OVERRIDES, _AVAZU_OVERRIDES))
+  own = formats.get(fv["format"].value).override_flags
+  other = [k for f in formats.FORMATS.values() for k in f.override_flags if k not in own]
   wrong = [f"--{k}" for k in other if fv[k].value]
   if wrong:
     raise UsageError(f"{', '.join(wrong)}: not used with --format={fv['format'].value}")
@@ -164,7 +162,7 @@ def _check_job(fmt: str, crosses: Optional[Sequence[str]], train_block_rows: int
                      "--train_block_rows=0 writes no blocks: the train split would not be written")
   if partitions < 0:
     raise UsageError(f"--partitions must be 0 or 1 (one job) or more, got {partitions}")
-  if partitions > 1 and fmt != "aliccp":
+  if partitions > 1 and not formats.get(fmt).partitionable:
     raise UsageError(f"--partitions splits Ali-CCP jobs by common_feature_index; not with --format={fmt}")
   try:
     return F.parse_crosses(fmt, crosses)
@@ -173,50 +171,9 @@ def _check_job(fmt: str, crosses: Optional[Sequence[str]], train_block_rows: int
 
 
 def _input_patterns(input_dir, overrides: Dict[str, str], fmt: str = "aliccp") -> Dict[str, Dict]:
-  """The file patterns of each split: {split: {kind: pattern}} for Ali-CCP
+  """The file patterns of each split (pipeline/formats.py): {split: {kind: pattern}} for Ali-CCP
   (kinds skeleton and common), {split: {"files": [pattern, ...]}} for Avazu."""
-  if fmt == "avazu":
-    return _avazu_patterns(input_dir, overrides)
-  if fmt != "aliccp":
-    raise UsageError(f"unknown format {fmt}")
-  patterns = {}
-  for split, suffix in SPLITS:
-    patterns[split] = {}
-    for kind, release in (("skeleton", "sample_skeleton"), ("common", "common_features")):
-      pattern = overrides.get(f"{split}_{kind}")
-      if not pattern:
-        if not input_dir:
-          raise UsageError(f"give --input_dir or --{split}_{kind}")
-        pattern = os.path.join(input_dir, f"{release}_{suffix}.csv")
-      if not tf.io.gfile.glob(pattern):
-        raise UsageError(f"no file matches --{split}_{kind}={pattern}")
-      patterns[split][kind] = pattern
-  return patterns
-
-
-def _avazu_patterns(input_dir, overrides) -> Dict[str, Dict[str, List[str]]]:
-  patterns = {}
-  for split, suffix in SPLITS:
-    given = overrides.get(f"{split}_files")
-    if isinstance(given, str):
-      given = given.split(",")
-    given = [g.strip() for g in given or () if g.strip()]
-    if given:
-      for pattern in given:
-        if not tf.io.gfile.glob(pattern):
-          raise UsageError(f"no file matches --{split}_files={pattern}")
-      patterns[split] = {"files": given}
-      continue
-    if not input_dir:
-      raise UsageError(f"give --input_dir or --{split}_files")
-    candidates = [os.path.join(input_dir, p.format(suffix)) for p in AVAZU_RELEASE_PATTERNS]
-    found = [c for c in candidates
-             if any(not tf.io.gfile.isdir(m) for m in tf.io.gfile.glob(c))]
-    if not found:
-      raise UsageError(f"no {split} file under {input_dir}: tried "
-                       + ", ".join(os.path.basename(c) for c in candidates))
-    patterns[split] = {"files": found}
-  return patterns
+  return formats.get(fmt).patterns(input_dir, overrides)
 
 
 def _first_line(pattern: str) -> bytes:
@@ -230,16 +187,13 @@ def _first_line(pattern: str) -> bytes:
 
 
 def _check_format(fmt: str, patterns) -> None:
-  """Reads the first line of each split's inputs and stops when it is plainly the other format."""
+  """Reads the first line of each split's inputs and stops when it is plainly another format."""
+  source = formats.get(fmt)
   for split, pats in patterns.items():
-    first = [_first_line(p) for p in (pats["files"] if fmt == "avazu" else [pats["skeleton"], pats["common"]])]
-    for line in first:
-      if fmt == "aliccp" and avazu.looks_like_header(line):
-        raise UsageError(f"the {split} input starts with an Avazu-style CSV header "
-                         f"({line[:60]!r}...); use --format=avazu for these files")
-      if fmt == "avazu" and aliccp.looks_like_aliccp(line):
-        raise UsageError(f"the {split} input holds Ali-CCP rows (\\x01\\x02\\x03 feature lists: "
-                         f"{line[:40]!r}...); use --format=aliccp for these files")
+    for line in (_first_line(p) for p in source.file_patterns(pats)):
+      why = source.foreign_first_line(line)
+      if why:
+        raise UsageError(f"the {split} input {why}")
 
 
 def _counters(result) -> Dict[str, int]:
@@ -252,24 +206,16 @@ def _counters(result) -> Dict[str, int]:
   return out
 
 
-def _scan_avazu(patterns) -> avazu.Inputs:
-  """Every Avazu file's header, read on the launcher; a bad set of files is a UsageError."""
-  try:
-    return avazu.scan_inputs({split: pat["files"] for split, pat in patterns.items()})
-  except avazu.BadInput as e:
-    raise UsageError(str(e)) from None
-
-
 def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_dir: str,
                    max_hash_buckets: int, num_shards: int, crosses: Sequence[F.Field] = (),
-                   inputs: Optional[avazu.Inputs] = None, dedup_sample_ids: bool = True,
+                   inputs=None, dedup_sample_ids: bool = True,
                    train_block_rows: int = F.DEFAULT_BLOCK_ROWS, part: str = "",
                    conflicts: Optional[Mapping[str, Mapping[int, int]]] = None,
                    write_transform_fn: bool = True, train_examples: bool = True) -> None:
   """Adds the whole job to pipeline ``p``.
 
-  ``crosses``: cross fields (F.parse_crosses). ``inputs``: for Avazu, the scanned files
-  and headers (scanned here if not given). ``dedup_sample_ids``: resolve rows sharing a
+  ``crosses``: cross fields (F.parse_crosses). ``inputs``: what the format's ``prepare`` read of
+  the files (pipeline/formats.py; read here if not given). ``dedup_sample_ids``: resolve rows sharing a
   sample id (pipeline/sources/dedup.py). ``train_block_rows``: rows per column block of
   the train split written again under train_blocks/ (0: none); ``train_examples`` False
   writes the train split as those blocks only (they then count as its rows written). For one partition of a
@@ -278,19 +224,12 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
   in other partitions differ, and ``write_transform_fn`` False leaves the transform_fn to
   another partition (they are all the same graph).
   """
-  if fmt == "aliccp":
-    labels = F.RAW_LABELS
-    reader = lambda split, pat, arrow_schema: aliccp.ReadAliCCP(
-        split, pat["skeleton"], pat["common"], arrow_schema, T.RECORD_BATCH_ROWS, dedup_sample_ids,
-        (conflicts or {}).get(split))
-  elif fmt == "avazu":
-    inputs = inputs or _scan_avazu(patterns)
-    labels = inputs.labels
-    reader = lambda split, pat, arrow_schema: avazu.ReadAvazu(
-        split, inputs.patterns[split], {f: inputs.headers[f] for f in inputs.files[split]},
-        dedup_sample_ids)
-  else:
-    raise UsageError(f"format {fmt} has no reader")
+  source = formats.get(fmt)
+  if inputs is None:
+    patterns, inputs = source.prepare(patterns)
+  labels = source.labels(inputs)
+  reader = lambda split, pat, arrow_schema: source.reader(split, pat, arrow_schema, inputs, dedup_sample_ids,
+                                                          (conflicts or {}).get(split))
   raw_md = T.raw_metadata(fmt, labels)
   preprocessing_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None, crosses, labels)
   with tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
@@ -351,86 +290,6 @@ def _write_tfrecords(directory: str, num_shards: int, infix: str = "") -> beam.P
                                  compression_type=beam.io.filesystem.CompressionTypes.GZIP)
 
 
-def label_positives(counters: Dict[str, int], ns: str, labels) -> Dict[str, int]:
-  """Positive labels among a split's written rows, by label: its base rates with rows_written."""
-  return {label: int(counters.get(ns + F.LABEL_POSITIVES_PREFIX + label, 0)) for label in labels}
-
-
-def reconcile_blocks(counters: Dict[str, int], ns: str, rows_written: int, block_rows: int) -> dict:
-  """The train blocks' counts; balanced when they hold exactly the rows written as tf.Examples."""
-  rows = int(counters.get(ns + "rows_written_in_blocks", 0))
-  return {"block_rows": block_rows, "blocks_written": int(counters.get(ns + "blocks_written", 0)),
-          "rows_written": rows, "balanced": rows == rows_written}
-
-
-def _balanced(fmt: str, r: dict) -> bool:
-  if fmt == "avazu":
-    return r["balanced"]
-  return r["skeleton_balanced"] and r["common_balanced"]
-
-
-def format_reconciliation(rec: Dict[str, dict], fmt: str = "aliccp") -> str:
-  lines = ["reconciliation (every input row is written or set aside with a reason):"]
-  for split, r in rec.items():
-    if fmt == "avazu":
-      dead = r["rows_set_aside"]
-      lines.append(f"  {split}: rows read {r['rows_read']:,} = written {r['rows_written']:,}"
-                   f" + set aside {sum(dead.values()):,}  [{'OK' if r['balanced'] else 'MISMATCH'}]")
-      for reason, n in sorted(dead.items()):
-        lines.append(f"      {reason}: {n:,}")
-      lines.append(f"    files {r['files']:,}, header lines {r['header_lines']:,} (not rows)")
-      lines.append(_stage_line(r))
-      lines += _blocks_lines(r)
-      continue
-    dead = r["skeleton_rows_set_aside"]
-    lines.append(f"  {split}: skeleton rows read {r['skeleton_rows_read']:,} = written "
-                 f"{r['rows_written']:,} + set aside {sum(dead.values()):,}"
-                 f"  [{'OK' if r['skeleton_balanced'] else 'MISMATCH'}]")
-    for reason, n in sorted(dead.items()):
-      lines.append(f"      {reason}: {n:,}")
-    cdead = r["common_rows_set_aside"]
-    lines.append(f"    common rows read {r['common_rows_read']:,} = used {r['common_rows_used']:,}"
-                 f" + unused {r['common_rows_unused']:,} + set aside {sum(cdead.values()):,}"
-                 f"  [{'OK' if r['common_balanced'] else 'MISMATCH'}]")
-    for reason, n in sorted(cdead.items()):
-      lines.append(f"      {reason}: {n:,}")
-    if r["unknown_field_items_skipped"]:
-      lines.append(f"    feature items of unknown fields skipped: {r['unknown_field_items_skipped']:,}")
-    lines.append(_stage_line(r))
-    lines += _blocks_lines(r)
-    if "partitions" in r:
-      q = r["partitions"]
-      lines.append(f"    partitions: {q['count']}, holding {q['skeleton_records']:,} skeleton and "
-                   f"{q['common_records']:,} common rows  [{'OK' if q['balanced'] else 'MISMATCH with the rows read'}]"
-                   f"; sample ids with differing copies in two partitions: {q['cross_partition_conflicting_sample_ids']:,}")
-  return "\n".join(lines)
-
-
-def _blocks_lines(r: dict) -> List[str]:
-  if "blocks" not in r:
-    return []
-  b = r["blocks"]
-  return [f"    train blocks: rows {b['rows_written']:,} in {b['blocks_written']:,} blocks of up to "
-          f"{b['block_rows']} rows  [{'OK' if b['balanced'] else 'MISMATCH with the rows written'}]"]
-
-
-def _stage_line(r: dict) -> str:
-  """Rows out of each stage, and the hops that lost rows without a set-aside reason."""
-  line = "    rows by stage: " + " -> ".join(f"{stage.replace('_', ' ')} {n:,}"
-                                             for stage, n in r.get("rows_by_stage", {}).items())
-  for hop, n in r.get("rows_unaccounted_by_hop", {}).items():
-    before, after = (s.replace("_", " ") for s in hop.split("->"))
-    line += f"\n    rows unaccounted for between {before} and {after}: {n:,}"
-  return line
-
-
-RUNNER_LOST_ROWS_HINT = (
-    "Rows vanished between two stages of the job without a set-aside reason, so the runner lost "
-    "them. The multi-process DirectRunner (--direct_running_mode=multi_processing) has done this "
-    "on inputs of several million rows; rerun with the default --direct_running_mode=in_memory, "
-    "or on a distributed runner (docs/scaling.md: \"Beam on distributed runners\").")
-
-
 STAGING = publish.STAGING_DIR    # <output_dir>.staging-<pid>@<host>-<id>: a run in progress (or killed)
 
 
@@ -444,34 +303,14 @@ def _manifest(train_examples: bool, train_block_rows: int) -> List[str]:
 def _check_splits_have_rows(fmt: str, patterns) -> None:
   """A split whose input files are all empty (0 bytes) has no row to write: stop before the
   job runs, in every format (Avazu's scan_inputs refuses it the same way)."""
-  kinds = ("files",) if fmt == "avazu" else ("skeleton", "common")
   for split, pats in patterns.items():
-    for kind in kinds:
-      given = pats[kind] if isinstance(pats[kind], (list, tuple)) else [pats[kind]]
+    for kind, given in pats.items():          # Ali-CCP: skeleton, common; Avazu: files
+      given = given if isinstance(given, (list, tuple)) else [given]
       files = [f for g in given for f in avazu.match_files(avazu.absolute(g))]
       if files and all(tf.io.gfile.stat(f).length == 0 for f in files):
         what = "" if kind == "files" else f"{kind} "
         raise UsageError(f"every {what}file of the {split} split is empty: {', '.join(files[:5])}; "
                          f"the {split} split would have no rows")
-
-
-def _check_quality(rec: Dict[str, dict], fmt: str, max_dead_fraction: float) -> None:
-  """A run that set most rows aside read the wrong files or the wrong format: stop it."""
-  problems = []
-  for split, r in rec.items():
-    read = r["rows_read"] if fmt == "avazu" else r["skeleton_rows_read"]
-    dead = r["rows_set_aside"] if fmt == "avazu" else r["skeleton_rows_set_aside"]
-    n_dead = sum(dead.values())
-    if read and n_dead > max_dead_fraction * read:
-      top = ", ".join(f"{k} {v:,}" for k, v in sorted(dead.items(), key=lambda kv: -kv[1])[:3])
-      problems.append(f"{split}: {n_dead:,} of {read:,} rows set aside ({top}); more than "
-                      f"--max_dead_letter_fraction={max_dead_fraction:g}")
-  for split, r in rec.items():
-    if r["rows_written"] == 0:
-      problems.append(f"{split}: no row written, nothing to "
-                      + ("train on" if split == "train" else "evaluate on (metrics would be undefined)"))
-  if problems:
-    raise BadOutput("; ".join(problems) + f". Is --format={fmt} the format of these files?")
 
 
 DIRECT_RUNNERS = (None, "DirectRunner", "SwitchingDirectRunner", "BundleBasedDirectRunner")
@@ -537,18 +376,6 @@ def _run_partitions(parts: partition.Partitions, job: dict, output_dir: str, tem
   return dict(total)
 
 
-def reconcile_partitions(parts: partition.Partitions, split: str, rec: dict) -> dict:
-  """A split's records put into the partitions against the rows its partitions' runs read."""
-  into = parts.records[split]
-  return {"count": parts.count, "skeleton_records": into["skeleton"], "common_records": into["common"],
-          "cross_partition_conflicting_sample_ids": len(parts.conflicts[split]),
-          "balanced": (into["skeleton"], into["common"]) == (rec["skeleton_rows_read"], rec["common_rows_read"])}
-
-
-class BadOutput(UsageError):
-  """The run finished but its output is not fit to train on; it was not published."""
-
-
 def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buckets: int = 0,
         num_shards: int = 0, overwrite: bool = False, temp_dir: str = None,
         crosses: Optional[Sequence[str]] = None, dedup_sample_ids: bool = True,
@@ -578,12 +405,9 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   if partitions > 1:
     _check_partitionable(fmt, beam_args, max_hash_buckets, cross_fields, parallel_partitions)
   _check_format(fmt, patterns)
-  inputs = None
-  labels = F.RAW_LABELS
-  if fmt == "avazu":
-    inputs = _scan_avazu(patterns)
-    labels = inputs.labels
-    patterns = {split: {"files": list(inputs.patterns[split])} for split in patterns}
+  source = formats.get(fmt)
+  patterns, inputs = source.prepare(patterns)     # Avazu: every file's header, read here
+  labels = source.labels(inputs)
   _check_splits_have_rows(fmt, patterns)
   # The run owns the output until it has published: a second run of it is refused (one line,
   # naming this run's pid), so no run removes what a live one is writing (publish.OutputLock).
@@ -611,35 +435,27 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
       counters = _run_partitions(parts, job, staging, temp_dir, parallel_partitions)
     else:
       counters = run_job(patterns=patterns, output_dir=staging, temp_dir=temp_dir, **job)
-    if fmt == "avazu":
-      rec = {split: avazu.reconcile(counters, split, len(inputs.files[split])) for split, _ in SPLITS}
-    else:
-      rec = {split: aliccp.reconcile(counters, split) for split, _ in SPLITS}
+    rec = {split: source.reconcile(counters, split, inputs) for split, _ in SPLITS}
     for split, r in rec.items():
-      r["label_positives"] = label_positives(counters, f"{fmt}/{split}/", F.transformed_labels(labels))
+      r["label_positives"] = R.label_positives(counters, f"{fmt}/{split}/", F.transformed_labels(labels))
     if train_block_rows:
-      rec["train"]["blocks"] = reconcile_blocks(counters, f"{fmt}/train/", rec["train"]["rows_written"],
-                                                train_block_rows)
+      rec["train"]["blocks"] = R.reconcile_blocks(counters, f"{fmt}/train/", rec["train"]["rows_written"],
+                                                  train_block_rows)
     if parts is not None:
       for split, r in rec.items():
-        r["partitions"] = reconcile_partitions(parts, split, r)
+        r["partitions"] = R.reconcile_partitions(parts, split, r)
     rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
                "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec,
                "dedup_sample_ids": dedup_sample_ids, "partitions": partitions if parts else 0,
                "train_examples": train_examples}
-    if inputs is not None:
-      rec_all["ignored_columns"] = list(inputs.ignored_columns)
-      rec_all["empty_files"] = {split: list(files) for split, files in inputs.empty_files.items()}
+    rec_all.update(source.record(inputs))
     if own_temp and tf.io.gfile.exists(temp_dir):
       tf.io.gfile.rmtree(temp_dir)
-    if not all(_balanced(fmt, r) and r.get("blocks", {}).get("balanced", True)
-               and r.get("partitions", {}).get("balanced", True) for r in rec.values()):
-      hint = ("\n" + RUNNER_LOST_ROWS_HINT
-              if any(r.get("rows_unaccounted_by_hop") for r in rec.values()) else "")
+    if not R.balanced(rec, fmt):
       raise RuntimeError(f"row counts do not reconcile; output not published (left in {staging}):\n"
-                         + format_reconciliation(rec, fmt) + hint)
+                         + format_reconciliation(rec, fmt) + R.lost_rows_hint(rec))
     try:
-      _check_quality(rec, fmt, max_dead_letter_fraction)
+      R.check_quality(rec, fmt, max_dead_letter_fraction)
     except BadOutput as e:
       raise BadOutput(f"{e} Output not published; its dead letters are in "
                       f"{os.path.join(staging, 'dead_letter')}.\n" + format_reconciliation(rec, fmt)) from None
@@ -662,8 +478,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
 def main(argv):
   beam_args = argv[1:]     # Beam's own options only: cli.parse refused any other argument
   try:
-    own = _AVAZU_OVERRIDES if FLAGS.format == "avazu" else _ALICCP_OVERRIDES
-    overrides = {k: getattr(FLAGS, k) for k in own}
+    overrides = {k: getattr(FLAGS, k) for k in formats.get(FLAGS.format).override_flags}
     patterns = _input_patterns(FLAGS.input_dir, overrides, FLAGS.format)
     rec = run(FLAGS.format, patterns, FLAGS.output_dir, beam_args, FLAGS.max_hash_buckets,
               FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir, FLAGS.crosses,

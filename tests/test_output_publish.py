@@ -23,7 +23,7 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import preprocess
+from pipeline import preprocess, reconciliation
 from pipeline import publish as P
 from preprocessing import features as F
 
@@ -478,10 +478,10 @@ def _rec(fmt: str, rows: dict, dead: dict) -> dict:
 def test_a_split_without_a_row_written_is_refused_in_every_format(fmt, rows, dead):
   empty = [split for split, n in rows.items() if n == 0]
   if not empty:
-    preprocess._check_quality(_rec(fmt, rows, dead), fmt, max_dead_fraction=1.0)
+    reconciliation.check_quality(_rec(fmt, rows, dead), fmt, max_dead_fraction=1.0)
     return
   with pytest.raises(preprocess.BadOutput) as e:
-    preprocess._check_quality(_rec(fmt, rows, dead), fmt, max_dead_fraction=1.0)
+    reconciliation.check_quality(_rec(fmt, rows, dead), fmt, max_dead_fraction=1.0)
   for split in empty:
     assert f"{split}: no row written" in str(e.value)
 
