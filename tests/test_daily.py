@@ -22,7 +22,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 from datagen import synthetic
 from model_fn import calibration
 from model_fn import input_fn as I
-from orchestration import daily, daily_report
+from orchestration import daily, daily_report, delay
 from pipeline import publish, relabel
 from preprocessing import features as F
 
@@ -204,8 +204,9 @@ def test_the_corrected_strategy_trains_on_fresh_days_and_calibrates_to_the_conve
   assert d["eval_day_completeness"] == pytest.approx(d["cdf"][min(SETTINGS["maturity_days"], d["max_lag"])])
   assert calibration.load(r["model_dir"])["conversion_scale"] == d["conversion_scale"]
   # The other strategies report the estimate and do not apply it.
-  # (wait's train days are a few days old inside a 7-day attribution window: some still to come.)
-  assert wait["delay"]["conversion_scale"] == 1.0 and wait["delay"]["train_conversion_scale"] > 1.0
+  assert wait["delay"]["conversion_scale"] == 1.0
+  assert wait["delay"]["train_conversion_scale"] == pytest.approx(delay.conversion_scale(
+      wait["delay"], wait["relabel"]["days"], wait["plan"]["train_days"], date))
   assert "pCVR calibrated to them" in daily.format_result(r)
   with pytest.raises(daily.UsageError, match="corrected"):
     daily.run(date, sim["logs"], str(tmp_path / "w2"), str(tmp_path / "s2"),
