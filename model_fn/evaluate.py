@@ -105,8 +105,7 @@ def main(argv):
                 indent=2, sort_keys=True)
   report_dir = FLAGS.report_dir or (
       # Beside --output (a gs:// URL stays one).
-      os.path.join(os.path.dirname(FLAGS.output if "://" in FLAGS.output else os.path.abspath(FLAGS.output)),
-                   "report") if FLAGS.output
+      os.path.join(os.path.dirname(cli.absolute(FLAGS.output)), "report") if FLAGS.output
       else os.path.join(models[0][1], "report"))
   index = R.write_report(report_dir, report, curves,
                          title=f"Evaluation on {FLAGS.transform_dir}")

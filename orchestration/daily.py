@@ -77,7 +77,7 @@ from preprocessing import transform as T
 FLAGS = flags.FLAGS
 STRATEGIES = ("wait", "naive", "corrected")
 RELABEL_MARKER = "relabel.json"
-RESULT = "result.json"
+RESULT = daily_report.RESULT
 TRAINING_RUN = "training_run.json"     # in the published version's assets.extra
 EXIT_REFUSED = 3
 CALIBRATIONS = C.METHODS
@@ -170,7 +170,8 @@ def check_args(date: str, model: str, model_params: Dict, calibration: str, wind
                num_epochs: float, warm_epochs: float, gate_metrics: Sequence[str], max_hash_buckets: int,
                attribution_days: int, keep_versions: int, calibration_band: Sequence = gate.DEFAULT_BAND,
                min_gate_positives: int = gate.DEFAULT_MIN_POSITIVES, undecided: str = gate.DEFAULT_UNDECIDED,
-               gate_confidence: float = gate.DEFAULT_CONFIDENCE, max_metric_drop: float = 0.0) -> Dict:
+               gate_confidence: float = gate.DEFAULT_CONFIDENCE,
+               max_metric_drop: float = gate.DEFAULT_MAX_DROP) -> Dict:
   """Every argument of a day's run, before any work or write (the flags parser runs it on the
   flags, run() on its arguments): the model params as model_fn.params.check_params checks them
   for model_fn.train too, the run's numbers as check_run. Returns the model params the run
@@ -316,10 +317,7 @@ def _done(path: str) -> Optional[dict]:
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  publish.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def _owning(path: str, what: str) -> publish.OutputLock:

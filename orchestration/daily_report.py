@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 
 from orchestration import gate
+from pipeline import publish
 
 REPORT = "report.md"
 RESULT = "result.json"
@@ -88,10 +89,6 @@ def render(results: List[Dict]) -> str:
 
 def write(work_dir: str) -> str:
   """Rewrites WORK/report.md from the finished runs; returns its path."""
-  path = os.path.join(work_dir, REPORT)
-  tmp = f"{path}.tmp-{os.getpid()}"      # runs of other dates may rewrite it at the same time
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(render(load_results(work_dir)))
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-  return path
+  # Runs of other dates may rewrite it at the same time.
+  return publish.write_atomic(os.path.join(work_dir, REPORT), render(load_results(work_dir)))
 

@@ -39,7 +39,6 @@ UNDECIDED_POLICIES = ("publish", "keep")
 DEFAULT_UNDECIDED = "publish"
 DEFAULT_MAX_DROP = 0.0
 DEFAULT_CONFIDENCE = intervals.DEFAULT_CONFIDENCE
-KEYS = ("label_click", "label_conversion", "ctr", "cvr", "ctcvr")
 
 
 def _task(p: Dict[str, np.ndarray], name: str) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
@@ -124,7 +123,7 @@ def decide(candidate: Dict[str, np.ndarray], served: Optional[Dict[str, np.ndarr
            undecided: str = DEFAULT_UNDECIDED, confidence: float = DEFAULT_CONFIDENCE,
            label_completeness: float = 1.0) -> Dict:
   """The decision on ``candidate`` against ``served`` (None: nothing served), both the labels and
-  predictions of the same holdout rows (KEYS). Returns {"publish", "decision" (one line), "refused"
+  predictions of the same holdout rows (label_click, label_conversion, ctr, cvr, ctcvr). Returns {"publish", "decision" (one line), "refused"
   (the reasons, empty when published), "comparisons" (per metric: the paired AUC figures and a
   verdict), "calibration" ({"candidate": .., "served": ..} per head)}; every figure JSON-ready."""
   check_config(metrics, band, min_positives, undecided, confidence)

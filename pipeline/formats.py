@@ -5,6 +5,7 @@ the Beam reader, the labels, the row accounting), so the job itself has no forma
   FORMATS[fmt]   the Format of ``--format=fmt``
 """
 
+import abc
 import os
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -23,25 +24,26 @@ AVAZU_RELEASE_PATTERNS = ("{}", "{}.gz", "{}*.csv", "{}*.csv.gz")
 UsageError = cli.UsageError
 
 
-class Format:
-  """The interface pipeline.preprocess runs a format through."""
+class Format(abc.ABC):
+  """The interface pipeline.preprocess runs a format through; each format implements every
+  abstract method."""
   name: str
   # The flags that name a split's files in this format (override --input_dir).
   override_flags: Sequence[str] = ()
   # Whether the job can run as partitions by a join key (pipeline/partition.py).
   partitionable = False
 
+  @abc.abstractmethod
   def patterns(self, input_dir: Optional[str], overrides: Mapping[str, object]) -> Dict[str, Dict]:
     """{split: {kind: pattern(s)}} of the input files; UsageError when a split has none."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def file_patterns(self, split_patterns: Mapping) -> List[str]:
     """Every file pattern of one split."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def foreign_first_line(self, line: bytes) -> Optional[str]:
     """Why ``line``, the first of an input file, is plainly another format (None: it is not)."""
-    raise NotImplementedError
 
   def prepare(self, patterns: Dict[str, Dict]):
     """(patterns, inputs) before the job: what the launcher reads of the files (None if nothing)."""
@@ -51,27 +53,30 @@ class Format:
     """The raw labels the inputs carry."""
     return F.RAW_LABELS
 
+  @abc.abstractmethod
   def reader(self, split: str, split_patterns: Mapping, arrow_schema, inputs, dedup_sample_ids: bool,
              conflicts: Optional[Mapping[int, int]]) -> beam.PTransform:
     """The Beam reader of one split: {"rows" or "record_batches": ..., DEAD: dead letters}."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def reconcile(self, counters: Mapping[str, int], split: str, inputs) -> dict:
     """The split's row accounting from the job's counters."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def rows_read(self, r: dict) -> int:
-    raise NotImplementedError
+    """Rows read of a split (of its main file kind)."""
 
+  @abc.abstractmethod
   def rows_set_aside(self, r: dict) -> Dict[str, int]:
-    raise NotImplementedError
+    """Rows of a split set aside, by reason."""
 
+  @abc.abstractmethod
   def balanced(self, r: dict) -> bool:
-    raise NotImplementedError
+    """Whether the split's format-specific counts add up."""
 
+  @abc.abstractmethod
   def reconciliation_lines(self, split: str, r: dict) -> List[str]:
     """The split's accounting as printed (the lines common to every format come after)."""
-    raise NotImplementedError
 
   def record(self, inputs) -> dict:
     """What reconciliation.json records of the inputs besides the patterns."""

@@ -33,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.sources import aliccp, avazu
 from pipeline.sources.deadletter import BadRecord
+from preprocessing import cli
 
 KINDS = ("skeleton", "common")
 
@@ -87,7 +88,7 @@ def _path(out_dir: str, split: str, kind: str, k: int) -> str:
 
 
 def _files(pattern: str) -> List[str]:
-  return avazu.match_files(avazu.absolute(pattern))
+  return avazu.match_files(cli.absolute(pattern))
 
 
 def _write_split(split: str, patterns: Mapping[str, str], count: int, out_dir: str, track_ids: bool):

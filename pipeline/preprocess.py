@@ -178,7 +178,7 @@ def _input_patterns(input_dir, overrides: Dict[str, str], fmt: str = "aliccp") -
 
 def _first_line(pattern: str) -> bytes:
   """The first line of the first file ``pattern`` matches (b"" when there is none)."""
-  for path in avazu.match_files(avazu.absolute(pattern)):
+  for path in avazu.match_files(cli.absolute(pattern)):
     with FileSystems.open(path) as f:
       line = f.readline()
     if line:
@@ -306,7 +306,7 @@ def _check_splits_have_rows(fmt: str, patterns) -> None:
   for split, pats in patterns.items():
     for kind, given in pats.items():          # Ali-CCP: skeleton, common; Avazu: files
       given = given if isinstance(given, (list, tuple)) else [given]
-      files = [f for g in given for f in avazu.match_files(avazu.absolute(g))]
+      files = [f for g in given for f in avazu.match_files(cli.absolute(g))]
       if files and all(tf.io.gfile.stat(f).length == 0 for f in files):
         what = "" if kind == "files" else f"{kind} "
         raise UsageError(f"every {what}file of the {split} split is empty: {', '.join(files[:5])}; "

@@ -37,6 +37,8 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import text_format
 
+from preprocessing import cli
+
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MODEL_CONFIG = "models.config"
 REGRESSION_SIGNATURES = ("regression", "serving_default")
@@ -181,19 +183,20 @@ def write_model_config(serving_root: str, model_name: str, num_versions: int = 1
     entry = entries.add()
   entry.Clear()
   entry.name = model_name
-  entry.base_path = absolute(os.path.join(serving_root, model_name))
+  entry.base_path = cli.absolute(os.path.join(serving_root, model_name))
   entry.model_platform = "tensorflow"
   entry.model_version_policy.latest.num_versions = num_versions
+  return write_atomic(path, text_format.MessageToString(config))
+
+
+def write_atomic(path: str, text: str) -> str:
+  """Writes ``text`` to ``path`` in one rename (a reader never sees half a file; writers at the
+  same time each use a temporary name of their own); returns ``path``."""
   tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
   with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(text_format.MessageToString(config))
+    f.write(text)
   tf.io.gfile.rename(tmp, path, overwrite=True)
   return path
-
-
-def absolute(path: str) -> str:
-  """A local path made absolute; a URL of a file system (gs://, s3://, hdfs://) as it is."""
-  return path if "://" in path else os.path.abspath(path)
 
 
 def publish(saved_model_dir: str, serving_root: str, model_name: str, version: int,

@@ -22,6 +22,7 @@ the entry points report their other usage errors; no traceback.
 import difflib
 import functools
 import logging
+import os
 import sys
 from typing import Callable, List, Optional, Sequence
 
@@ -160,6 +161,11 @@ def run(main, define_flags: Callable[[flags.FlagValues], None],
     return main(argv)
 
   app.run(main_once, flags_parser=flags_parser(beam, validate, positional=positional))
+
+
+def absolute(path: str) -> str:
+  """A local path (or glob) made absolute; a URL of a file system (gs://, s3://, hdfs://) as it is."""
+  return path if "://" in path else os.path.abspath(path)
 
 
 def require(fv: flags.FlagValues, *names: str) -> None:

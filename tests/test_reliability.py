@@ -72,6 +72,15 @@ def _clear_error(rc, out, err, *phrases):
     assert phrase in line[-1], (phrase, line[-1])
 
 
+def _refused_writing_nothing(cases, tmp_path):
+  """Runs each (args, phrases) case at once: a clear error naming the phrases, and nothing under
+  its --output_dir tmp_path/o<k> (k = 1, 2, ...), neither the output nor a staging dir beside it."""
+  for (_, phrases), result in zip(cases, _clis([args for args, _ in cases])):
+    _clear_error(*result, *phrases)
+  for k in range(1, len(cases) + 1):
+    assert not tf.io.gfile.glob(str(tmp_path / f"o{k}") + "*")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("reliability")
@@ -232,10 +241,7 @@ def test_preprocessing_mistakes_are_clear_errors(data, tmp_path):
         f"--input_dir={data['raw']}", f"--output_dir={tmp_path / 'o4'}"),
        ("Avazu-style CSV header", "--format=avazu")),
   ]
-  for (_, phrases), result in zip(cases, _clis([args for args, _ in cases])):
-    _clear_error(*result, *phrases)
-  for o in ("o1", "o2", "o3", "o4"):
-    assert not os.path.exists(tmp_path / o)
+  _refused_writing_nothing(cases, tmp_path)
 
 
 def test_a_run_that_sets_most_rows_aside_is_not_published(data, tmp_path):
@@ -278,10 +284,7 @@ def test_an_empty_split_is_refused_in_every_format_and_nothing_is_published(tmp_
         f"--eval_files={tmp_path / 'test.csv'}", f"--output_dir={tmp_path / 'o3'}"),
        ("every file of the eval split is empty", "test.csv")),
   ]
-  for (_, phrases), result in zip(cases, _clis([args for args, _ in cases])):
-    _clear_error(*result, *phrases)
-  for o in ("o1", "o2", "o3"):
-    assert not tf.io.gfile.glob(str(tmp_path / o) + "*")
+  _refused_writing_nothing(cases, tmp_path)
 
   # Files with rows, none of them kept (every eval row is set aside): refused after the job.
   raw = _aliccp_raw(tmp_path / "c")

@@ -31,6 +31,7 @@ from pipeline.sources import dedup
 from pipeline.sources.deadletter import (BAD_SAMPLE_ID, BOM, CONVERSION_WITHOUT_CLICK, DEAD, NOT_UTF8,
                                         WRONG_COLUMN_COUNT, BadRecord, counter, dead_letter, decode_line,
                                         parse_int64, rows_by_stage, unaccounted_by_hop)
+from preprocessing import cli
 from preprocessing import features as F
 
 FMT = "avazu"
@@ -221,11 +222,6 @@ def parse_line(line, header: Header) -> dict:
 
 # Launcher side: the files of a run and their headers, before the pipeline is built.
 
-def absolute(pattern: str) -> str:
-  """A local pattern made absolute (Beam's local filesystem matches only absolute globs)."""
-  return pattern if "://" in pattern else os.path.abspath(pattern)
-
-
 def match_files(pattern: str) -> List[str]:
   """The files ``pattern`` matches, named as Beam's text source will name them."""
   try:
@@ -271,7 +267,7 @@ def scan_inputs(patterns: Mapping[str, Sequence[str]]) -> Inputs:
   """
   norm, files, headers, owner, empty = {}, {}, {}, {}, {}
   for split, split_patterns in patterns.items():
-    norm[split] = tuple(absolute(p) for p in split_patterns)
+    norm[split] = tuple(cli.absolute(p) for p in split_patterns)  # Beam matches absolute globs only
     if not norm[split]:
       raise BadInput(f"no file pattern for the {split} split")
     found, empty[split] = [], []
