@@ -26,6 +26,7 @@ from model_fn import esmm, export, layers, mmoe
 from model_fn import input_fn as I
 from model_fn import metrics as M
 from model_fn.params import MODEL_SPECS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params, upgrade_recorded
+from preprocessing import features as F
 from preprocessing import transform as T
 
 PARAMS_FILE = "params.json"
@@ -316,13 +317,14 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
     # A calibration of earlier checkpoints must not be applied to the ones trained now.
     C.remove(model_dir)
   train_pattern, block_rows = I.train_files(transform_dir, train_input)
+  grouped = I.layout(transform_dir) == F.GROUPED
   train_fn = I.make_input_fn(train_pattern, tft_output, batch_size, training=True, num_epochs=None,
-                             seed=seed, fields=params["fields"], block_rows=block_rows,
+                             seed=seed, fields=params["fields"], block_rows=block_rows, grouped=grouped,
                              holdout=holdout, holdout_fraction=calibration_holdout,
                              start_at=start_offset(seed, I.train_records(transform_dir, block_rows),
                                                    len(tf.io.gfile.glob(train_pattern))))
-  eval_input = I.make_input_fn(I.split_files(transform_dir, "eval"), tft_output, batch_size,
-                               training=False, fields=params["fields"])
+  eval_input = I.make_input_fn(tft_output=tft_output, batch_size=batch_size, training=False,
+                               fields=params["fields"], **I.split_input(transform_dir, "eval"))
   train_spec = tf.estimator.TrainSpec(train_fn, max_steps=train_steps,
                                       hooks=[TaskStepsHook(model_dir, task), ProgressHook(train_steps)])
   eval_spec = tf.estimator.EvalSpec(eval_input, steps=eval_steps or None,
@@ -342,7 +344,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
       eval_input, steps=eval_steps or None)
   if calibration != "none":
     calibrations = fit_calibration(estimator, train_pattern, tft_output, block_rows, params, calibration,
-                                   calibration_holdout, conversion_scale)
+                                   calibration_holdout, conversion_scale, grouped)
     C.save(model_dir, calibrations)
     estimator = make_estimator(model_dir, {**params, "calibration": calibrations}, seed,
                                save_checkpoints_steps)
@@ -378,11 +380,11 @@ def start_offset(seed: int, records: int, files: int = 1) -> int:
 
 def fit_calibration(estimator: tf.estimator.Estimator, train_pattern: str, tft_output, block_rows: int,
                     params: Dict[str, Any], method: str, holdout_fraction: float,
-                    conversion_scale: float = 1.0) -> Dict[str, Any]:
+                    conversion_scale: float = 1.0, grouped: bool = False) -> Dict[str, Any]:
   """Fits ``method`` to the uncalibrated tower logits on the train split's held-out slice, or on the
   whole train split when ``holdout_fraction`` is 0 (the conversions times ``conversion_scale``)."""
   data_fn = I.make_input_fn(train_pattern, tft_output, 4096, training=False, labels_as_features=True,
-                            fields=params["fields"], block_rows=block_rows,
+                            fields=params["fields"], block_rows=block_rows, grouped=grouped,
                             holdout="only" if holdout_fraction > 0 else "all", holdout_fraction=holdout_fraction)
   cols: Dict[str, list] = {k: [] for k in ("label_click", "label_conversion", "ctr_logit", "cvr_logit")}
   for batch in estimator.predict(data_fn, yield_single_examples=False):

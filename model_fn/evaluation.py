@@ -29,8 +29,8 @@ def predict(model_dir: str, transform_dir: str, batch_size: int = 4096) -> Dict[
   tft_output = I.load_transform_output(transform_dir)
   E.check_transform_matches(params, model_dir, tft_output, transform_dir)
   estimator = E.make_estimator(model_dir, params)
-  input_fn = I.make_input_fn(I.split_files(transform_dir, "eval"), tft_output, batch_size,
-                             training=False, labels_as_features=True)
+  input_fn = I.make_input_fn(tft_output=tft_output, batch_size=batch_size, training=False,
+                             labels_as_features=True, **I.split_input(transform_dir, "eval"))
   chunks: Dict[str, List[np.ndarray]] = {}
   for batch in estimator.predict(input_fn, yield_single_examples=False):
     for k, v in batch.items():

@@ -100,9 +100,23 @@ def base_rates(transform_dir: str) -> Optional[Dict[str, float]]:
   return {"ctr": (clicks + 0.5) / (rows + 1.0), "cvr": (conversions + 0.5) / (clicks + 1.0)}
 
 
+def layout(transform_dir: str) -> str:
+  """The storage layout of a preprocessing run's output (F.LAYOUTS)."""
+  return _reconciliation(transform_dir).get("layout", F.ROWS)
+
+
+def rows_per_group(transform_dir: str, split: str = "train") -> int:
+  """Impressions per grouped record of ``split``, on average (at least 1)."""
+  r = _reconciliation(transform_dir)["splits"][split]
+  return max(1, round(int(r["rows_written"]) / max(1, int(r.get("groups_written") or 0))))
+
+
 def train_records(transform_dir: str, block_rows: int) -> int:
-  """Records of the training input: blocks when training reads blocks, else rows."""
+  """Records of the training input: blocks when training reads blocks, groups when the output is
+  grouped, else rows."""
   train = _reconciliation(transform_dir)["splits"]["train"]
+  if layout(transform_dir) == F.GROUPED:
+    return int(train.get("groups_written", 0))
   if block_rows:
     return int(train.get("blocks", {}).get("blocks_written", 0))
   return int(train["rows_written"])
@@ -110,6 +124,16 @@ def train_records(transform_dir: str, block_rows: int) -> int:
 
 def split_files(transform_dir: str, split: str) -> str:
   return os.path.join(transform_dir, split, "part-*.tfrecord.gz")
+
+
+def split_input(transform_dir: str, split: str) -> Dict[str, object]:
+  """make_input_fn's arguments that read ``split`` ('train' or 'eval') record by record:
+  ``file_pattern``, and for a grouped output ``grouped`` with ``block_rows`` its impressions per
+  group."""
+  if layout(transform_dir) == F.GROUPED:
+    return {"file_pattern": split_files(transform_dir, split), "grouped": True,
+            "block_rows": rows_per_group(transform_dir, split)}
+  return {"file_pattern": split_files(transform_dir, split)}
 
 
 TRAIN_INPUTS = ("auto", "blocks", "examples")
@@ -121,6 +145,11 @@ def train_files(transform_dir: str, train_input: str = "auto") -> Tuple[str, int
   them (``auto``, ``blocks``), else the train tf.Examples (rows per block 0)."""
   if train_input not in TRAIN_INPUTS:
     raise ValueError(f"train_input must be one of {TRAIN_INPUTS}, got {train_input!r}")
+  if layout(transform_dir) == F.GROUPED:
+    if train_input != "auto":
+      raise ValueError(f"{transform_dir} is grouped (--layout=grouped): its train split is grouped "
+                       f"records; train_input must be 'auto', got {train_input!r}")
+    return split_files(transform_dir, "train"), rows_per_group(transform_dir)
   rec = _reconciliation(transform_dir)
   blocks = rec["splits"]["train"].get("blocks")
   if train_input == "examples" and not rec.get("train_examples", True):
@@ -140,7 +169,8 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
                   training: bool, num_epochs: Optional[int] = None, shuffle_buffer: int = 50_000,
                   seed: Optional[int] = None, labels_as_features: bool = False,
                   fields: Optional[Sequence[str]] = None, block_rows: int = 0,
-                  holdout: str = "all", holdout_fraction: float = 0.05, start_at: int = 0):
+                  holdout: str = "all", holdout_fraction: float = 0.05, start_at: int = 0,
+                  grouped: bool = False):
   """An Estimator input_fn over gzip TFRecords of transformed tf.Examples, or (``block_rows`` > 0)
   of column blocks of up to ``block_rows`` rows each (train_files).
 
@@ -167,11 +197,20 @@ def make_input_fn(file_pattern: str, tft_output: tft.TFTransformOutput, batch_si
   ``start_at`` (training, ``num_epochs`` None): the stream of records starts that many records
   in and wraps around, so that the seed that picks it changes which data come early and which
   late in the run, not only the order within the shuffle buffer.
+
+  ``grouped``: the records are grouped (F.GROUPED, one per common-features row; ``block_rows``
+  then is the impressions per group on average, so a batch is about ``batch_size`` impressions
+  of whole groups). The features are grouped_parser's: the user-side fields one row per group,
+  the rest one row per impression, and F.GROUP_INDEX.
   """
   if holdout not in HOLDOUTS:
     raise ValueError(f"holdout must be one of {HOLDOUTS}, got {holdout!r}")
   spec = feature_spec(tft_output, fields)
-  parse = block_parser(spec) if block_rows else (lambda serialized: tf.io.parse_example(serialized, spec))
+  if grouped:
+    parse = grouped_parser(spec, transform_format_of(tft_output))
+    block_rows = max(1, block_rows)
+  else:
+    parse = block_parser(spec) if block_rows else (lambda serialized: tf.io.parse_example(serialized, spec))
 
   def features_and_labels(serialized):
     return _split(parse(serialized), labels_as_features)
@@ -271,6 +310,66 @@ def block_parser(spec: Dict[str, object]):
               message=f"a block's {name} does not have {width} value(s) per row"))
         with tf.control_dependencies(checks):
           out[name] = tf.reshape(values, [-1] + list(s.shape))
+    return out
+
+  return parse
+
+
+def transform_format_of(tft_output: tft.TFTransformOutput) -> str:
+  """The raw format whose fields the transform output has."""
+  spec = tft_output.transformed_feature_spec()
+  for fmt in sorted(F.FORMATS):
+    if all(f.ids in spec for f in F.fields(fmt)):
+      return fmt
+  raise ValueError(f"the transform output's features {sorted(spec)[:8]}... are no format's")
+
+
+def grouped_parser(spec: Dict[str, object], fmt: str):
+  """serialized grouped records [g] -> features as the model reads them (``spec``: the
+  per-impression transformed spec): the group-level fields as SparseTensors of g rows, every
+  other feature per impression (n rows), as tf.io.parse_example of the impressions' rows would
+  give it, and F.GROUP_INDEX [n]: each impression's group."""
+  group_level = {name for f in F.fields(fmt) if f.group_level for name in (f.ids, f.weights)}
+  lengths_of = {}
+  for f in F.fields(fmt):
+    if not f.group_level:
+      lengths_of[f.ids] = lengths_of[f.weights] = f.lengths
+  record_spec = {name: s if isinstance(s, tf.io.VarLenFeature) else tf.io.VarLenFeature(s.dtype)
+                 for name, s in spec.items()}
+  for name in spec:
+    if name in lengths_of:
+      record_spec[lengths_of[name]] = tf.io.VarLenFeature(tf.int64)
+  scalars = [name for name, s in spec.items() if isinstance(s, tf.io.FixedLenFeature)]
+  if not scalars:
+    raise ValueError("grouped records need a per-impression label or sample id to count impressions by")
+  for name in scalars:
+    if tuple(spec[name].shape) != ():
+      raise ValueError(f"feature {name}: grouped records hold scalar per-impression features, "
+                       f"not shape {spec[name].shape}")
+
+  def parse(serialized):
+    records = tf.io.parse_example(serialized, record_spec)
+    first = records[scalars[0]]
+    per_group = tf.math.bincount(tf.cast(first.indices[:, 0], tf.int32), minlength=tf.size(serialized),
+                                 dtype=tf.int64)
+    rows = tf.size(first.values, out_type=tf.int64)
+    out = {F.GROUP_INDEX: tf.repeat(tf.range(tf.size(serialized, out_type=tf.int64)), per_group)}
+    for name in scalars:
+      with tf.control_dependencies([tf.debugging.assert_equal(
+          tf.size(records[name].values, out_type=tf.int64), rows,
+          message=f"a grouped record's {name} does not have one value per impression")]):
+        out[name] = tf.identity(records[name].values)
+    for name, s in spec.items():
+      if name in scalars:
+        continue
+      if name in group_level or name not in lengths_of:
+        out[name] = records[name]
+        continue
+      lengths = records[lengths_of[name]].values
+      with tf.control_dependencies([tf.debugging.assert_equal(
+          tf.size(lengths, out_type=tf.int64), rows,
+          message=f"a grouped record's {lengths_of[name]} does not have one count per impression")]):
+        out[name] = tf.RaggedTensor.from_row_lengths(records[name].values, tf.identity(lengths)).to_sparse()
     return out
 
   return parse

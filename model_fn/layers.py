@@ -1,6 +1,8 @@
 """Composable pieces of the networks: field embeddings with weighted pooling, MLP towers,
 MMoE experts and gates."""
 
+import dataclasses
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import tensorflow as tf
@@ -34,6 +36,12 @@ def embed_fields(features: Dict[str, tf.Tensor], schema: Sequence[F.Field],
   ``[0, hash_buckets[field])``; weights (weighted fields only) are aligned with them.
   ``table_rows`` (default: ``hash_buckets``) may give a field fewer rows than buckets: its
   ids are then folded modulo the rows.
+
+  Grouped features (with F.GROUP_INDEX, model_fn.input_fn.grouped_parser): the group-level
+  fields have one row per group; each is pooled once per group and the pooled vectors are
+  gathered to the group's impressions, which gives what pooling each impression's own copy would.
+  The result is registered as a GroupedInput, so that a dense layer reading it multiplies the
+  group-level part once per group (see dense).
   """
   table_rows = table_rows or hash_buckets
   pooled, tables = [], []
@@ -53,7 +61,48 @@ def embed_fields(features: Dict[str, tf.Tensor], schema: Sequence[F.Field],
                               ids.dense_shape)
       weights = features[field.weights] if field.weighted else None
       pooled.append(_pool(table, ids, weights, pooling, name=f"pool_{field.name}"))
+  if F.GROUP_INDEX in features and any(f.group_level for f in schema):
+    return _grouped_input(pooled, [f.group_level for f in schema], features[F.GROUP_INDEX]), tables
   return tf.concat(pooled, axis=1), tables
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedInput:
+  """The two parts of a grouped batch's embedding input x [impressions, d]: the group-level
+  columns ``group`` [groups, dg] (at ``group_columns`` of x) and the others ``rows``
+  [impressions, dr] (at ``row_columns``); ``group_index`` [impressions] is each impression's group."""
+  group: tf.Tensor
+  rows: tf.Tensor
+  group_index: tf.Tensor
+  group_columns: Tuple[int, ...]
+  row_columns: Tuple[int, ...]
+
+
+# Per graph: id of an embedding input tensor -> (the tensor, its GroupedInput).
+_GROUPED: "weakref.WeakKeyDictionary[tf.Graph, Dict[int, Tuple[tf.Tensor, GroupedInput]]]" = weakref.WeakKeyDictionary()
+
+
+def grouped_input(x: tf.Tensor) -> Optional[GroupedInput]:
+  """The GroupedInput of an embedding input made from grouped features, else None."""
+  got = _GROUPED.get(x.graph, {}).get(id(x))
+  return got[1] if got is not None and got[0] is x else None
+
+
+def _grouped_input(pooled: List[tf.Tensor], group_level: Sequence[bool], group_index: tf.Tensor) -> tf.Tensor:
+  """The per-impression embedding input of pooled vectors of which the group-level ones have one
+  row per group (gathered to the impressions in one gather), registered with its GroupedInput."""
+  widths = [int(t.shape[-1]) for t in pooled]
+  starts = [sum(widths[:i]) for i in range(len(widths))]
+  cols = lambda keep: tuple(c for i, g in enumerate(group_level) if g == keep
+                            for c in range(starts[i], starts[i] + widths[i]))
+  group = tf.concat([t for t, g in zip(pooled, group_level) if g], axis=1)
+  row_parts = [t for t, g in zip(pooled, group_level) if not g]
+  rows = tf.concat(row_parts, axis=1) if row_parts else tf.zeros([tf.size(group_index), 0])
+  with tf.name_scope("group_to_impressions"):
+    pieces = iter(tf.split(tf.gather(group, group_index), [w for w, g in zip(widths, group_level) if g], axis=1))
+  x = tf.concat([next(pieces) if g else t for t, g in zip(pooled, group_level)], axis=1)
+  _GROUPED.setdefault(x.graph, {})[id(x)] = (x, GroupedInput(group, rows, group_index, cols(True), cols(False)))
+  return x
 
 
 def _pool(table, ids: tf.SparseTensor, weights: Optional[tf.SparseTensor], pooling: str,
@@ -141,12 +190,22 @@ def dense(x: tf.Tensor, units: int, name: str, activation=None,
                                        initializer=tf.compat.v1.glorot_uniform_initializer())
     bias = tf.compat.v1.get_variable("bias", [units], tf.float32,
                                      initializer=tf.compat.v1.constant_initializer(float(bias_init)))
-    if matmul_dtype == tf.float32:
-      y = tf.matmul(x, kernel)
+    parts = grouped_input(x)
+    if parts is None:
+      y = _matmul(x, kernel, matmul_dtype)
     else:
-      y = tf.cast(tf.matmul(tf.cast(x, matmul_dtype), tf.cast(kernel, matmul_dtype)), tf.float32)
+      # x = the group-level columns gathered to the impressions, and the rest: its product is the
+      # group part's product, once per group, gathered, plus the rest's (the same sum, reordered).
+      y = (tf.gather(_matmul(parts.group, tf.gather(kernel, parts.group_columns), matmul_dtype), parts.group_index)
+           + _matmul(parts.rows, tf.gather(kernel, parts.row_columns), matmul_dtype))
     y = tf.nn.bias_add(y, bias)
     return activation(y) if activation is not None else y
+
+
+def _matmul(x: tf.Tensor, kernel: tf.Tensor, matmul_dtype: tf.DType) -> tf.Tensor:
+  if matmul_dtype == tf.float32:
+    return tf.matmul(x, kernel)
+  return tf.cast(tf.matmul(tf.cast(x, matmul_dtype), tf.cast(kernel, matmul_dtype)), tf.float32)
 
 
 def mlp_logit(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,

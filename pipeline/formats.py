@@ -32,6 +32,8 @@ class Format(abc.ABC):
   override_flags: Sequence[str] = ()
   # Whether the job can run as partitions by a join key (pipeline/partition.py).
   partitionable = False
+  # The storage layouts its output can have (F.LAYOUTS; F.GROUPED needs rows grouped by a key).
+  layouts: Sequence[str] = (F.ROWS,)
 
   @abc.abstractmethod
   def patterns(self, input_dir: Optional[str], overrides: Mapping[str, object]) -> Dict[str, Dict]:
@@ -55,8 +57,9 @@ class Format(abc.ABC):
 
   @abc.abstractmethod
   def reader(self, split: str, split_patterns: Mapping, arrow_schema, inputs, dedup_sample_ids: bool,
-             conflicts: Optional[Mapping[int, int]]) -> beam.PTransform:
-    """The Beam reader of one split: {"rows" or "record_batches": ..., DEAD: dead letters}."""
+             conflicts: Optional[Mapping[int, int]], layout: str = F.ROWS) -> beam.PTransform:
+    """The Beam reader of one split: {"rows" or "record_batches": ..., DEAD: dead letters}; its
+    record batches are of ``layout``'s raw schema."""
 
   @abc.abstractmethod
   def reconcile(self, counters: Mapping[str, int], split: str, inputs) -> dict:
@@ -91,6 +94,7 @@ class AliCCP(Format):
   name = "aliccp"
   override_flags = ("train_skeleton", "train_common", "eval_skeleton", "eval_common")
   partitionable = True
+  layouts = F.LAYOUTS
 
   def patterns(self, input_dir, overrides):
     patterns = {}
@@ -115,9 +119,9 @@ class AliCCP(Format):
       return f"starts with an Avazu-style CSV header ({line[:60]!r}...); use --format=avazu for these files"
     return None
 
-  def reader(self, split, split_patterns, arrow_schema, inputs, dedup_sample_ids, conflicts):
+  def reader(self, split, split_patterns, arrow_schema, inputs, dedup_sample_ids, conflicts, layout=F.ROWS):
     return aliccp.ReadAliCCP(split, split_patterns["skeleton"], split_patterns["common"], arrow_schema,
-                             encode.RECORD_BATCH_ROWS, dedup_sample_ids, conflicts)
+                             encode.RECORD_BATCH_ROWS, dedup_sample_ids, conflicts, layout)
 
   def reconcile(self, counters, split, inputs):
     return aliccp.reconcile(counters, split)
@@ -193,7 +197,7 @@ class Avazu(Format):
   def labels(self, inputs):
     return inputs.labels
 
-  def reader(self, split, split_patterns, arrow_schema, inputs, dedup_sample_ids, conflicts):
+  def reader(self, split, split_patterns, arrow_schema, inputs, dedup_sample_ids, conflicts, layout=F.ROWS):
     return avazu.ReadAvazu(split, inputs.patterns[split], {f: inputs.headers[f] for f in inputs.files[split]},
                            dedup_sample_ids)
 

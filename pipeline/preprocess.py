@@ -131,6 +131,10 @@ def define_flags(fv: flags.FlagValues = FLAGS):
   d.DEFINE_integer("parallel_partitions", 1, "With --partitions: how many run at a time.",
                    lower_bound=1)
   d.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
+  d.DEFINE_enum("layout", F.ROWS, list(F.LAYOUTS), "Storage of the output. rows: one tf.Example per "
+                "impression, the user side copied into each. grouped (Ali-CCP): one record per "
+                "common-features row, its user side stored once and its impressions' own fields and "
+                "labels as lists; training pools the user side once per group (docs/preprocessing.md).")
 
 SPLITS = formats.SPLITS
 
@@ -149,12 +153,17 @@ def validate_flags(fv: flags.FlagValues = FLAGS) -> None:
   if wrong:
     raise UsageError(f"{', '.join(wrong)}: not used with --format={fv['format'].value}")
   _check_job(fv["format"].value, fv["crosses"].value, fv["train_block_rows"].value,
-             fv["train_examples"].value, fv["partitions"].value)
+             fv["train_examples"].value, fv["partitions"].value, fv["layout"].value)
 
 
 def _check_job(fmt: str, crosses: Optional[Sequence[str]], train_block_rows: int, train_examples: bool,
-               partitions: int) -> Sequence[F.Field]:
+               partitions: int, layout: str = F.ROWS) -> Sequence[F.Field]:
   """The job's flags that contradict each other (validate_flags and run()); returns the crosses."""
+  if layout not in formats.get(fmt).layouts:
+    raise UsageError(f"--layout={layout}: --format={fmt} has the layouts {', '.join(formats.get(fmt).layouts)}")
+  if layout == F.GROUPED and not train_examples:
+    raise UsageError("--layout=grouped writes the train split as grouped records; --notrain_examples "
+                     "is for the rows layout's blocks")
   if train_block_rows < 0:
     raise UsageError(f"--train_block_rows must be 0 (no blocks) or more, got {train_block_rows}")
   if not train_examples and not train_block_rows:
@@ -211,7 +220,8 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
                    inputs=None, dedup_sample_ids: bool = True,
                    train_block_rows: int = F.DEFAULT_BLOCK_ROWS, part: str = "",
                    conflicts: Optional[Mapping[str, Mapping[int, int]]] = None,
-                   write_transform_fn: bool = True, train_examples: bool = True) -> None:
+                   write_transform_fn: bool = True, train_examples: bool = True,
+                   layout: str = F.ROWS) -> None:
   """Adds the whole job to pipeline ``p``.
 
   ``crosses``: cross fields (F.parse_crosses). ``inputs``: what the format's ``prepare`` read of
@@ -222,8 +232,15 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
   partitioned job (pipeline/partition.py): ``part`` goes into its file names
   (part-<part>-*, <split>-<part>-*), ``conflicts`` are the sample ids per split whose copies
   in other partitions differ, and ``write_transform_fn`` False leaves the transform_fn to
-  another partition (they are all the same graph).
+  another partition (they are all the same graph). ``layout`` F.GROUPED writes both splits as
+  grouped records (one per common-features row, pipeline.encode.EncodeGroups), the train
+  split's in a random order, and no blocks; the transform_fn written is the per-impression one
+  (what serving applies), whose ids the grouped records hold.
   """
+  if layout == F.GROUPED:
+    _build_grouped(p, fmt, patterns, output_dir, temp_dir, max_hash_buckets, num_shards, inputs,
+                   dedup_sample_ids, part, conflicts, write_transform_fn)
+    return
   source = formats.get(fmt)
   if inputs is None:
     patterns, inputs = source.prepare(patterns)
@@ -281,6 +298,55 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
       _ = (read[split][DEAD]
            | f"WriteDeadLetters_{split}" >> beam.io.WriteToText(
                os.path.join(output_dir, "dead_letter", split + infix), file_name_suffix=".jsonl"))
+
+
+def _build_grouped(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_dir: str,
+                   max_hash_buckets: int, num_shards: int, inputs, dedup_sample_ids: bool, part: str,
+                   conflicts, write_transform_fn: bool) -> None:
+  """build_pipeline for F.GROUPED (see there)."""
+  source = formats.get(fmt)
+  if inputs is None:
+    patterns, inputs = source.prepare(patterns)
+  labels = source.labels(inputs)
+  row_fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None, (), labels)
+  grouped_fn = T.make_grouped_preprocessing_fn(fmt, max_hash_buckets or None, labels)
+  with tft_beam.Context(temp_dir=temp_dir, force_tf_compat_v1=True):
+    # Neither transform is computed from the data (_check_grouped), so both are analyzed over no
+    # rows: the join, the transform and the writes run as one stage (as in build_pipeline).
+    row_tfxio = encode.raw_tfxio(T.raw_metadata(fmt, labels))
+    tfxio = encode.raw_tfxio(T.raw_metadata(fmt, labels, F.GROUPED))
+    arrow_schema = tfxio.ArrowSchema()
+
+    def analyzed(label, fn, io):
+      no_rows = p | f"NoRows{label}" >> beam.Create([]).with_output_types(pa.RecordBatch)
+      return (no_rows, io.TensorAdapterConfig()) | f"Analyze{label}" >> tft_beam.AnalyzeDataset(fn)
+
+    grouped_transform = analyzed("Grouped", grouped_fn, tfxio)
+    if write_transform_fn:
+      _ = analyzed("Rows", row_fn, row_tfxio) | "WriteTransformFn" >> tft_beam.WriteTransformFn(output_dir)
+    infix = f"-{part}" if part else ""
+    for split, pat in patterns.items():
+      read = p | f"Read_{split}" >> source.reader(split, pat, arrow_schema, inputs, dedup_sample_ids,
+                                                  (conflicts or {}).get(split), F.GROUPED)
+      data, _ = (((read["record_batches"], tfxio.TensorAdapterConfig()), grouped_transform)
+                 | f"Transform_{split}" >> tft_beam.TransformDataset(output_record_batches=True))
+      records = data | f"Encode_{split}" >> beam.ParDo(encode.EncodeGroups(f"{fmt}/{split}"))
+      if split == "train":
+        records = records | "ShuffleGroups_train" >> encode.ShuffleBlocks()
+      _ = records | f"Write_{split}" >> _write_tfrecords(os.path.join(output_dir, split), num_shards, infix)
+      _ = (read[DEAD]
+           | f"WriteDeadLetters_{split}" >> beam.io.WriteToText(
+               os.path.join(output_dir, "dead_letter", split + infix), file_name_suffix=".jsonl"))
+
+
+def _check_grouped(fmt: str, max_hash_buckets: int, labels) -> None:
+  """The grouped layout hashes the groups with a transform of its own: only where nothing in the
+  per-impression transform is computed from the data."""
+  fn = T.make_preprocessing_fn(fmt, max_hash_buckets or None, (), labels)
+  analyzed = T.analyzed_columns(fn, T.raw_feature_spec(fmt, labels=labels))
+  if analyzed:
+    raise UsageError(f"--layout=grouped needs a transform without analyzers; this one analyzes "
+                     f"{', '.join(analyzed)}")
 
 
 def _write_tfrecords(directory: str, num_shards: int, infix: str = "") -> beam.PTransform:
@@ -381,7 +447,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
         crosses: Optional[Sequence[str]] = None, dedup_sample_ids: bool = True,
         max_dead_letter_fraction: float = 0.5,
         train_block_rows: int = F.DEFAULT_BLOCK_ROWS, partitions: int = 0,
-        parallel_partitions: int = 1, train_examples: bool = True) -> Dict[str, dict]:
+        parallel_partitions: int = 1, train_examples: bool = True, layout: str = F.ROWS) -> Dict[str, dict]:
   """Runs the job to completion; returns the reconciliation per split.
 
   ``crosses``: ``a:b`` specs (None: the format's default crosses). For Avazu every
@@ -401,13 +467,20 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
   by common_feature_index (pipeline/partition.py), ``parallel_partitions`` of them at a time,
   each in its own process; the output is the one the whole job would write, in more files.
   """
-  cross_fields = _check_job(fmt, crosses, train_block_rows, train_examples, partitions)
+  cross_fields = _check_job(fmt, crosses, train_block_rows, train_examples, partitions, layout)
+  if layout == F.GROUPED:
+    train_block_rows = 0          # the grouped train records are the training input
   if partitions > 1:
     _check_partitionable(fmt, beam_args, max_hash_buckets, cross_fields, parallel_partitions)
   _check_format(fmt, patterns)
   source = formats.get(fmt)
   patterns, inputs = source.prepare(patterns)     # Avazu: every file's header, read here
   labels = source.labels(inputs)
+  if layout == F.GROUPED:
+    if cross_fields:
+      raise UsageError("--layout=grouped makes no crosses (--crosses); crosses of the user side with "
+                       "the item side would have to be copied into every impression")
+    _check_grouped(fmt, max_hash_buckets, labels)
   _check_splits_have_rows(fmt, patterns)
   # The run owns the output until it has published: a second run of it is refused (one line,
   # naming this run's pid), so no run removes what a live one is writing (publish.OutputLock).
@@ -427,7 +500,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     temp_dir = temp_dir or os.path.join(staging, "tmp")
     job = dict(fmt=fmt, beam_args=list(beam_args), max_hash_buckets=max_hash_buckets, num_shards=num_shards,
                crosses=cross_fields, inputs=inputs, dedup_sample_ids=dedup_sample_ids,
-               train_block_rows=train_block_rows, train_examples=train_examples)
+               train_block_rows=train_block_rows, train_examples=train_examples, layout=layout)
     parts = None
     if partitions > 1:
       parts = partition.split_inputs(patterns, partitions, FileSystems.join(temp_dir, "partitions"),
@@ -438,6 +511,8 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     rec = {split: source.reconcile(counters, split, inputs) for split, _ in SPLITS}
     for split, r in rec.items():
       r["label_positives"] = R.label_positives(counters, f"{fmt}/{split}/", F.transformed_labels(labels))
+      if layout == F.GROUPED:
+        r["groups_written"] = int(counters.get(f"{fmt}/{split}/groups_written", 0))
     if train_block_rows:
       rec["train"]["blocks"] = R.reconcile_blocks(counters, f"{fmt}/train/", rec["train"]["rows_written"],
                                                   train_block_rows)
@@ -447,7 +522,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     rec_all = {"format": fmt, "inputs": patterns, "max_hash_buckets": max_hash_buckets,
                "labels": list(labels), "crosses": [c.name for c in cross_fields], "splits": rec,
                "dedup_sample_ids": dedup_sample_ids, "partitions": partitions if parts else 0,
-               "train_examples": train_examples}
+               "train_examples": train_examples, "layout": layout}
     rec_all.update(source.record(inputs))
     if own_temp and tf.io.gfile.exists(temp_dir):
       tf.io.gfile.rmtree(temp_dir)
@@ -483,7 +558,7 @@ def main(argv):
     rec = run(FLAGS.format, patterns, FLAGS.output_dir, beam_args, FLAGS.max_hash_buckets,
               FLAGS.num_shards, FLAGS.overwrite, FLAGS.temp_dir, FLAGS.crosses,
               FLAGS.dedup_sample_ids, FLAGS.max_dead_letter_fraction, FLAGS.train_block_rows,
-              FLAGS.partitions, FLAGS.parallel_partitions, FLAGS.train_examples)
+              FLAGS.partitions, FLAGS.parallel_partitions, FLAGS.train_examples, FLAGS.layout)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return cli.EXIT_USAGE

@@ -48,6 +48,20 @@ DEFAULT_BLOCK_ROWS = 128
 # Counter of the rows the job hands to TFT, per split (<format>/<split>/rows_into_transform).
 ROWS_INTO_TRANSFORM = "rows_into_transform"
 
+# Storage layouts of the transformed output (pipeline.preprocess --layout). ``rows``: one
+# tf.Example per impression, the user side copied into each. ``grouped`` (Ali-CCP): one record
+# per common-features row: its user side once, and its impressions' own fields and labels as
+# lists, each field's values cut into impressions by ``<LENGTHS_PREFIX><field>``.
+ROWS = "rows"
+GROUPED = "grouped"
+LAYOUTS = (ROWS, GROUPED)
+# The side whose fields a grouped record stores once per group.
+GROUP_SIDE = "user"
+# Per-impression value counts of a field in a grouped record (raw and transformed).
+LENGTHS_PREFIX = "n_"
+# The feature a grouped batch adds: each impression's group (row of the group-level fields).
+GROUP_INDEX = "group_index"
+
 RAW_ID_PREFIX = "f_"
 RAW_WEIGHT_PREFIX = "w_"
 ID_PREFIX = "id_"
@@ -104,6 +118,15 @@ class Field:
   @property
   def weights(self) -> str:
     return WEIGHT_PREFIX + self.name
+
+  @property
+  def lengths(self) -> str:
+    return LENGTHS_PREFIX + self.name
+
+  @property
+  def group_level(self) -> bool:
+    """Stored once per group in the grouped layout (the user side)."""
+    return self.side == GROUP_SIDE
 
 
 def _f(name, side, log2_buckets, description, multi=False, weighted=False, raw_dtype=INT64):

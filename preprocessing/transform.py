@@ -51,9 +51,27 @@ def raw_feature_spec(fmt: str, with_labels: bool = True, with_sample_id: bool = 
   return spec
 
 
-def raw_metadata(fmt: str, labels: Optional[Sequence[str]] = None) -> dataset_metadata.DatasetMetadata:
-  return dataset_metadata.DatasetMetadata(
-      schema_utils.schema_from_feature_spec(raw_feature_spec(fmt, labels=labels)))
+def raw_metadata(fmt: str, labels: Optional[Sequence[str]] = None,
+                 layout: str = F.ROWS) -> dataset_metadata.DatasetMetadata:
+  spec = raw_feature_spec(fmt, labels=labels)
+  if layout == F.GROUPED:
+    spec = grouped_spec(fmt, spec, raw=True)
+  return dataset_metadata.DatasetMetadata(schema_utils.schema_from_feature_spec(spec))
+
+
+def grouped_spec(fmt: str, row_spec: Mapping[str, object], raw: bool = False) -> Dict[str, object]:
+  """The feature spec of grouped records (F.GROUPED) for the per-impression ``row_spec`` (raw
+  or transformed): every feature a list per group; group-level fields as they are, the other
+  fields' values concatenated over the group's impressions with their per-impression counts
+  ``n_<field>``, the per-impression scalars (labels, sample id) one value per impression."""
+  out = {}
+  for name, s in row_spec.items():
+    out[name] = s if isinstance(s, tf.io.VarLenFeature) else tf.io.VarLenFeature(s.dtype)
+  for f in F.fields(fmt):
+    ids = f.raw_ids if raw else f.ids
+    if ids in row_spec and not f.group_level:
+      out[f.lengths] = tf.io.VarLenFeature(tf.int64)
+  return out
 
 
 def _aligned_weights(field: F.Field, ids: tf.SparseTensor, weights: tf.SparseTensor) -> tf.SparseTensor:
@@ -122,16 +140,7 @@ def make_preprocessing_fn(fmt: str, max_hash_buckets: Optional[int] = None,
   passthrough = (F.SAMPLE_ID,) + F.PASSTHROUGH_INT64[fmt]
 
   def preprocessing_fn(inputs: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
-    outputs = {}
-    for field in schema:
-      ids = inputs[field.raw_ids]
-      if field.transform == F.HOUR_OF_DAY:
-        hashed = hour_of_day_ids(ids.values, buckets[field.name])
-      else:
-        hashed = hash_ids(ids.values, buckets[field.name])
-      outputs[field.ids] = tf.SparseTensor(ids.indices, hashed, ids.dense_shape)
-      if field.weighted:
-        outputs[field.weights] = _aligned_weights(field, ids, inputs[field.raw_weights])
+    outputs = _hashed_fields(inputs, schema, buckets)
     for cross in crosses:
       pairs = cross_values([inputs[F.field(fmt, name).raw_ids] for name in cross.crossed])
       outputs[cross.ids] = tf.SparseTensor(
@@ -144,6 +153,60 @@ def make_preprocessing_fn(fmt: str, max_hash_buckets: Optional[int] = None,
     for name in passthrough:
       if name in inputs:
         outputs[name] = tf.identity(inputs[name])
+    return outputs
+
+  return preprocessing_fn
+
+
+def _hashed_fields(inputs: Mapping[str, tf.Tensor], schema: Sequence[F.Field],
+                   buckets: Mapping[str, int]) -> Dict[str, tf.Tensor]:
+  """Each field's hashed ids (and aligned weights): one id per raw value, in place."""
+  outputs = {}
+  for field in schema:
+    ids = inputs[field.raw_ids]
+    if field.transform == F.HOUR_OF_DAY:
+      hashed = hour_of_day_ids(ids.values, buckets[field.name])
+    else:
+      hashed = hash_ids(ids.values, buckets[field.name])
+    outputs[field.ids] = tf.SparseTensor(ids.indices, hashed, ids.dense_shape)
+    if field.weighted:
+      outputs[field.weights] = _aligned_weights(field, ids, inputs[field.raw_weights])
+  return outputs
+
+
+def _copy(sparse: tf.SparseTensor) -> tf.SparseTensor:
+  return tf.SparseTensor(sparse.indices, tf.identity(sparse.values), sparse.dense_shape)
+
+
+def make_grouped_preprocessing_fn(fmt: str, max_hash_buckets: Optional[int] = None,
+                                  labels: Optional[Sequence[str]] = None):
+  """The TFT ``preprocessing_fn`` of grouped records (raw_metadata(..., layout=F.GROUPED)).
+
+  Every id is hashed as make_preprocessing_fn hashes it (the same function of the same value),
+  so a grouped record holds the ids of its impressions' transformed rows; the per-impression
+  counts ``n_<field>``, the labels and the sample ids pass through, and ``ctcvr`` is made per
+  impression. Formats with analyzers or crosses are not grouped (pipeline.preprocess refuses).
+  """
+  buckets = F.hash_buckets(fmt, max_hash_buckets)
+  schema = F.fields(fmt)
+  raw_labels = F.RAW_LABELS if labels is None else tuple(labels)
+  out_labels = F.transformed_labels(raw_labels)
+
+  def preprocessing_fn(inputs: Mapping[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    outputs = _hashed_fields(inputs, schema, buckets)
+    for field in schema:
+      if not field.group_level:
+        outputs[field.lengths] = _copy(inputs[field.lengths])
+    click = inputs[F.CLICK]
+    outputs[F.CLICK] = _copy(click)
+    if F.CTCVR in out_labels:
+      conversion = inputs[F.CONVERSION]
+      same = tf.debugging.assert_equal(tf.shape(click.values), tf.shape(conversion.values),
+                                       message="a group must have one click and one conversion per impression")
+      with tf.control_dependencies([same]):
+        outputs[F.CONVERSION] = _copy(conversion)
+        outputs[F.CTCVR] = tf.SparseTensor(click.indices, click.values * conversion.values, click.dense_shape)
+    outputs[F.SAMPLE_ID] = _copy(inputs[F.SAMPLE_ID])
     return outputs
 
   return preprocessing_fn

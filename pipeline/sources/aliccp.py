@@ -44,11 +44,15 @@ BAD_FEATURE_ITEM = "bad_feature_item"
 BAD_WEIGHT = "bad_weight"
 UNKNOWN_COMMON_FEATURE_INDEX = "unknown_common_feature_index"
 DUPLICATE_COMMON_FEATURE_INDEX = "duplicate_common_feature_index"
+# The grouped layout stores the user side once per common row: a skeleton row with values of a
+# user-side field of its own has no place in it (preprocess such input with --layout=rows).
+USER_FIELD_IN_SKELETON = "user_field_in_skeleton"
 _PARSE_REASONS = (NOT_UTF8, WRONG_COLUMN_COUNT, BAD_COMMON_FEATURE_INDEX, BAD_FEATURE_NUM,
                   FEATURE_NUM_MISMATCH, BAD_FEATURE_ITEM, BAD_WEIGHT)
 # Every reason a row of each file can be set aside for.
 SKELETON_REASONS = _PARSE_REASONS + (BAD_SAMPLE_ID, BAD_LABEL, CONVERSION_WITHOUT_CLICK,
-                                     UNKNOWN_COMMON_FEATURE_INDEX, DUPLICATE_COMMON_FEATURE_INDEX) + dedup.REASONS
+                                     UNKNOWN_COMMON_FEATURE_INDEX, DUPLICATE_COMMON_FEATURE_INDEX,
+                                     USER_FIELD_IN_SKELETON) + dedup.REASONS
 COMMON_REASONS = _PARSE_REASONS + (DUPLICATE_COMMON_FEATURE_INDEX,)
 
 # Features of one row: field name -> (feature ids, weights).
@@ -292,12 +296,87 @@ class RecordBatchBuilder:
     return pa.RecordBatch.from_arrays([columns[f.name] for f in self._arrow], schema=self._arrow)
 
 
+def _large_lists(lengths, values, dtype) -> pa.LargeListArray:
+  offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
+  return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, dtype))
+
+
+class GroupedRecordBatchBuilder:
+  """Joined groups -> Arrow RecordBatches of the grouped raw schema (F.GROUPED; ``arrow_schema``:
+  raw_tfxio of raw_metadata(..., layout=F.GROUPED)): one row per common row. Its user-side
+  fields hold the common row's values once; every other field holds its impressions' values
+  (the common row's, then the skeleton's own, as RecordBatchBuilder joins them) concatenated,
+  with the count per impression in ``n_<field>``; labels and sample ids one per impression."""
+
+  def __init__(self, arrow_schema: pa.Schema, schema=None):
+    self._arrow = arrow_schema
+    fields = schema or F.fields(FMT)
+    self._group = [(f.name, f.raw_ids, f.raw_weights if f.weighted else None) for f in fields if f.group_level]
+    self._rows = [(f.name, f.raw_ids, f.raw_weights if f.weighted else None, f.lengths)
+                  for f in fields if not f.group_level]
+    self.clear()
+
+  def clear(self):
+    self._values = {}       # column -> flat values
+    self._lengths = {}      # column -> values per group
+    self._impressions = 0
+
+  def __len__(self) -> int:
+    """Impressions added since the last build."""
+    return self._impressions
+
+  def _extend(self, column: str, values, count: int = None) -> None:
+    self._values.setdefault(column, []).extend(values)
+    self._lengths.setdefault(column, []).append(len(values) if count is None else count)
+
+  def add(self, skeletons: List[Mapping], common_features: Features) -> None:
+    """One group: the parsed skeleton rows of one common row (none with a user-side field)."""
+    for name in JOINED_LABELS:
+      self._extend(name, [sk[name] for sk in skeletons])
+    for name, raw_ids, raw_weights in self._group:
+      ids, weights = common_features.get(name) or ((), ())
+      self._extend(raw_ids, ids)
+      if raw_weights:
+        self._extend(raw_weights, weights)
+    for name, raw_ids, raw_weights, lengths in self._rows:
+      shared = common_features.get(name) or ((), ())
+      ids, weights, counts = [], [], []
+      for sk in skeletons:
+        own = sk["features"].get(name) or ((), ())
+        ids.extend(shared[0]); ids.extend(own[0])
+        weights.extend(shared[1]); weights.extend(own[1])
+        counts.append(len(shared[0]) + len(own[0]))
+      self._extend(raw_ids, ids)
+      if raw_weights:
+        self._extend(raw_weights, weights)
+      self._extend(lengths, counts)
+    self._impressions += len(skeletons)
+
+  def build(self) -> pa.RecordBatch:
+    """The groups added since the last build as one RecordBatch; starts a new one."""
+    columns = []
+    for field in self._arrow:
+      columns.append(_large_lists(self._lengths.get(field.name, []), self._values.get(field.name, []),
+                                  field.type.value_type))
+    self.clear()
+    return pa.RecordBatch.from_arrays(columns, schema=self._arrow)
+
+
+def user_fields_in(skeleton: Mapping) -> List[str]:
+  """The user-side fields a parsed skeleton row has values of (the grouped layout refuses it)."""
+  return sorted(name for name in skeleton["features"] if name in USER_FIELDS)
+
+
+USER_FIELDS = frozenset(f.name for f in F.fields(FMT) if f.group_level)
+
+
 class _JoinFn(beam.DoFn):
   """Joins the skeleton lines of one common_feature_index with its common line; the joined rows
   go out as RecordBatches of up to ``batch_rows`` rows (see RecordBatchBuilder)."""
 
-  def __init__(self, split: str, arrow_schema: pa.Schema, batch_rows: int):
+  def __init__(self, split: str, arrow_schema: pa.Schema, batch_rows: int, layout: str = F.ROWS):
     self._split = split
+    self._layout = layout
     self._ns = f"{FMT}/{split}"
     self._arrow = arrow_schema
     self._batch_rows = batch_rows
@@ -308,7 +387,8 @@ class _JoinFn(beam.DoFn):
     self._builder = None
 
   def setup(self):
-    self._builder = RecordBatchBuilder(self._arrow)
+    grouped = self._layout == F.GROUPED
+    self._builder = (GroupedRecordBatchBuilder if grouped else RecordBatchBuilder)(self._arrow)
 
   def start_bundle(self):
     self._builder.clear()
@@ -344,16 +424,31 @@ class _JoinFn(beam.DoFn):
       common_features = parse_common_line(commons[0], KNOWN_FIELDS)[0]["features"]
     else:
       reason, detail = UNKNOWN_COMMON_FEATURE_INDEX, "no common-features row has this index"
+    group = []
     for line in skeletons:
       skeleton = parse_skeleton_line(line, KNOWN_FIELDS)[0]
+      why = None
       if common_features is None:
-        counter(self._ns, f"skeleton_dead/{reason}").inc()
+        why = reason, detail
+      elif self._layout == F.GROUPED and user_fields_in(skeleton):
+        why = USER_FIELD_IN_SKELETON, (f"the grouped layout stores user-side fields once per common row; this "
+                                       f"row has its own {', '.join(user_fields_in(skeleton))}: "
+                                       "preprocess with --layout=rows")
+      if why is not None:
+        counter(self._ns, f"skeleton_dead/{why[0]}").inc()
         yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
-            self._split, "skeleton", reason, detail,
+            self._split, "skeleton", why[0], why[1],
             sample_id=skeleton["sample_id"], common_feature_index=index))
         continue
       self._joined.inc()
+      if self._layout == F.GROUPED:
+        group.append(skeleton)
+        continue
       self._builder.add(skeleton, common_features)
+      if len(self._builder) >= self._batch_rows:
+        yield self._batch()
+    if group:
+      self._builder.add(group, common_features)
       if len(self._builder) >= self._batch_rows:
         yield self._batch()
     if commons:
@@ -377,8 +472,10 @@ class ReadAliCCP(beam.PTransform):
   """
 
   def __init__(self, split: str, skeleton_pattern: str, common_pattern: str, arrow_schema: pa.Schema,
-               batch_rows: int, dedup_sample_ids: bool = True, conflicts: Optional[Mapping[int, int]] = None):
+               batch_rows: int, dedup_sample_ids: bool = True, conflicts: Optional[Mapping[int, int]] = None,
+               layout: str = F.ROWS):
     super().__init__()
+    self._layout = layout
     self._conflicts = conflicts
     self._split = split
     self._skeleton = skeleton_pattern
@@ -408,7 +505,7 @@ class ReadAliCCP(beam.PTransform):
     skeleton_rows = skeleton_rows | "KeyByIndex" >> beam.Map(lambda e: (e[1], (SKELETON, e[2])))
     joined = ((skeleton_rows, common.rows)
               | "GroupByIndex" >> grouping.GroupByKeyInBuckets()
-              | "Join" >> beam.ParDo(_JoinFn(self._split, self._arrow, self._batch_rows))
+              | "Join" >> beam.ParDo(_JoinFn(self._split, self._arrow, self._batch_rows, self._layout))
               .with_outputs(DEAD, main="record_batches"))
     dead = (dead + [joined[DEAD]]) | "FlattenDeadLetters" >> beam.Flatten()
     return {"record_batches": joined.record_batches, DEAD: dead}
@@ -442,7 +539,8 @@ def reconcile(counters: Mapping[str, int], split: str) -> dict:
   }
   out["rows_unaccounted_by_hop"] = unaccounted_by_hop(
       out["rows_by_stage"], skeleton_dead,
-      {UNKNOWN_COMMON_FEATURE_INDEX: "joined", DUPLICATE_COMMON_FEATURE_INDEX: "joined"})
+      {UNKNOWN_COMMON_FEATURE_INDEX: "joined", DUPLICATE_COMMON_FEATURE_INDEX: "joined",
+       USER_FIELD_IN_SKELETON: "joined"})
   out["skeleton_balanced"] = out["skeleton_rows_read"] == out["rows_written"] + sum(skeleton_dead.values())
   out["common_balanced"] = out["common_rows_read"] == (
       out["common_rows_used"] + out["common_rows_unused"] + sum(common_dead.values()))
