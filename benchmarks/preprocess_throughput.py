@@ -56,6 +56,7 @@ sys.path.insert(0, ROOT)
 
 from absl import app, flags  # noqa: E402
 
+import process_stats  # noqa: E402
 import results_io  # noqa: E402
 from datagen import synthetic  # noqa: E402
 from preprocessing import features as F  # noqa: E402
@@ -117,36 +118,6 @@ def machine_scaling(loops: int) -> dict:
   return {"one_process_s": round(alone, 2), "two_processes_s": round(both, 2), "scaling": round(2 * alone / both, 2)}
 
 
-def _tree_stats(pid: int) -> Tuple[int, Dict[int, float]]:
-  """(resident bytes of ``pid`` and all its descendants, {pid: CPU seconds so far} of each of
-  them), from /proc."""
-  children: Dict[int, List[int]] = {}
-  rss: Dict[int, int] = {}
-  cpu: Dict[int, float] = {}
-  page, tick = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
-  for entry in os.listdir("/proc"):
-    if not entry.isdigit():
-      continue
-    try:
-      with open(f"/proc/{entry}/stat") as f:
-        stat = f.read()
-      with open(f"/proc/{entry}/statm") as f:
-        rss[int(entry)] = int(f.read().split()[1]) * page
-    except (OSError, IndexError, ValueError):
-      continue
-    fields = stat[stat.rindex(")") + 2:].split()
-    children.setdefault(int(fields[1]), []).append(int(entry))
-    cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick   # utime + stime
-  total, tree, todo = 0, {}, [pid]
-  while todo:
-    p = todo.pop()
-    total += rss.get(p, 0)
-    if p in cpu:
-      tree[p] = cpu[p]
-    todo.extend(children.get(p, ()))
-  return total, tree
-
-
 MODES = ("multi_processing", "in_memory", "multi_threading")
 
 
@@ -181,18 +152,8 @@ def run_job(raw: str, out: str, workers: int, mode: str = MODES[0],
          *runner, *FLAGS.beam_args]
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=FLAGS.code_dir)
   log = out.rstrip("/") + ".log"
-  start = time.perf_counter()
-  with open(log, "w") as f:   # a file, not a pipe: the job logs more than a pipe buffer holds
-    proc = subprocess.Popen(cmd, cwd=FLAGS.code_dir, env=env, stdout=f, stderr=subprocess.STDOUT)
-    peak, cpu = 0, {}
-    while proc.poll() is None:
-      rss, tree = _tree_stats(proc.pid)
-      peak = max(peak, rss)
-      cpu.update(tree)     # processes that exited keep their last reading
-      time.sleep(FLAGS.sample_seconds)
-  seconds = time.perf_counter() - start
-  launcher = cpu.pop(proc.pid, 0.0)
-  return seconds, peak, open(log).read(), proc.returncode, {"launcher": launcher, "others": sum(cpu.values())}
+  run = process_stats.run_measured(cmd, log, FLAGS.code_dir, env, FLAGS.sample_seconds)
+  return run.seconds, run.peak_rss, open(log).read(), run.returncode, run.cpu
 
 
 def _failure(output: str) -> str:

@@ -7,7 +7,9 @@ the true counterfactual conversions -- the quantity ESMM is meant to improve -- 
 ``oracle`` row scored with the true probabilities, the ceiling for any model.
 """
 
+import array
 import csv
+import gzip
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -49,20 +51,40 @@ def sample_id_strings(ids: np.ndarray) -> np.ndarray:
 
 
 def read_ground_truth(path: str) -> Dict[str, np.ndarray]:
-  with tf.io.gfile.GFile(path) as f:
-    rows = list(csv.DictReader(f))
-  return {
-      "sample_id": np.array([r["sample_id"] for r in rows], dtype=str),
-      "true_pctr": np.array([float(r["true_pctr"]) for r in rows]),
-      "true_pcvr": np.array([float(r["true_pcvr"]) for r in rows]),
-      "counterfactual_conversion": np.array([int(r["counterfactual_conversion"]) for r in rows]),
-  }
+  """datagen.synthetic's ground truth (``.csv`` or ``.csv.gz``, local or any tf.io.gfile path),
+  streamed into arrays: sample ids int64 where they all are integers (Ali-CCP), else str."""
+  ints, strs = array.array("q"), None
+  cols = {"true_pctr": array.array("d"), "true_pcvr": array.array("d"), "counterfactual_conversion": array.array("b")}
+  with tf.io.gfile.GFile(path, "rb") as raw:
+    stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+    rows = csv.reader(line.decode("utf-8") for line in stream)
+    header = next(rows)
+    at = {name: header.index(name) for name in ["sample_id", *cols]}
+    for row in rows:
+      sid = row[at["sample_id"]]
+      if strs is None:
+        try:
+          ints.append(int(sid))
+        except ValueError:
+          strs = [str(i) for i in ints]
+      if strs is not None:
+        strs.append(sid)
+      cols["true_pctr"].append(float(row[at["true_pctr"]]))
+      cols["true_pcvr"].append(float(row[at["true_pcvr"]]))
+      cols["counterfactual_conversion"].append(int(row[at["counterfactual_conversion"]]))
+  out = {"sample_id": np.array(strs, dtype=str) if strs is not None else np.frombuffer(ints, np.int64)}
+  out.update({k: np.frombuffer(v, {"d": np.float64, "b": np.int8}[v.typecode]).astype(
+      np.int64 if v.typecode == "b" else np.float64) for k, v in cols.items()})
+  return out
 
 
 def align_truth(sample_ids: np.ndarray, truth: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   """Ground-truth columns in the order of ``sample_ids``; every id must be present."""
-  sample_ids = sample_id_strings(sample_ids)
-  order = np.argsort(truth["sample_id"])
+  sample_ids = np.asarray(sample_ids)
+  if truth["sample_id"].dtype.kind != "i" or sample_ids.dtype.kind not in "iu":
+    sample_ids = sample_id_strings(sample_ids)
+    truth = dict(truth, sample_id=sample_id_strings(truth["sample_id"]))
+  order = np.argsort(truth["sample_id"], kind="stable")
   sorted_ids = truth["sample_id"][order]
   pos = np.searchsorted(sorted_ids, sample_ids)
   pos = np.minimum(pos, len(sorted_ids) - 1)

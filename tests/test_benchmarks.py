@@ -10,6 +10,7 @@ import tensorflow as tf
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import preprocess_throughput as PT  # noqa: E402
+import process_stats  # noqa: E402
 
 
 def test_parse_run_reads_impressions_workers_and_an_optional_mode_and_partitions():
@@ -62,14 +63,14 @@ def test_tree_stats_reads_memory_and_cpu_of_a_process_and_its_descendants():
   try:
     deadline = time.time() + 20
     while True:
-      rss, cpu = PT._tree_stats(os.getpid())
+      rss, cpu = process_stats.tree_stats(os.getpid())
       if cpu.get(child.pid, 0) >= 0.25 or time.time() > deadline:
         break
       time.sleep(0.1)
     assert os.getpid() in cpu and child.pid in cpu
     assert 0.25 <= cpu[child.pid] < 5
-    assert rss >= PT._tree_stats(child.pid)[0] > 0     # the tree holds the child's memory too
-    assert set(PT._tree_stats(child.pid)[1]) == {child.pid}   # a child's tree is only itself
+    assert rss >= process_stats.tree_stats(child.pid)[0] > 0     # the tree holds the child's memory too
+    assert set(process_stats.tree_stats(child.pid)[1]) == {child.pid}   # a child's tree is only itself
   finally:
     child.kill()
     child.wait()
