@@ -50,6 +50,8 @@ in the public data; a few values are left empty. ``bad_rows`` injects rows of ev
 reason the reader sets aside (train split only, never in the ground truth).
 
 Usage: python -m datagen.synthetic --output_dir=/tmp/aliccp [--num_train=...]
+       python -m datagen.synthetic --profile=release --scale=0.01 --output_dir=/tmp/release
+         (the public release's shape and size, gzipped: datagen/release.py)
        python -m datagen.synthetic --format=avazu --output_dir=/tmp/avazu [--bad_rows=8]
 """
 
@@ -73,6 +75,13 @@ def define_flags(fv: flags.FlagValues = FLAGS):
   defined into ``fv`` with their bounds; validate_flags checks them together before any write."""
   fl = cli.Define(fv)
   fl.DEFINE_enum("format", "aliccp", ["aliccp", "avazu"], "Raw layout to write.")
+  fl.DEFINE_enum("profile", "default", ["default", "release"],
+                 "Ali-CCP: 'default' writes the small world of the sizes below as plain CSV; 'release' "
+                 "the public release's shape and size times --scale as .csv.gz (datagen/release.py; "
+                 "uses --output_dir, --seed, --click_selection and --scale only).")
+  fl.DEFINE_float("scale", 0.01, "--profile=release: fraction of the release's impressions, common rows, "
+                  "users and items (1.0: the whole release, ~85M impressions).",
+                  lower_bound=1e-7, upper_bound=1.0)
   fl.DEFINE_string("output_dir", "/tmp/esmm/raw", "Where to write the CSV files.")
   fl.DEFINE_integer("num_train", 150_000, "Impressions in the train split.", lower_bound=1)
   fl.DEFINE_integer("num_test", 75_000, "Impressions in the test split.", lower_bound=1)
@@ -130,12 +139,13 @@ def _items_str(field: str, local_ids, weights=None) -> List[str]:
   return [f"{field}\x02{i}\x03{_fmt_weight(w)}" for i, w in zip(ids, weights)]
 
 
-def solve_bias(logits: np.ndarray, target: float) -> float:
-  """Bias b such that mean(sigmoid(logits + b)) == target (bisection)."""
+def solve_bias(logits: np.ndarray, target: float, weights: np.ndarray = None) -> float:
+  """Bias b such that mean(sigmoid(logits + b)) == target (bisection); with ``weights``, the
+  weighted mean (a post-click rate: weights are the click probabilities)."""
   lo, hi = -30.0, 30.0
   for _ in range(60):
     mid = (lo + hi) / 2
-    if np.mean(1 / (1 + np.exp(-(logits + mid)))) < target:
+    if np.average(1 / (1 + np.exp(-(logits + mid))), weights=weights) < target:
       lo = mid
     else:
       hi = mid
@@ -789,6 +799,8 @@ def validate_flags(fv: flags.FlagValues = FLAGS) -> None:
   cli.require(fv, "output_dir")
   if fv["daily"].value and fv["format"].value != "aliccp":
     raise cli.UsageError("--daily writes the Ali-CCP layout")
+  if fv["profile"].value == "release" and (fv["daily"].value or fv["format"].value != "aliccp"):
+    raise cli.UsageError("--profile=release writes the Ali-CCP batch layout (no --daily, no --format=avazu)")
 
 
 def main(argv):
@@ -799,6 +811,15 @@ def main(argv):
                             cvr=FLAGS.cvr, bad_rows=FLAGS.bad_rows, seed=FLAGS.seed):
       print(f"{s['date']}: {s['impressions']} impressions, {s['clicks']} clicks, {s['converted']} "
             f"conversions to arrive (+{s['duplicates']} duplicate log rows)")
+    return
+  if FLAGS.profile == "release":
+    from datagen import release    # imports this module
+    for s in release.generate(FLAGS.output_dir, FLAGS.scale, FLAGS.seed, FLAGS.click_selection):
+      print(f"{s['split']}: {s['impressions']} impressions, {s['common_rows']} common rows "
+            f"({s['user_values_mean']:.0f} user-side values per row, max {s['user_values_max']}), "
+            f"{s['clicks']} clicks (CTR {s['ctr']:.4f}), {s['conversions']} conversions "
+            f"(CVR on clicks {s['cvr_on_clicks']:.4f}), {s['anomalies']} anomaly rows, "
+            f"{s['raw_bytes']:,} bytes ({s['gz_bytes']:,} gzipped)")
     return
   if FLAGS.format == "avazu":
     default = lambda name, value: FLAGS[name].value if FLAGS[name].present else value

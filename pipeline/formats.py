@@ -90,6 +90,16 @@ def _reason_lines(dead: Mapping[str, int]) -> List[str]:
   return [f"      {reason}: {n:,}" for reason, n in sorted(dead.items())]
 
 
+def _release_file(input_dir: str, name: str) -> str:
+  """``name``.csv under ``input_dir``, else ``name``.csv.gz when only that exists (the readers
+  decompress by extension)."""
+  plain = os.path.join(input_dir, f"{name}.csv")
+  for path in (plain, plain + ".gz"):
+    if tf.io.gfile.glob(path):
+      return path
+  return plain
+
+
 class AliCCP(Format):
   name = "aliccp"
   override_flags = ("train_skeleton", "train_common", "eval_skeleton", "eval_common")
@@ -105,7 +115,7 @@ class AliCCP(Format):
         if not pattern:
           if not input_dir:
             raise UsageError(f"give --input_dir or --{split}_{kind}")
-          pattern = os.path.join(input_dir, f"{release}_{suffix}.csv")
+          pattern = _release_file(input_dir, f"{release}_{suffix}")
         if not tf.io.gfile.glob(pattern):
           raise UsageError(f"no file matches --{split}_{kind}={pattern}")
         patterns[split][kind] = pattern
