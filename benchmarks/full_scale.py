@@ -219,8 +219,10 @@ def markdown(n: dict) -> str:
   lines = [f"# Ali-CCP at scale {n['scale']:g}, end to end", "",
            f"`.venv/bin/python benchmarks/full_scale.py --scale={n['scale']:g}` on {n['machine']}.", ""]
   if gen:
-    lines += [f"Generated: {', '.join(f'{s} {gen[s]['impressions']:,} impressions over {gen[s]['common_rows']:,} common rows' for s in ('train', 'test') if s in gen)}; "
-              f"raw text {gen.get('raw_text_bytes', 0) / 1e9:.2f} GB, gzip {n['disk_bytes']['raw'] / 1e9:.2f} GB on disk.", ""]
+    splits = ", ".join("{} {:,} impressions over {:,} common rows".format(s, gen[s]["impressions"], gen[s]["common_rows"])
+                       for s in ("train", "test") if s in gen)
+    lines += [f"Generated: {splits}; raw text {gen.get('raw_text_bytes', 0) / 1e9:.2f} GB, "
+              f"gzip {n['disk_bytes']['raw'] / 1e9:.2f} GB on disk.", ""]
   lines += ["| stage | wall s | rows/s | peak RSS GiB | output GB |", "|---|---|---|---|---|"]
   for name, st in n["stages"].items():
     rate = st.get("train_rows_per_s") or st.get("rows_per_s")

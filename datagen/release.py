@@ -44,6 +44,7 @@ hit the profile's rates.
 """
 
 import gzip
+import json
 import math
 import multiprocessing
 import os
@@ -527,7 +528,8 @@ def _chunk_files(world: ReleaseWorld, rng: np.random.Generator, plan: Split, spl
   counts = {"impressions": m, "clicks": int(click.sum()), "conversions": int(conversion.sum()),
             "anomalies": len(anomalous), "sum_pctr": float(c["p_ctr"].sum()),
             "sum_pctr_pcvr": float((c["p_ctr"] * c["p_cvr"]).sum()),
-            "raw_bytes": sum(len(b) for b in files.values())}
+            "raw_bytes": sum(len(b) for b in files.values()),
+            "raw_text_bytes": len(files["sample_skeleton"]) + len(files["common_features"])}
   return files, dict(counts, user_values=values)
 
 
@@ -540,6 +542,7 @@ def _summary(split: str, plan: Split, totals: Dict, values: np.ndarray, paths: D
           "true_cvr_on_clicks": totals["sum_pctr_pcvr"] / max(1e-12, totals["sum_pctr"]),
           "user_values_mean": float(values.mean()), "user_values_max": int(values.max()),
           "user_values_p99": float(np.percentile(values, 99)), "raw_bytes": totals["raw_bytes"],
+          "raw_text_bytes": totals["raw_text_bytes"],
           "gz_bytes": sum(os.path.getsize(p) for p in paths.values())}
 
 
@@ -573,16 +576,27 @@ def write_split(out_dir: str, split: str, split_id: int, scale: float, seed: int
   return summary
 
 
+# What generate writes beside the data: the summary of each split.
+SUMMARY_FILE = "summary.json"
+
+
 def _write_split_args(args) -> dict:
   return write_split(*args)
 
 
 def generate(output_dir: str, scale: float = 0.01, seed: int = 2018,
              click_selection: float = synthetic.DEFAULT_CLICK_SELECTION, processes: int = 2) -> List[dict]:
-  """Writes both splits (``processes`` at a time); a pure function of the arguments."""
+  """Writes both splits (``processes`` at a time), then SUMMARY_FILE: each split's summary and
+  ``raw_text_bytes``, the uncompressed bytes of the release's own files (skeleton and common
+  features, not the ground truth). A pure function of the arguments."""
   os.makedirs(output_dir, exist_ok=True)
   jobs = [(output_dir, split, k, scale, seed, click_selection) for k, split in enumerate(PROFILE["splits"])]
   if processes <= 1:
-    return [_write_split_args(j) for j in jobs]
-  with multiprocessing.get_context("fork").Pool(min(processes, len(jobs))) as pool:
-    return pool.map(_write_split_args, jobs)
+    summaries = [_write_split_args(j) for j in jobs]
+  else:
+    with multiprocessing.get_context("fork").Pool(min(processes, len(jobs))) as pool:
+      summaries = pool.map(_write_split_args, jobs)
+  with open(os.path.join(output_dir, SUMMARY_FILE), "w") as f:
+    json.dump({**{s["split"]: s for s in summaries}, "scale": scale, "seed": seed,
+               "raw_text_bytes": sum(s["raw_text_bytes"] for s in summaries)}, f, indent=2, sort_keys=True)
+  return summaries
