@@ -100,6 +100,12 @@ def base_rates(transform_dir: str) -> Optional[Dict[str, float]]:
   return {"ctr": (clicks + 0.5) / (rows + 1.0), "cvr": (conversions + 0.5) / (clicks + 1.0)}
 
 
+def distinct_ids(transform_dir: str) -> Optional[Dict[str, int]]:
+  """{field: distinct hashed ids in the train split} the preprocessing run counted (None for an
+  output without them)."""
+  return _reconciliation(transform_dir)["splits"]["train"].get("distinct_ids")
+
+
 def train_records(transform_dir: str, block_rows: int) -> int:
   """Records of the training input: blocks when training reads blocks, else rows."""
   train = _reconciliation(transform_dir)["splits"]["train"]
