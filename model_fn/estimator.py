@@ -22,10 +22,12 @@ import numpy as np
 from absl import logging
 
 from model_fn import calibration as C
-from model_fn import esmm, export, layers, mmoe
+from model_fn import esmm, export, layers, memory, mmoe
+from model_fn import table_sizing
 from model_fn import input_fn as I
 from model_fn import metrics as M
-from model_fn.params import MODEL_SPECS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params, upgrade_recorded
+from model_fn.params import (DEFAULT_MEMORY_LIMIT_GB, MODEL_SPECS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params,
+                             table_rows, upgrade_recorded)
 from preprocessing import features as F
 from preprocessing import transform as T
 
@@ -156,10 +158,16 @@ def _json(params: Dict[str, Any]) -> Dict[str, Any]:
 
 # Recorded in params.json but not part of a model's identity: they only initialise variables.
 INIT_PARAMS = ("base_rates",)
+# Recorded, but what they decide is recorded too: the rows they gave each table (field_rows).
+SIZING_PARAMS = ("table_rows_per_id",)
 
 
 def _identity(params: Dict[str, Any]) -> Dict[str, Any]:
-  return {k: v for k, v in params.items() if k not in INIT_PARAMS}
+  """The params that make a model what it is, with the rows of each table however they were given."""
+  out = {k: v for k, v in params.items() if k not in INIT_PARAMS + SIZING_PARAMS}
+  if out.get("hash_buckets"):
+    out["field_rows"] = table_rows(params)
+  return out
 
 
 def schema_difference(old_buckets: Dict[str, int], new_buckets: Dict[str, int]) -> str:
@@ -229,14 +237,41 @@ def check_model_dir(model_dir: str, params: Dict[str, Any], what: str = "--model
       + "; use another directory, or the same params to resume")
 
 
+def _shapes(params: Dict[str, Any]) -> Dict[str, Any]:
+  """The SHAPE_PARAMS of params, with the rows each table has (however they were given) as field_rows."""
+  out = {k: params.get(k) for k in SHAPE_PARAMS if k != "table_rows"}
+  out["field_rows"] = table_rows(params) if params.get("hash_buckets") else None
+  return out
+
+
+def resolve_field_rows(params: Dict[str, Any], model_dir: str, transform_dir: str,
+                       warm_start_from: Optional[str] = None) -> Dict[str, Any]:
+  """Resolved params with ``field_rows``: those of the model_dir's checkpoints when it resumes one,
+  else the warm-start source's tables (a warm start copies them, so their shapes are fixed), else
+  sized from the transform output's distinct ids (table_sizing). Recorded in params.json."""
+  if params.get("field_rows"):
+    return params
+  own = os.path.join(model_dir, PARAMS_FILE)
+  if tf.io.gfile.isdir(model_dir) and tf.train.latest_checkpoint(model_dir) and tf.io.gfile.exists(own):
+    recorded = _recorded_params(own)
+    return {**params, "field_rows": recorded.get("field_rows"), "table_rows_per_id": recorded["table_rows_per_id"]}
+  source = warm_start_from and os.path.join(warm_start_from, PARAMS_FILE)
+  if source and tf.io.gfile.exists(source):
+    recorded = _recorded_params(source)
+    if recorded.get("hash_buckets") == params["hash_buckets"] and recorded.get("fields") == params["fields"]:
+      return {**params, "field_rows": table_rows(recorded)}
+    return params    # refused by check_warm_start, naming what differs
+  return {**params, "field_rows": table_sizing.resolve_field_rows(params, I.distinct_ids(transform_dir))}
+
+
 def check_warm_start(source: str, params: Dict[str, Any]) -> None:
   """A warm start copies variables by name and shape: the source must have the same shapes."""
   path = os.path.join(source, PARAMS_FILE)
   if not tf.io.gfile.exists(path):
     return   # a bare checkpoint: TF checks it variable by variable
-  old = _recorded_params(path)
-  new = _json(params)
-  diff = [k for k in SHAPE_PARAMS if old.get(k) != new.get(k)]
+  old = _shapes(_recorded_params(path))
+  new = _shapes(_json(params))
+  diff = [k for k in old if old.get(k) != new.get(k)]
   if diff:
     detail = (schema_difference(old.get("hash_buckets") or {}, new.get("hash_buckets") or {})
               if diff == ["hash_buckets"] else ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}"
@@ -265,7 +300,8 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
                        eval_throttle_secs: int = 30, train_input: str = "auto",
                        calibration: str = C.DEFAULT_METHOD,
                        calibration_holdout: Optional[float] = None,
-                       conversion_scale: float = 1.0) -> Dict[str, Any]:
+                       conversion_scale: float = 1.0,
+                       memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB) -> Dict[str, Any]:
   """Trains to the step budget (resuming), evaluates, exports. Returns metrics and export path.
 
   The step budget is global: on a cluster the chief and the workers together train
@@ -278,6 +314,10 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   fitted on a held-out ``calibration_holdout`` share of the train split (default 0.05), which
   training then does not read; ``none`` keeps the towers' own values. ``conversion_scale``: the
   pCVR calibration is fitted to the conversions times it (orchestration/delay.py; needs a calibration).
+
+  Each table's rows (params ``field_rows``) are resolved by resolve_field_rows; a run whose
+  estimated peak memory (model_fn/memory.py) exceeds ``memory_limit_gb`` (0: what this machine
+  has available) is refused (memory.DoesNotFit) before anything is built or written.
 
   The output biases start at the logits of the train split's base rates (params
   ``base_rates``, read from the preprocessing run's label counts unless given); ``format`` and
@@ -297,8 +337,12 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
     if params["base_rates"] is None:
       logging.warning("%s records no label counts (preprocessed by an older version): the output "
                       "biases start at 0; preprocess again to start them at the base rates", transform_dir)
-  params = resolve_params(params)
+  params = resolve_params(resolve_field_rows(resolve_params(params), model_dir, transform_dir, warm_start_from))
   I.require_labels(tft_output, params["model"], transform_dir)
+  estimate = memory.check_fits(params, memory_limit_gb)
+  tables = table_sizing.report(table_rows(params), I.distinct_ids(transform_dir), transform_dir)
+  logging.info("%s\nmemory estimate: %s GiB", table_sizing.format_report(tables),
+               ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in estimate.items()))
   if train_steps <= 0:
     rows = I.split_rows(transform_dir, "train") * (1 - calibration_holdout)
     train_steps = max(1, math.ceil(num_epochs * rows / batch_size))
@@ -353,7 +397,8 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   out = {"task": task, "model_dir": model_dir, "train_steps": train_steps, "metrics": metrics,
          "task_steps": task_steps(model_dir),
          # What train_matmul_dtype "auto" became on this machine (a run's record of its arithmetic).
-         "train_compute_dtype": layers.matmul_dtype(params, training=True).name}
+         "train_compute_dtype": layers.matmul_dtype(params, training=True).name,
+         "tables": tables, "memory_estimate": estimate}
   if do_export:
     # The Estimator writes each export under export/temp-<time> and renames it when complete;
     # a run killed mid-export leaves such a dir, removed here.

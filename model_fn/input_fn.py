@@ -111,6 +111,12 @@ def rows_per_group(transform_dir: str, split: str = "train") -> int:
   return max(1, round(int(r["rows_written"]) / max(1, int(r.get("groups_written") or 0))))
 
 
+def distinct_ids(transform_dir: str) -> Optional[Dict[str, int]]:
+  """{field: distinct hashed ids in the train split} the preprocessing run counted (None for an
+  output without them)."""
+  return _reconciliation(transform_dir)["splits"]["train"].get("distinct_ids")
+
+
 def train_records(transform_dir: str, block_rows: int) -> int:
   """Records of the training input: blocks when training reads blocks, groups when the output is
   grouped, else rows."""

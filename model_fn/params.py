@@ -48,6 +48,8 @@ MODEL_SPECS: Dict[str, Dict[str, Any]] = {
             "cvr_loss_weight": 1.0, "counterfactual": None},
 }
 MODELS = tuple(MODEL_SPECS)
+# The memory a training run may take (model_fn/memory.py); 0: what this machine has available.
+DEFAULT_MEMORY_LIMIT_GB = 0.0
 DEFAULT_PLE_LEVELS = 2
 COUNTERFACTUAL_RISKS = (None, "ips", "dr")
 MATMUL_DTYPES = ("auto", "float32", "bfloat16")
@@ -69,6 +71,13 @@ DEFAULT_PARAMS: Dict[str, Any] = {
     # hashed ids modulo it (exact re-hashing when it divides the bucket count), so the table
     # size is chosen at training time, not only by the preprocessing run.
     "table_rows": 0,
+  # Rows per distinct id: each field's table gets min(hash buckets, the next power of two >= its
+  # distinct ids in the train split x this), from the preprocessing run's counts
+  # (model_fn/table_sizing.py); 0: the hash buckets (capped by table_rows).
+  "table_rows_per_id": 0.0,
+  # {field: rows}: the rows each table has, resolved by the trainer from the two above (or taken
+  # from the model it resumes or warm-starts from) and recorded in params.json; None: table_rows.
+  "field_rows": None,
     "embedding_dim": 18,
     # How a field's values are pooled into one vector: the weighted sum, or the weighted sum
     # divided by the sum of the weights (mean) or by the root of the sum of squared weights (sqrtn).
@@ -124,7 +133,8 @@ DEFAULT_PARAMS: Dict[str, Any] = {
 
 
 # What a params.json written before a param existed trained with: its value then.
-LEGACY_PARAMS: Dict[str, Any] = {"dense_ema_decay": 0.0, "output_bias_init": "zero", "train_holdout": 0.0}
+LEGACY_PARAMS: Dict[str, Any] = {"table_rows_per_id": 0.0, "dense_ema_decay": 0.0, "output_bias_init": "zero",
+                                 "train_holdout": 0.0}
 
 
 def upgrade_recorded(recorded: Dict[str, Any]) -> Dict[str, Any]:
@@ -170,9 +180,9 @@ RUNTIME_PARAMS: Dict[str, Any] = {
 
 # The params that decide the variables' names and shapes: a checkpoint restores (or warm-starts)
 # only into a model with the same values.
-SHAPE_PARAMS = ("model", "format", "hash_buckets", "fields", "table_rows", "embedding_dim", "ctr_hidden_units",
-                "cvr_hidden_units", "num_experts", "num_task_experts", "num_shared_experts", "ple_levels",
-                "expert_hidden_units", "tower_hidden_units", "share_embeddings", "uncertainty_weighting",
+SHAPE_PARAMS = ("model", "format", "hash_buckets", "fields", "table_rows", "field_rows", "embedding_dim",
+                "ctr_hidden_units", "cvr_hidden_units", "num_experts", "num_task_experts", "num_shared_experts",
+                "ple_levels", "expert_hidden_units", "tower_hidden_units", "share_embeddings", "uncertainty_weighting",
                 "counterfactual")
 
 
@@ -260,6 +270,14 @@ def resolve_params(params) -> Dict[str, Any]:
   p["table_rows"] = int(p["table_rows"] or 0)
   if p["table_rows"] < 0:
     raise ValueError(f"table_rows must be >= 0 (0: the hash bucket counts), got {p['table_rows']}")
+  p["table_rows_per_id"] = float(p["table_rows_per_id"] or 0)
+  if not 0 <= p["table_rows_per_id"] < float("inf"):
+    raise ValueError(f"table_rows_per_id must be >= 0 (0: the hash bucket counts), got {p['table_rows_per_id']}")
+  if p["field_rows"] is not None:
+    p["field_rows"] = {k: int(v) for k, v in p["field_rows"].items()}
+    short = sorted(set(p.get("fields") or p["hash_buckets"]) - set(p["field_rows"]))
+    if short or any(v < 1 for v in p["field_rows"].values()):
+      raise ValueError(f"field_rows must give every embedded field at least 1 row; missing: {short[:8]}")
   p["base_rates"] = check_base_rates(p["base_rates"])
   if p["output_bias_init"] not in OUTPUT_BIAS_INITS:
     raise ValueError(f"output_bias_init must be one of {OUTPUT_BIAS_INITS}, got {p['output_bias_init']!r}")
@@ -323,7 +341,10 @@ def check_base_rates(rates: Optional[Dict[str, float]]) -> Optional[Dict[str, fl
 
 
 def table_rows(p: Dict[str, Any]) -> Dict[str, int]:
-  """Rows of each embedded field's table: its hash buckets, capped by ``table_rows``."""
+  """Rows of each embedded field's table: ``field_rows`` when resolved, else its hash buckets
+  capped by ``table_rows``."""
   names = p.get("fields") or list(p["hash_buckets"])
+  if p.get("field_rows"):
+    return {n: int(p["field_rows"][n]) for n in names}
   cap = int(p.get("table_rows") or 0)
   return {n: min(p["hash_buckets"][n], cap) if cap else p["hash_buckets"][n] for n in names}

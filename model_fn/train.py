@@ -29,7 +29,7 @@ from absl import flags
 from model_fn import estimator as E
 from model_fn import input_fn as I
 from model_fn import calibration as C
-from model_fn.params import (COUNTERFACTUAL_RISKS, DEFAULT_PARAMS, EMBEDDING_LEARNING_RATES, EMBEDDING_UPDATES,
+from model_fn.params import (COUNTERFACTUAL_RISKS, DEFAULT_MEMORY_LIMIT_GB, DEFAULT_PARAMS, EMBEDDING_LEARNING_RATES, EMBEDDING_UPDATES,
                              LEARNING_RATE_SCHEDULES, MATMUL_DTYPES, MODELS, OUTPUT_BIAS_INITS, POOLINGS,
                              RUNTIME_PARAMS, check_params, check_run)
 from preprocessing import cli
@@ -95,6 +95,13 @@ def define_flags(fv: flags.FlagValues = FLAGS):
                  "output), e.g. 101,205,206 to train on a subset without preprocessing again.")
   fl.DEFINE_integer("table_rows", D["table_rows"], "Rows per embedding table (0: each field's hash "
                     "bucket count); fewer rows fold the hashed ids modulo this number.", lower_bound=0)
+  fl.DEFINE_float("table_rows_per_id", D["table_rows_per_id"], "Size each table to the next power of "
+                  "two >= the field's distinct ids in the train split times this, at most its hash buckets "
+                  "(0: the hash buckets, capped by --table_rows). A resumed or warm-started model keeps "
+                  "its tables' rows.", lower_bound=0.0)
+  fl.DEFINE_float("memory_limit_gb", DEFAULT_MEMORY_LIMIT_GB, "Refuse to train when the estimated peak "
+                  "memory (model_fn/memory.py) exceeds this many GiB (0: MemAvailable, or the cgroup's "
+                  "limit if lower).", lower_bound=0.0)
   fl.DEFINE_list("ctr_hidden_units", _units(D["ctr_hidden_units"]), "CTR tower layer sizes (two-tower models).")
   fl.DEFINE_list("cvr_hidden_units", _units(D["cvr_hidden_units"]), "CVR tower layer sizes (two-tower models).")
   fl.DEFINE_integer("num_experts", D["num_experts"], "mmoe: number of experts.", lower_bound=1)
@@ -150,7 +157,7 @@ def define_flags(fv: flags.FlagValues = FLAGS):
 
 # Flags that are model params under the same name.
 PARAM_FLAGS = ("model", "embedding_dim", "embedding_update", "embedding_init_stddev", "pooling", "fields",
-               "table_rows", "num_experts", "num_task_experts", "num_shared_experts", "ple_levels",
+               "table_rows", "table_rows_per_id", "num_experts", "num_task_experts", "num_shared_experts", "ple_levels",
                "uncertainty_weighting", "dropout", "learning_rate", "learning_rate_schedule", "warmup_steps",
                "dense_ema_decay", "output_bias_init", "embedding_optimizer", "embedding_learning_rate",
                "ctr_loss_weight", "ctcvr_loss_weight", "cvr_loss_weight", "counterfactual",
@@ -199,7 +206,8 @@ def main(argv):
                              FLAGS.num_epochs, FLAGS.train_steps, FLAGS.eval_steps, FLAGS.seed,
                              FLAGS.save_checkpoints_steps, FLAGS.export,
                              eval_throttle_secs=FLAGS.eval_throttle_secs, train_input=FLAGS.train_input,
-                             calibration=FLAGS.calibration, calibration_holdout=FLAGS.calibration_holdout)
+                             calibration=FLAGS.calibration, calibration_holdout=FLAGS.calibration_holdout,
+                             memory_limit_gb=FLAGS.memory_limit_gb)
   except (I.IncompleteTransformOutput, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return cli.EXIT_USAGE

@@ -65,7 +65,8 @@ from model_fn import estimator as E
 from model_fn import evaluation
 from model_fn import input_fn as I
 from model_fn import metrics as M
-from model_fn.params import MODELS, check_params, check_run
+from model_fn.memory import DoesNotFit
+from model_fn.params import DEFAULT_MEMORY_LIMIT_GB, MODELS, check_params, check_run
 from orchestration import daily_report, delay, gate
 from pipeline import partition, preprocess, publish, relabel
 from pipeline.sources import aliccp
@@ -140,6 +141,9 @@ def define_flags(fv: flags.FlagValues = FLAGS):
   fl.DEFINE_boolean("warm_start", True, "Continue from the served model's variables (--nowarm_start: "
                     "train from scratch, e.g. after a change of model shape).")
   fl.DEFINE_integer("batch_size", 1024, "Examples per step.", lower_bound=1)
+  fl.DEFINE_float("memory_limit_gb", DEFAULT_MEMORY_LIMIT_GB, "Refuse to train when the estimated peak "
+                  "memory exceeds this many GiB (0: what the machine has available; model_fn/memory.py).",
+                  lower_bound=0.0)
   fl.DEFINE_integer("max_hash_buckets", 1 << 17, "Cap on every field's hash buckets (fixed across days).",
                     lower_bound=0)
   fl.DEFINE_string("ground_truth_dir", None,
@@ -531,9 +535,12 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
         train_examples: bool = True, model_params: Optional[Dict] = None,
         calibration: str = "bias", calibration_band: Sequence = gate.DEFAULT_BAND,
         min_gate_positives: int = gate.DEFAULT_MIN_POSITIVES, undecided: str = gate.DEFAULT_UNDECIDED,
-        gate_confidence: float = gate.DEFAULT_CONFIDENCE) -> Dict:
+        gate_confidence: float = gate.DEFAULT_CONFIDENCE,
+        memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB) -> Dict:
   """One day's run (see the module doc). Returns the run's result (also RUN/result.json).
-  ``model_params``: params the model trains with besides ``model`` (checked before any work)."""
+  ``model_params``: params the model trains with besides ``model`` (checked before any work).
+  ``memory_limit_gb``: a model whose estimated training memory exceeds it (0: what the machine
+  has available) is refused before it trains (model_fn/memory.py)."""
   model_params = check_args(date, model, model_params, calibration, window_days, maturity_days,
                             label_strategy, holdout_percent, batch_size, num_epochs, warm_epochs,
                             gate_metrics, max_hash_buckets, attribution_days, keep_versions, calibration_band,
@@ -591,9 +598,12 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
     if (not trained or not tf.io.gfile.exists(trained.get("saved_model", ""))
         or (C.load(model_dir) or {}).get("conversion_scale", 1.0) != delays["conversion_scale"]):
       params = {**model_params, "model": model}      # format and hash buckets: the day's transform
-      trained = E.train_and_evaluate(transform_dir, model_dir, params, batch_size, num_epochs=epochs, seed=seed,
-                                     warm_start_from=warm, calibration=calibration,
-                                     conversion_scale=delays["conversion_scale"])
+      try:
+        trained = E.train_and_evaluate(transform_dir, model_dir, params, batch_size, num_epochs=epochs, seed=seed,
+                                       warm_start_from=warm, calibration=calibration,
+                                       conversion_scale=delays["conversion_scale"], memory_limit_gb=memory_limit_gb)
+      except DoesNotFit as e:
+        raise UsageError(f"{date}: {e}; nothing was trained or published") from None
     to_score = [("candidate", model_dir)] + ([("served", served_dir)] if served_dir else [])
     report, curves = evaluation.evaluate(to_score, transform_dir)
     candidate = {k: v for k, v in report["candidate"].items() if isinstance(v, float)}
@@ -673,7 +683,8 @@ def main(argv):
             FLAGS.batch_size, FLAGS.max_hash_buckets, FLAGS.ground_truth_dir, FLAGS.seed, beam_args,
             FLAGS.holdout_percent, FLAGS.warm_epochs, FLAGS.warm_start, FLAGS.partitions,
             FLAGS.parallel_partitions, FLAGS.train_examples, model_params, FLAGS.calibration,
-            FLAGS.calibration_band, FLAGS.min_gate_positives, FLAGS.undecided, FLAGS.gate_confidence)
+            FLAGS.calibration_band, FLAGS.min_gate_positives, FLAGS.undecided, FLAGS.gate_confidence,
+            FLAGS.memory_limit_gb)
   except (UsageError, publish.OutputBusy) as e:    # busy: another run publishes this model now
     print(f"error: {e}", file=sys.stderr)
     return cli.EXIT_USAGE

@@ -75,6 +75,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from pipeline import encode, formats, partition, publish
 from pipeline import reconciliation as R
+from pipeline import distinct_ids
 from pipeline.reconciliation import BadOutput, format_reconciliation
 from pipeline.sources import avazu
 from pipeline.sources.deadletter import DEAD
@@ -289,6 +290,8 @@ def build_pipeline(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
         _ = (data
              | f"Encode_{split}" >> beam.ParDo(encode.EncodeRecordBatches(f"{fmt}/{split}"))
              | f"Write_{split}" >> _write_tfrecords(os.path.join(output_dir, split), num_shards, infix))
+      if split == "train":
+        _ = data | "DistinctIds_train" >> distinct_ids.WriteDistinctIds(output_dir, infix)
       if split == "train" and train_block_rows:
         _ = (data
              | "EncodeBlocks_train" >> beam.ParDo(encode.EncodeBlocks(f"{fmt}/{split}", train_block_rows,
@@ -332,6 +335,7 @@ def _build_grouped(p: beam.Pipeline, fmt: str, patterns, output_dir: str, temp_d
                  | f"Transform_{split}" >> tft_beam.TransformDataset(output_record_batches=True))
       records = data | f"Encode_{split}" >> beam.ParDo(encode.EncodeGroups(f"{fmt}/{split}"))
       if split == "train":
+        _ = data | "DistinctIds_train" >> distinct_ids.WriteDistinctIds(output_dir, infix)
         records = records | "ShuffleGroups_train" >> encode.ShuffleBlocks()
       _ = records | f"Write_{split}" >> _write_tfrecords(os.path.join(output_dir, split), num_shards, infix)
       _ = (read[DEAD]
@@ -516,6 +520,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     if train_block_rows:
       rec["train"]["blocks"] = R.reconcile_blocks(counters, f"{fmt}/train/", rec["train"]["rows_written"],
                                                   train_block_rows)
+    rec["train"]["distinct_ids"] = distinct_ids.merge_outputs(staging)
     if parts is not None:
       for split, r in rec.items():
         r["partitions"] = R.reconcile_partitions(parts, split, r)

@@ -37,6 +37,9 @@ DAY = "day"
 # The run marker pipeline.preprocess writes last (row counts per split, format, labels);
 # the trainer refuses a directory without it.
 RECONCILIATION = "reconciliation.json"
+# The occupied hash buckets of each field over the train split's rows (pipeline/distinct_ids.py):
+# packed bitmaps under the output dir, their counts in reconciliation.json (splits.train.distinct_ids).
+DISTINCT_IDS_DIR = "distinct_ids"
 # Counter-name prefix of the positive labels a split wrote (label_positives/click, ...).
 LABEL_POSITIVES_PREFIX = "label_positives/"
 # The train split again as column blocks (pipeline.encode.EncodeBlocks), under the output dir.

@@ -1,0 +1,146 @@
+"""How much memory a training run will take, estimated from its params before anything is
+built, and the check that refuses a run that will not fit this machine.
+
+  peak = FIXED_BYTES + state x (1 + SAVE_FACTOR)
+
+where state is the variables the run holds: every embedding table (rows x embedding_dim x 4
+bytes, twice when the towers do not share embeddings) with its embedding optimizer's slots, and
+the dense layers with Adam's two slots and their moving average. A checkpoint save writes the
+variables out through copies of them (SAVE_FACTOR); FIXED_BYTES is TensorFlow, the graph and the
+input pipeline. Both constants were fitted to the peak RSS of short training runs
+(benchmarks/memory_estimate.py, benchmarks/results/memory_estimate.md)."""
+
+import os
+from typing import Dict, Optional
+
+from model_fn import params as P
+
+FLOAT_BYTES = 4
+# Slots per table of each embedding optimizer.
+OPTIMIZER_SLOTS = {"lazy_adam": 2, "adam": 2, "adagrad": 1, "ftrl": 2, "sgd": 0}
+# Dense layers: the weights, Adam's two slots, the moving average (dense_ema_decay > 0).
+DENSE_SLOTS = 2
+# Fitted by benchmarks/memory_estimate.py.
+FIXED_BYTES = int(0.95 * (1 << 30))
+SAVE_FACTOR = 1.5
+GIB = 1 << 30
+# The flags that change a run's memory, named when one does not fit.
+MEMORY_FLAGS = ("--table_rows_per_id", "--table_rows", "--embedding_dim", "--memory_limit_gb")
+
+
+class DoesNotFit(ValueError):
+  """A run whose estimated peak memory exceeds the memory it may take."""
+
+
+def table_sets(p: Dict) -> int:
+  return 1 if p["share_embeddings"] else 2
+
+
+def table_optimizers(p: Dict) -> int:
+  """Embedding optimizers (each with its own slots): one per loss term with per_loss updates."""
+  if p["embedding_update"] != "per_loss":
+    return 1
+  terms = [p["ctr_loss_weight"], p["ctcvr_loss_weight"], p["cvr_loss_weight"],
+           p["counterfactual_loss_weight"] if p["counterfactual"] else 0.0]
+  return sum(1 for w in terms if w > 0)
+
+
+def table_bytes(p: Dict) -> int:
+  """The embedding tables' bytes, every table set."""
+  return sum(P.table_rows(p).values()) * p["embedding_dim"] * FLOAT_BYTES * table_sets(p)
+
+
+def table_state_bytes(p: Dict) -> int:
+  """The tables with their optimizer slots: what a checkpoint holds of them."""
+  return table_bytes(p) * (1 + OPTIMIZER_SLOTS[p["embedding_optimizer"]] * table_optimizers(p))
+
+
+def _mlp(width: int, units, out: int = 1) -> int:
+  n = 0
+  for u in list(units) + ([out] if out else []):
+    n += width * u + u
+    width = u
+  return n
+
+
+def dense_weights(p: Dict) -> int:
+  """Weights of the dense layers (towers, experts, gates), approximately for the multi-task ones."""
+  width = len(P.table_rows(p)) * p["embedding_dim"]
+  network = P.MODEL_SPECS[p["model"]]["network"]
+  if network == "towers":
+    n = _mlp(width, p["ctr_hidden_units"]) + _mlp(width, p["cvr_hidden_units"])
+    tower = p["cvr_hidden_units"]
+  else:
+    expert = _mlp(width, p["expert_hidden_units"], out=0)
+    top = p["expert_hidden_units"][-1]
+    experts = {"shared_bottom": 1, "mmoe": p["num_experts"]}.get(
+        network, (2 * p["num_task_experts"] + p["num_shared_experts"]) * (p["ple_levels"] or 1))
+    gates = 0 if network == "shared_bottom" else 3 * width * experts
+    n = experts * expert + gates + 2 * _mlp(top, p["tower_hidden_units"])
+    tower = p["tower_hidden_units"]
+  if p["counterfactual"] == "dr":
+    n += _mlp(width, tower)
+  return n
+
+
+def dense_state_bytes(p: Dict) -> int:
+  copies = 1 + DENSE_SLOTS + (1 if p["dense_ema_decay"] else 0)
+  return dense_weights(p) * FLOAT_BYTES * copies
+
+
+def estimate(p: Dict) -> Dict[str, int]:
+  """{tables, table_slots, dense, checkpoint_save, fixed, peak} in bytes for resolved params."""
+  tables = table_bytes(p)
+  table_state = table_state_bytes(p)
+  dense = dense_state_bytes(p)
+  save = int(SAVE_FACTOR * (table_state + dense))
+  return {"tables": tables, "table_slots": table_state - tables, "dense": dense, "checkpoint_save": save,
+          "fixed": FIXED_BYTES, "peak": FIXED_BYTES + table_state + dense + save}
+
+
+def _read_int(path: str) -> Optional[int]:
+  try:
+    with open(path) as f:
+      text = f.read().strip()
+    return int(text)
+  except (OSError, ValueError):
+    return None      # absent, or "max" (no limit)
+
+
+def available_bytes() -> int:
+  """MemAvailable of /proc/meminfo, or what this process's cgroup has left if that is less."""
+  avail = None
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          avail = int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                  "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    limit, usage = _read_int(limit_path), _read_int(usage_path)
+    if limit is not None and usage is not None and limit < (1 << 60):
+      left = max(0, limit - usage)
+      avail = left if avail is None else min(avail, left)
+  return avail if avail is not None else 1 << 62
+
+
+def check_fits(p: Dict, memory_limit_gb: float = P.DEFAULT_MEMORY_LIMIT_GB) -> Dict[str, int]:
+  """The estimate; DoesNotFit (one line: the estimate, the limit, the flags) when its peak
+  exceeds ``memory_limit_gb`` (0: available_bytes())."""
+  est = estimate(p)
+  if memory_limit_gb:
+    limit, where = int(memory_limit_gb * GIB), "--memory_limit_gb"
+  else:
+    limit, where = available_bytes(), "available on this machine"
+  if est["peak"] > limit:
+    rows = sum(P.table_rows(p).values())
+    raise DoesNotFit(
+        f"training {p['model']} needs about {est['peak'] / GIB:.1f} GiB at its peak ({rows:,} table rows x "
+        f"{p['embedding_dim']} x {table_sets(p)} table set(s) with {p['embedding_optimizer']} slots: "
+        f"{(est['tables'] + est['table_slots']) / GIB:.1f} GiB, plus a checkpoint save's copy) but "
+        f"{limit / GIB:.1f} GiB are {where}; make the tables smaller with {', '.join(MEMORY_FLAGS[:3])} "
+        f"or set {MEMORY_FLAGS[3]}")
+  return est
