@@ -55,8 +55,9 @@ flags.DEFINE_float("num_epochs", 1.0, "Epochs over the train split, the same for
 flags.DEFINE_integer("batch_size", 1024, "Examples per step.")
 flags.DEFINE_list("models", DEFAULT_MODELS,
                   "Models to compare: MODEL, or a variant NAME=MODEL:KEY=VALUE[;KEY=VALUE] with "
-                  "params overridden (e.g. esmm_w25=esmm:ctcvr_loss_weight=25). The first is the "
-                  "reference of the paired differences (base by default).")
+                  "params overridden (e.g. esmm_w25=esmm:ctcvr_loss_weight=25; the key layout=grouped "
+                  "trains and scores on the data preprocessed with --layout=grouped instead). The "
+                  "first is the reference of the paired differences (base by default).")
 flags.DEFINE_enum("calibration", CAL.DEFAULT_METHOD, list(CAL.METHODS), "Calibration of every model "
                   "(model_fn.train --calibration).")
 flags.DEFINE_float("calibration_holdout", None, "Share of the train split the calibration is fitted on, "
@@ -111,12 +112,16 @@ def click_selection() -> float:
   return WORLDS[FLAGS.world]
 
 
-def data_root() -> Tuple[str, str, str]:
-  """(root, raw dir, preprocessed dir) of the data configuration the flags name."""
+# The --models override key that picks the preprocessing output's layout (not a model param).
+LAYOUT_KEY = "layout"
+
+
+def data_root(layout: str = F.ROWS) -> Tuple[str, str, str]:
+  """(root, raw dir, preprocessed dir of ``layout``) of the data configuration the flags name."""
   key = (f"n{FLAGS.num_train}_{FLAGS.num_test}_s{FLAGS.data_seed}_h{FLAGS.max_hash_buckets}"
          f"_c{click_selection():g}")
   root = os.path.join(FLAGS.work_dir, key)
-  return root, os.path.join(root, "raw"), os.path.join(root, "preprocessed")
+  return root, os.path.join(root, "raw"), os.path.join(root, "preprocessed" + ("" if layout == F.ROWS else "_" + layout))
 
 
 def results_name(name: str) -> str:
@@ -132,16 +137,17 @@ def command(script: str, names) -> str:
       if n not in ("tag", "calibration_holdout") or FLAGS[n].value is not None and FLAGS[n].value != "")
 
 
-def _data():
-  """Synthetic raw data and its preprocessing output, made once per data configuration."""
-  root, raw, out = data_root()
+def _data(layout: str = F.ROWS):
+  """Synthetic raw data and its preprocessing output in ``layout``, made once per data configuration."""
+  root, raw, out = data_root(layout)
   if not os.path.exists(os.path.join(out, F.RECONCILIATION)):
     start = time.perf_counter()
-    synthetic.generate(raw, FLAGS.num_train, FLAGS.num_test, seed=FLAGS.data_seed,
-                       click_selection=click_selection())
+    if not os.path.exists(os.path.join(raw, "ground_truth_test.csv")):
+      synthetic.generate(raw, FLAGS.num_train, FLAGS.num_test, seed=FLAGS.data_seed,
+                         click_selection=click_selection())
     preprocess.run("aliccp", preprocess._input_patterns(raw, {}), out, [],
-                   max_hash_buckets=FLAGS.max_hash_buckets, overwrite=True)
-    logging.info("data ready in %.0f s", time.perf_counter() - start)
+                   max_hash_buckets=FLAGS.max_hash_buckets, overwrite=True, layout=layout)
+    logging.info("%s data ready in %.0f s", layout, time.perf_counter() - start)
   return root, raw, out
 
 
@@ -263,8 +269,12 @@ def _train_and_predict(root: str, out: str, name: str, model: str, overrides, bu
   optimizer slots: about 0.7 GB here) unless --keep_checkpoints; returns the training seconds."""
   model_dir = _model_dir(root, name, seed)
   record = os.path.join(model_dir, RUN_RECORD)
+  overrides = dict(overrides)
+  layout = overrides.pop(LAYOUT_KEY, F.ROWS)
+  out = _data(layout)[2]
   settings = {"model": model, "overrides": overrides, "calibration": FLAGS.calibration,
-              "num_epochs": FLAGS.num_epochs, "batch_size": FLAGS.batch_size}
+              "num_epochs": FLAGS.num_epochs, "batch_size": FLAGS.batch_size,
+              **({LAYOUT_KEY: layout} if layout != F.ROWS else {})}
   if FLAGS.calibration_holdout is not None:
     settings["calibration_holdout"] = FLAGS.calibration_holdout
   if os.path.exists(os.path.join(model_dir, PREDICTIONS)) and os.path.exists(record):

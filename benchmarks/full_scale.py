@@ -48,6 +48,9 @@ TARGETS = {"generate_s": 30 * 60, "end_to_end_s": 90 * 60, "preprocess_rows_per_
            "train_rows_per_s": 40_000, "peak_rss_bytes": 16 * GIB, "disk_bytes": 60 * 10 ** 9,
            "preprocessed_over_raw_text": 0.5}
 STAGES = ("generate", "preprocess", "train", "evaluate")
+# Impressions (train and test) per preprocessing partition: the DirectRunner holds a partition's
+# join in memory, about 1.8 GiB per million impressions of the release's shape, and two run at once.
+IMPRESSIONS_PER_PARTITION = 3_000_000
 
 
 def define_flags():
@@ -57,8 +60,8 @@ def define_flags():
                       "(default: runs/full_scale_SCALE in the checkout).")
   flags.DEFINE_list("models", ["esmm", "base"], "The models trained, one epoch each.")
   flags.DEFINE_integer("batch_size", 1024, "Training batch size (impressions).")
-  flags.DEFINE_integer("partitions", -1, "--partitions of the preprocessing job (-1: one per 4M train "
-                       "impressions, at least 1).")
+  flags.DEFINE_integer("partitions", -1, "--partitions of the preprocessing job, 2 at a time (-1: one per "
+                       f"{IMPRESSIONS_PER_PARTITION:,} impressions of both splits, at least 2: both cores busy).")
   flags.DEFINE_integer("eval_steps_in_training", 20, "--eval_steps of the training stages: the whole test "
                        "split is evaluated once, by the evaluate stage.")
   flags.DEFINE_list("train_args", [], "More model_fn.train flags (comma-separated).")
@@ -156,7 +159,8 @@ def main(argv):
   impressions = {s: int(gen.get(s, {}).get("impressions", 0)) for s in ("train", "test")}
   if sum(impressions.values()):
     stages["generate"]["rows_per_s"] = round(sum(impressions.values()) / stages["generate"]["seconds"])
-  partitions = FLAGS.partitions if FLAGS.partitions >= 0 else max(1, math.ceil(impressions["train"] / 4e6))
+  partitions = FLAGS.partitions if FLAGS.partitions >= 0 else max(2, math.ceil(
+      sum(impressions.values()) / IMPRESSIONS_PER_PARTITION))
   stages["preprocess"] = r.stage(
       "preprocess", [py, "-m", "pipeline.preprocess", "--format=aliccp", "--layout=grouped",
                      f"--input_dir={r.raw}", f"--output_dir={r.pre}", "--overwrite",

@@ -132,7 +132,7 @@ def _cross_partition_conflicts(pattern: str, ids: List[array.array], count: int)
         if sample_id not in candidates:
           continue
         try:
-          aliccp.parse_skeleton_line(record, aliccp.KNOWN_FIELDS)
+          aliccp.parse_skeleton_line(record, aliccp.KNOWN_FIELDS, features=False)
         except BadRecord:
           continue
         copies.setdefault(sample_id, []).append(partition_of(join_key(record, "skeleton"), count))

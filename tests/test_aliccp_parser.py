@@ -367,3 +367,45 @@ def test_copies_of_a_common_row_are_resolved_as_copies_of_a_skeleton_row_are(tmp
   assert rec["skeleton_balanced"] and rec["common_balanced"] and rec["rows_unaccounted_by_hop"] == {}
   assert rec["common_rows_set_aside"] == {dup: 4} and rec["common_rows_used"] == 2
   assert rec["skeleton_rows_set_aside"] == {dup: 1}
+
+
+@pytest.mark.parametrize("flist,num", [
+    (items(("205", 11, "1.0"), ("999", 2, "3"), ("210", 0, "0.")), 3),
+    (items(("205", "0" * 18, "9" * 38), ("a\x03b", 1, "1.0")), 2),
+    (items(("205", "1" * 19, "1.0")), 1), (items(("205", 11, "1e3")), 1), (items(("205", 11, ".5")), 1),
+    (items(("205", 11, "9" * 39)), 1), (items(("205", 11, "1e39")), 1), (items(("205", 11, "nan")), 1),
+    (items(("205", 11, "-1")), 1), (items(("205", "x", "1")), 1), (items(("205", "\u0663", "1")), 1),
+    (items(("205", 11, "1.0")), 2), ("", 0), ("", 1), ("205\x0211", 1), ("\x0211\x031", 1),
+    (items(("205", 11, "1.0")) + "\x01", 2),
+], ids=lambda v: repr(v)[:30])
+def test_checking_a_feature_list_agrees_with_parsing_it(flist, num):
+  # The job's first pass only checks lists (a regular expression over the release's plain form);
+  # whatever the full parse accepts or sets aside, and why, the check must say the same.
+  try:
+    expected = A.parse_feature_list(flist, num, KNOWN)[1]
+  except BadRecord as e:
+    with pytest.raises(BadRecord) as got:
+      A.check_feature_list(flist, num, KNOWN)
+    assert got.value.reason == e.reason
+  else:
+    assert A.check_feature_list(flist, num, KNOWN) == expected
+  line = skeleton(num=str(num), flist=flist)
+  try:
+    full = A.parse_skeleton_line(line, KNOWN)
+  except BadRecord as e:
+    with pytest.raises(BadRecord) as got:
+      A.parse_skeleton_line(line, KNOWN, features=False)
+    assert got.value.reason == e.reason
+  else:
+    checked = A.parse_skeleton_line(line, KNOWN, features=False)
+    assert checked[1] == full[1] and checked[0]["features"] is None
+    assert {k: v for k, v in checked[0].items() if k != "features"} == {
+        k: v for k, v in full[0].items() if k != "features"}
+
+
+def test_a_list_in_the_release_form_is_checked_without_the_full_parse(monkeypatch):
+  def no_parse(*args):
+    raise AssertionError("the full parse ran")
+  monkeypatch.setattr(A, "parse_feature_list", no_parse)
+  flist = items(("205", 11, "1.0"), ("999", 2, "3"), ("109_14", 123456789012345678, "0.693147"))
+  assert A.check_feature_list(flist, 3, KNOWN) == 1

@@ -12,7 +12,9 @@ are stored in (ids int64, weights float32), and a byte-order mark at the start o
 dropped (ReadLines).
 """
 
+import functools
 import operator
+import re
 import typing
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
@@ -114,6 +116,28 @@ def parse_feature_list(text: str, feature_num: int, known_fields) -> Tuple[Featu
   return out, unknown
 
 
+# A feature list every item of which parse_feature_list accepts, written the way the release
+# writes it: plain decimal ids of at most 18 digits, plain decimal weights below 1e38 (a float32).
+_ITEM = "[^\x01\x02]+\x02[0-9]{1,18}\x03[0-9]{1,38}(?:\\.[0-9]*)?"
+_PLAIN_LIST = re.compile(f"(?:{_ITEM}\x01)*{_ITEM}")
+
+
+@functools.lru_cache(maxsize=8)
+def _unknown_items(known_fields: frozenset) -> "re.Pattern":
+  """Matches the start of each item (of a plain list) whose field is not in ``known_fields``."""
+  known = "|".join(re.escape(f) for f in sorted(known_fields, key=len, reverse=True))
+  return re.compile(f"(?:^|\x01)(?!(?:{known})\x02)[^\x01\x02]+\x02")
+
+
+def check_feature_list(text: str, feature_num: int, known_fields) -> int:
+  """Validates a feature list as parse_feature_list does, without building it; returns the
+  number of unknown-field items. A list in the release's plain form is checked by one regular
+  expression; any other goes through parse_feature_list, which raises the reason it is bad."""
+  if text and text.count(ITEM_SEP) + 1 == feature_num and _PLAIN_LIST.fullmatch(text):
+    return len(_unknown_items(frozenset(known_fields)).findall(text))
+  return parse_feature_list(text, feature_num, known_fields)[1]
+
+
 def _parse_feature_num(text: str) -> int:
   return parse_int64(text, BAD_FEATURE_NUM, "feature_num")
 
@@ -124,8 +148,16 @@ def _parse_index(text: str) -> str:
   return text
 
 
-def parse_skeleton_line(line, known_fields) -> Tuple[dict, int]:
-  """One skeleton row -> ({sample_id, click, conversion, index, features}, unknown items)."""
+def _feature_list(text: str, feature_num: str, known_fields, features: bool) -> Tuple[Optional[Features], int]:
+  num = _parse_feature_num(feature_num)
+  if features:
+    return parse_feature_list(text, num, known_fields)
+  return None, check_feature_list(text, num, known_fields)
+
+
+def parse_skeleton_line(line, known_fields, features: bool = True) -> Tuple[dict, int]:
+  """One skeleton row -> ({sample_id, click, conversion, index, features}, unknown items).
+  ``features`` False validates the feature list without building it (features None)."""
   line = decode_line(line)
   parts = line.split(",", 5)
   if len(parts) != 6:
@@ -135,24 +167,25 @@ def parse_skeleton_line(line, known_fields) -> Tuple[dict, int]:
   if click not in ("0", "1") or conversion not in ("0", "1"):
     raise BadRecord(BAD_LABEL, f"click={click[:10]!r} conversion={conversion[:10]!r}; both must be 0 or 1")
   index = _parse_index(index)
-  features, unknown = parse_feature_list(feature_list, _parse_feature_num(feature_num), known_fields)
+  parsed, unknown = _feature_list(feature_list, feature_num, known_fields, features)
   if click == "0" and conversion == "1":
     raise BadRecord(CONVERSION_WITHOUT_CLICK, "click=0 but conversion=1 is impossible in the funnel")
   row = {"sample_id": sample_id, "click": int(click), "conversion": int(conversion),
-         "index": index, "features": features}
+         "index": index, "features": parsed}
   return row, unknown
 
 
-def parse_common_line(line, known_fields) -> Tuple[dict, int]:
-  """One common-features row -> ({index, features}, unknown items)."""
+def parse_common_line(line, known_fields, features: bool = True) -> Tuple[dict, int]:
+  """One common-features row -> ({index, features}, unknown items); ``features``: as in
+  parse_skeleton_line."""
   line = decode_line(line)
   parts = line.split(",", 2)
   if len(parts) != 3:
     raise BadRecord(WRONG_COLUMN_COUNT, f"expected 3 comma-separated columns, got {len(parts)}")
   index, feature_num, feature_list = parts
   index = _parse_index(index)
-  features, unknown = parse_feature_list(feature_list, _parse_feature_num(feature_num), known_fields)
-  return {"index": index, "features": features}, unknown
+  parsed, unknown = _feature_list(feature_list, feature_num, known_fields, features)
+  return {"index": index, "features": parsed}, unknown
 
 
 JOINED_LABELS = (F.SAMPLE_ID, F.CLICK, F.CONVERSION)   # the skeleton's keys a joined row keeps
@@ -217,7 +250,8 @@ class _ParseFn(beam.DoFn):
 
   The job groups raw lines, not parsed rows (two shuffles: the sample ids, the join): bytes
   cost next to nothing to encode and decode between stages, a parsed row's nested dicts and
-  lists cost more than parsing the line again after the join does. Out: skeleton lines as
+  lists cost more than parsing the line again after the join does. Here the feature lists are
+  only checked (check_feature_list), not built. Out: skeleton lines as
   (sample_id, common_feature_index, line), common lines as (common_feature_index, (COMMON, line)).
   """
 
@@ -233,7 +267,7 @@ class _ParseFn(beam.DoFn):
   def process(self, line):
     self._read.inc()
     try:
-      row, unknown = self._parse(line, KNOWN_FIELDS)
+      row, unknown = self._parse(line, KNOWN_FIELDS, features=False)
     except BadRecord as e:
       counter(self._ns, f"{self._source}_dead/{e.reason}").inc()
       yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._split, self._source, e.reason, e.detail, line=line))
