@@ -148,16 +148,23 @@ def _parse_index(text: str) -> str:
   return text
 
 
-def _feature_list(text: str, feature_num: str, known_fields, features: bool) -> Tuple[Optional[Features], int]:
+# ``features=RAW`` in the parse functions: the feature list as (feature_num, text), not parsed
+# and not checked (for lines the job's first pass checked; see aliccp_groups.py).
+RAW = "raw"
+
+
+def _feature_list(text: str, feature_num: str, known_fields, features) -> Tuple[Optional[Features], int]:
   num = _parse_feature_num(feature_num)
+  if features == RAW:
+    return (num, text), 0
   if features:
     return parse_feature_list(text, num, known_fields)
   return None, check_feature_list(text, num, known_fields)
 
 
-def parse_skeleton_line(line, known_fields, features: bool = True) -> Tuple[dict, int]:
+def parse_skeleton_line(line, known_fields, features=True) -> Tuple[dict, int]:
   """One skeleton row -> ({sample_id, click, conversion, index, features}, unknown items).
-  ``features`` False validates the feature list without building it (features None)."""
+  ``features`` False validates the feature list without building it (features None); RAW: above."""
   line = decode_line(line)
   parts = line.split(",", 5)
   if len(parts) != 6:
@@ -175,7 +182,7 @@ def parse_skeleton_line(line, known_fields, features: bool = True) -> Tuple[dict
   return row, unknown
 
 
-def parse_common_line(line, known_fields, features: bool = True) -> Tuple[dict, int]:
+def parse_common_line(line, known_fields, features=True) -> Tuple[dict, int]:
   """One common-features row -> ({index, features}, unknown items); ``features``: as in
   parse_skeleton_line."""
   line = decode_line(line)
@@ -330,78 +337,19 @@ class RecordBatchBuilder:
     return pa.RecordBatch.from_arrays([columns[f.name] for f in self._arrow], schema=self._arrow)
 
 
-def _large_lists(lengths, values, dtype) -> pa.LargeListArray:
-  offsets = np.concatenate([[0], np.cumsum(np.asarray(lengths, dtype=np.int64))])
-  return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values, dtype))
-
-
-class GroupedRecordBatchBuilder:
-  """Joined groups -> Arrow RecordBatches of the grouped raw schema (F.GROUPED; ``arrow_schema``:
-  raw_tfxio of raw_metadata(..., layout=F.GROUPED)): one row per common row. Its user-side
-  fields hold the common row's values once; every other field holds its impressions' values
-  (the common row's, then the skeleton's own, as RecordBatchBuilder joins them) concatenated,
-  with the count per impression in ``n_<field>``; labels and sample ids one per impression."""
-
-  def __init__(self, arrow_schema: pa.Schema, schema=None):
-    self._arrow = arrow_schema
-    fields = schema or F.fields(FMT)
-    self._group = [(f.name, f.raw_ids, f.raw_weights if f.weighted else None) for f in fields if f.group_level]
-    self._rows = [(f.name, f.raw_ids, f.raw_weights if f.weighted else None, f.lengths)
-                  for f in fields if not f.group_level]
-    self.clear()
-
-  def clear(self):
-    self._values = {}       # column -> flat values
-    self._lengths = {}      # column -> values per group
-    self._impressions = 0
-
-  def __len__(self) -> int:
-    """Impressions added since the last build."""
-    return self._impressions
-
-  def _extend(self, column: str, values, count: int = None) -> None:
-    self._values.setdefault(column, []).extend(values)
-    self._lengths.setdefault(column, []).append(len(values) if count is None else count)
-
-  def add(self, skeletons: List[Mapping], common_features: Features) -> None:
-    """One group: the parsed skeleton rows of one common row (none with a user-side field)."""
-    for name in JOINED_LABELS:
-      self._extend(name, [sk[name] for sk in skeletons])
-    for name, raw_ids, raw_weights in self._group:
-      ids, weights = common_features.get(name) or ((), ())
-      self._extend(raw_ids, ids)
-      if raw_weights:
-        self._extend(raw_weights, weights)
-    for name, raw_ids, raw_weights, lengths in self._rows:
-      shared = common_features.get(name) or ((), ())
-      ids, weights, counts = [], [], []
-      for sk in skeletons:
-        own = sk["features"].get(name) or ((), ())
-        ids.extend(shared[0]); ids.extend(own[0])
-        weights.extend(shared[1]); weights.extend(own[1])
-        counts.append(len(shared[0]) + len(own[0]))
-      self._extend(raw_ids, ids)
-      if raw_weights:
-        self._extend(raw_weights, weights)
-      self._extend(lengths, counts)
-    self._impressions += len(skeletons)
-
-  def build(self) -> pa.RecordBatch:
-    """The groups added since the last build as one RecordBatch; starts a new one."""
-    columns = []
-    for field in self._arrow:
-      columns.append(_large_lists(self._lengths.get(field.name, []), self._values.get(field.name, []),
-                                  field.type.value_type))
-    self.clear()
-    return pa.RecordBatch.from_arrays(columns, schema=self._arrow)
-
-
 def user_fields_in(skeleton: Mapping) -> List[str]:
   """The user-side fields a parsed skeleton row has values of (the grouped layout refuses it)."""
   return sorted(name for name in skeleton["features"] if name in USER_FIELDS)
 
 
 USER_FIELDS = frozenset(f.name for f in F.fields(FMT) if f.group_level)
+# The start of an item of a user-side field, in a feature list.
+_USER_ITEM = re.compile("(?:^|\x01)(?:{})\x02".format(
+    "|".join(re.escape(f) for f in sorted(USER_FIELDS, key=len, reverse=True))))
+
+
+def _has_user_field(feature_list: str) -> bool:
+  return _USER_ITEM.search(feature_list) is not None
 
 
 class _JoinFn(beam.DoFn):
@@ -421,8 +369,11 @@ class _JoinFn(beam.DoFn):
     self._builder = None
 
   def setup(self):
-    grouped = self._layout == F.GROUPED
-    self._builder = (GroupedRecordBatchBuilder if grouped else RecordBatchBuilder)(self._arrow)
+    if self._layout == F.GROUPED:
+      from pipeline.sources import aliccp_groups  # it builds on this module
+      self._builder = aliccp_groups.GroupedRecordBatchBuilder(self._arrow)
+    else:
+      self._builder = RecordBatchBuilder(self._arrow)
 
   def start_bundle(self):
     self._builder.clear()
@@ -436,7 +387,9 @@ class _JoinFn(beam.DoFn):
     skeletons, commons = [], []
     for side, line in grouped:
       (skeletons if side == SKELETON else commons).append(line)
-    common_features = None
+    # The grouped layout's builder parses a batch of groups' feature lists at once (RAW: as text).
+    features = RAW if self._layout == F.GROUPED else True
+    common = None
     if len(commons) > 1:
       # An index names one user-side context. Copies that parse the same (a replayed log, a file
       # listed twice) are one row: one is kept, the others set aside, as dedup.py does with
@@ -445,7 +398,6 @@ class _JoinFn(beam.DoFn):
       parsed = [parse_common_line(line, KNOWN_FIELDS)[0]["features"] for line in commons]
       reason = DUPLICATE_COMMON_FEATURE_INDEX
       if all(p == parsed[0] for p in parsed[1:]):
-        common_features = parsed[0]
         extra, detail = commons[1:], f"{len(commons)} identical common-features rows share this index; one is kept"
       else:
         extra, detail = commons, f"{len(commons)} different common-features rows share this index; none is kept"
@@ -453,21 +405,21 @@ class _JoinFn(beam.DoFn):
         counter(self._ns, f"common_dead/{reason}").inc()
         yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
             self._split, "common", reason, detail, line=line, common_feature_index=index))
-      commons = commons[:1] if common_features is not None else []
-    elif commons:
-      common_features = parse_common_line(commons[0], KNOWN_FIELDS)[0]["features"]
-    else:
+      commons = commons[:1] if len(extra) < len(commons) else []
+    elif not commons:
       reason, detail = UNKNOWN_COMMON_FEATURE_INDEX, "no common-features row has this index"
+    if commons:
+      common = parse_common_line(commons[0], KNOWN_FIELDS, features)[0]["features"]
     group = []
     for line in skeletons:
-      skeleton = parse_skeleton_line(line, KNOWN_FIELDS)[0]
+      skeleton = parse_skeleton_line(line, KNOWN_FIELDS, features)[0]
       why = None
-      if common_features is None:
+      if common is None:
         why = reason, detail
-      elif self._layout == F.GROUPED and user_fields_in(skeleton):
+      elif self._layout == F.GROUPED and _has_user_field(skeleton["features"][1]):
+        names = user_fields_in(parse_skeleton_line(line, KNOWN_FIELDS)[0])
         why = USER_FIELD_IN_SKELETON, (f"the grouped layout stores user-side fields once per common row; this "
-                                       f"row has its own {', '.join(user_fields_in(skeleton))}: "
-                                       "preprocess with --layout=rows")
+                                       f"row has its own {', '.join(names)}: preprocess with --layout=rows")
       if why is not None:
         counter(self._ns, f"skeleton_dead/{why[0]}").inc()
         yield beam.pvalue.TaggedOutput(DEAD, dead_letter(
@@ -476,13 +428,13 @@ class _JoinFn(beam.DoFn):
         continue
       self._joined.inc()
       if self._layout == F.GROUPED:
-        group.append(skeleton)
+        group.append((skeleton, *skeleton["features"]))
         continue
-      self._builder.add(skeleton, common_features)
+      self._builder.add(skeleton, common)
       if len(self._builder) >= self._batch_rows:
         yield self._batch()
     if group:
-      self._builder.add(group, common_features)
+      self._builder.add(group, common)
       if len(self._builder) >= self._batch_rows:
         yield self._batch()
     if commons:
