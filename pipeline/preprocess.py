@@ -56,9 +56,11 @@ own process (--parallel_partitions at a time), writing the output the whole job 
 """
 
 import collections
+import ctypes
 import json
 import multiprocessing
 import os
+import signal
 import sys
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
@@ -418,6 +420,22 @@ def _run_job_kwargs(kwargs: dict) -> Dict[str, int]:
   return run_job(**kwargs)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with(parent_pid: int) -> None:
+  """Partition process initializer: the kernel kills this process when the job's process ends
+  (Linux; elsewhere a no-op), so a killed job leaves no partition running on, holding memory and
+  writing into a staging dir that the next run removes."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+  except (OSError, AttributeError):
+    return
+  if os.getppid() != parent_pid:     # the job ended before the call above
+    os._exit(1)
+
+
 def _run_partitions(parts: partition.Partitions, job: dict, output_dir: str, temp_dir: str,
                     parallel: int) -> Dict[str, int]:
   """Runs every partition's pipeline in a process of its own (``parallel`` at a time), all
@@ -434,7 +452,8 @@ def _run_partitions(parts: partition.Partitions, job: dict, output_dir: str, tem
   # system before the next one starts (spawned, not forked: TensorFlow is loaded here).
   try:
     with futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
-                                     max_tasks_per_child=1) as pool:
+                                     max_tasks_per_child=1, initializer=_end_with,
+                                     initargs=(os.getpid(),)) as pool:
       results = list(pool.map(_run_job_kwargs, jobs))
   except BrokenProcessPool as e:
     raise RuntimeError(f"a partition's process died without an error of its own ({e}); if the "

@@ -311,3 +311,63 @@ def test_a_preprocessing_fn_with_an_analyzer_is_analyzed_over_the_rows_and_write
   for split in ("train", "eval"):
     assert rec[split] == rec_whole[split]
     assert _examples(out, split) == _examples(whole, split)
+
+
+_HANG = '''
+import os, time
+def hang(job):
+  open(os.path.join(os.environ["PARTITION_PIDS"], str(os.getpid())), "w").close()
+  time.sleep(600)
+'''
+_DRIVER = '''
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import hang_job
+from pipeline import preprocess
+preprocess._run_job_kwargs = hang_job.hang
+preprocess.run("aliccp", json.loads(sys.argv[2]), sys.argv[3], [], partitions=2, parallel_partitions=2,
+               max_hash_buckets=64)
+'''
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads /proc (Linux)")
+def test_a_killed_job_leaves_no_partition_running(raw, tmp_path):
+  # Partition processes outlived a killed job: they went on computing, holding memory and
+  # writing into the staging dir that the next run removes.
+  import subprocess
+  import sys
+  import time
+  (tmp_path / "hang_job.py").write_text(_HANG)
+  pids_dir = tmp_path / "pids"
+  pids_dir.mkdir()
+  env = dict(os.environ, PARTITION_PIDS=str(pids_dir),
+             PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         os.environ.get("PYTHONPATH", "")]))
+  job = subprocess.Popen([sys.executable, "-c", _DRIVER, str(tmp_path), json.dumps(raw["patterns"]),
+                          str(tmp_path / "out")], env=env)
+  pids = []
+  try:
+    deadline = time.monotonic() + 180
+    while len(pids) < 2 and time.monotonic() < deadline and job.poll() is None:
+      time.sleep(0.5)
+      pids = [int(p) for p in os.listdir(pids_dir)]
+    assert len(pids) == 2, "the partitions did not start"
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    deadline = time.monotonic() + 30
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert not any(map(_alive, pids))
+  finally:
+    job.kill()
+    for pid in pids:
+      if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
