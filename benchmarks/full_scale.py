@@ -59,13 +59,20 @@ def define_flags():
   flags.DEFINE_string("work_dir", None, "Where the data, the outputs and the stage markers go "
                       "(default: runs/full_scale_SCALE in the checkout).")
   flags.DEFINE_list("models", ["esmm", "base"], "The models trained, one epoch each.")
+  flags.DEFINE_enum("layout", "grouped", ["grouped", "rows"], "pipeline.preprocess --layout (rows: with "
+                    "--notrain_examples, the train split as column blocks only).")
   flags.DEFINE_integer("batch_size", 1024, "Training batch size (impressions).")
   flags.DEFINE_integer("partitions", -1, "--partitions of the preprocessing job, 2 at a time (-1: one per "
-                       f"{IMPRESSIONS_PER_PARTITION:,} impressions of both splits, at least 2: both cores busy).")
+                       f"{IMPRESSIONS_PER_PARTITION:,} impressions of both splits, an even count, at least 2: both "
+                       "cores busy to the end).")
   flags.DEFINE_integer("eval_steps_in_training", 20, "--eval_steps of the training stages: the whole test "
                        "split is evaluated once, by the evaluate stage.")
+  flags.DEFINE_integer("save_checkpoints_steps", 10_000, "--save_checkpoints_steps of the training stages "
+                       "(10,000 steps: about 10M impressions between saves).")
   flags.DEFINE_list("train_args", [], "More model_fn.train flags (comma-separated).")
   flags.DEFINE_list("preprocess_args", [], "More pipeline.preprocess flags (comma-separated).")
+  flags.DEFINE_enum("through", "evaluate", list(STAGES), "The last stage run (the results hold the "
+                    "stages run so far).")
   flags.DEFINE_list("redo", [], "Stages to run again even if they finished (generate, preprocess, "
                     "train_MODEL, evaluate).")
   flags.DEFINE_float("sample_seconds", 1.0, "Interval of the memory sampler.")
@@ -159,35 +166,43 @@ def main(argv):
   impressions = {s: int(gen.get(s, {}).get("impressions", 0)) for s in ("train", "test")}
   if sum(impressions.values()):
     stages["generate"]["rows_per_s"] = round(sum(impressions.values()) / stages["generate"]["seconds"])
-  partitions = FLAGS.partitions if FLAGS.partitions >= 0 else max(2, math.ceil(
-      sum(impressions.values()) / IMPRESSIONS_PER_PARTITION))
-  stages["preprocess"] = r.stage(
-      "preprocess", [py, "-m", "pipeline.preprocess", "--format=aliccp", "--layout=grouped",
-                     f"--input_dir={r.raw}", f"--output_dir={r.pre}", "--overwrite",
-                     *([f"--partitions={partitions}", "--parallel_partitions=2"] if partitions > 1 else []),
-                     *FLAGS.preprocess_args],
-      r.pre, rows=sum(impressions.values()))
-  for model in FLAGS.models:
+  # An even count: two at a time, no partition runs alone at the end.
+  partitions = FLAGS.partitions if FLAGS.partitions >= 0 else 2 * max(1, math.ceil(
+      sum(impressions.values()) / (2 * IMPRESSIONS_PER_PARTITION)))
+  if STAGES.index(FLAGS.through) >= STAGES.index("preprocess"):
+    stages["preprocess"] = r.stage(
+        "preprocess", [py, "-m", "pipeline.preprocess", "--format=aliccp", f"--layout={FLAGS.layout}",
+                       *(["--notrain_examples"] if FLAGS.layout == "rows" else []),
+                       f"--input_dir={r.raw}", f"--output_dir={r.pre}", "--overwrite",
+                       *([f"--partitions={partitions}", "--parallel_partitions=2"] if partitions > 1 else []),
+                       *FLAGS.preprocess_args],
+        r.pre, rows=sum(impressions.values()))
+  for model in FLAGS.models if STAGES.index(FLAGS.through) >= STAGES.index("train") else ():
     name = f"train_{model}"
     stages[name] = r.stage(
         name, [py, "-m", "model_fn.train", f"--transform_dir={r.pre}", f"--model_dir={r.model_dir(model)}",
                f"--model={model}", "--num_epochs=1", f"--batch_size={FLAGS.batch_size}",
-               f"--eval_steps={FLAGS.eval_steps_in_training}", *FLAGS.train_args],
+               f"--eval_steps={FLAGS.eval_steps_in_training}",
+               f"--save_checkpoints_steps={FLAGS.save_checkpoints_steps}", *FLAGS.train_args],
         r.model_dir(model), rows=impressions["train"], clean=r.model_dir(model))
     stages[name]["train_rows_per_s"] = _train_rate(os.path.join(work, "logs", name + ".log"), FLAGS.batch_size)
     stages[name]["checkpoint_bytes"] = sum(os.path.getsize(p) for p in glob.glob(
         os.path.join(r.model_dir(model), "model.ckpt-*.data-*")))
   truth = os.path.join(r.raw, "ground_truth_test.csv.gz")
   report = os.path.join(work, "evaluation.json")
-  stages["evaluate"] = r.stage(
-      "evaluate", [py, "-m", "model_fn.evaluate", f"--data={r.pre}",
-                   "--models=" + ",".join(f"{m}:{r.model_dir(m)}" for m in FLAGS.models),
-                   f"--ground_truth={truth}", f"--output={report}", f"--report_dir={os.path.join(work, 'report')}"],
-      report, rows=impressions["test"] * len(FLAGS.models))
+  if FLAGS.through == "evaluate":
+    stages["evaluate"] = r.stage(
+        "evaluate", [py, "-m", "model_fn.evaluate", f"--data={r.pre}",
+                     "--models=" + ",".join(f"{m}:{r.model_dir(m)}" for m in FLAGS.models),
+                     f"--ground_truth={truth}", f"--output={report}", f"--report_dir={os.path.join(work, 'report')}"],
+        report, rows=impressions["test"] * len(FLAGS.models))
   wall = time.perf_counter() - start
-  with open(report) as f:
-    metrics = json.load(f)
-  numbers = {"scale": FLAGS.scale, "work_dir": work, "machine": results_io.machine(), "generated": gen,
+  metrics = {}
+  if "evaluate" in stages:
+    with open(report) as f:
+      metrics = json.load(f)
+  numbers = {"command": " ".join([".venv/bin/python benchmarks/full_scale.py", *sys.argv[1:]]),
+             "scale": FLAGS.scale, "through": FLAGS.through, "layout": FLAGS.layout, "work_dir": work, "machine": results_io.machine(), "generated": gen,
              "stages": stages, "metrics": metrics, "wall_s_this_invocation": round(wall, 1),
              "disk_bytes": {"raw": _du(r.raw), "preprocessed": _du(r.pre),
                             "models": _du(os.path.join(work, "models"))}}
@@ -200,18 +215,23 @@ def targets(n: dict) -> List[dict]:
   """Each target of the full release against this run (at another scale, for the record)."""
   st = n["stages"]
   trains = [k for k in st if k.startswith("train_")]
-  end_to_end = st["preprocess"]["seconds"] + st["evaluate"]["seconds"] + (
-      st["train_esmm"]["seconds"] if "train_esmm" in st else 0)
+  done = "evaluate" in st and "train_esmm" in st
   raw_text = n["generated"].get("raw_text_bytes")
   disk = sum(n["disk_bytes"].values())
-  out = [("generation of the release", st["generate"]["seconds"], TARGETS["generate_s"] * n["scale"], "<="),
-         ("preprocess + ESMM epoch + evaluation + export, s", end_to_end, TARGETS["end_to_end_s"] * n["scale"], "<="),
-         ("preprocessing, impressions/s", st["preprocess"].get("rows_per_s", 0), TARGETS["preprocess_rows_per_s"], ">=")]
+  out = [("generation of the release", st["generate"]["seconds"], TARGETS["generate_s"] * n["scale"], "<=")]
+  if "preprocess" in st:
+    out.append(("preprocessing, impressions/s", st["preprocess"].get("rows_per_s", 0),
+                TARGETS["preprocess_rows_per_s"], ">="))
+  if done:
+    end_to_end = st["preprocess"]["seconds"] + st["evaluate"]["seconds"] + st["train_esmm"]["seconds"]
+    out.insert(1, ("preprocess + ESMM epoch + evaluation + export, s", end_to_end,
+                   TARGETS["end_to_end_s"] * n["scale"], "<="))
   out += [(f"training {k[6:]}, impressions/s", st[k].get("train_rows_per_s") or 0, TARGETS["train_rows_per_s"], ">=")
           for k in trains]
   out += [(f"peak RSS of {k}, GiB", st[k]["peak_rss_bytes"] / GIB, TARGETS["peak_rss_bytes"] / GIB, "<=") for k in st]
-  out.append(("raw + preprocessed + models on disk, GB", disk / 1e9, TARGETS["disk_bytes"] / 1e9 * n["scale"], "<="))
-  if raw_text:
+  if done:
+    out.append(("raw + preprocessed + models on disk, GB", disk / 1e9, TARGETS["disk_bytes"] / 1e9 * n["scale"], "<="))
+  if raw_text and "preprocess" in st:
     out.append(("preprocessed output / raw text bytes", n["disk_bytes"]["preprocessed"] / raw_text,
                 TARGETS["preprocessed_over_raw_text"], "<="))
   return [{"target": what, "measured": round(float(v), 3), "wanted": round(float(w), 3), "op": op,
@@ -220,8 +240,9 @@ def targets(n: dict) -> List[dict]:
 
 def markdown(n: dict) -> str:
   gen = n["generated"]
-  lines = [f"# Ali-CCP at scale {n['scale']:g}, end to end", "",
-           f"`.venv/bin/python benchmarks/full_scale.py --scale={n['scale']:g}` on {n['machine']}.", ""]
+  through = n.get("through", "evaluate")
+  lines = [f"# Ali-CCP at scale {n['scale']:g}, " + ("end to end" if through == "evaluate" else f"through {through}"),
+           "", f"`{n['command']}` on {n['machine']}.", ""]
   if gen:
     splits = ", ".join("{} {:,} impressions over {:,} common rows".format(s, gen[s]["impressions"], gen[s]["common_rows"])
                        for s in ("train", "test") if s in gen)
@@ -232,11 +253,13 @@ def markdown(n: dict) -> str:
     rate = st.get("train_rows_per_s") or st.get("rows_per_s")
     lines.append(f"| {name} | {st['seconds']:.0f} | {rate if rate else '-'} | {st['peak_rss_bytes'] / GIB:.2f} | "
                  f"{st['output_bytes'] / 1e9:.2f} |")
-  lines += ["", "Training rows/s: the Estimator's steps per second times the batch size; the train stage's "
-            "wall time also holds start-up, a short evaluation and the export.", "",
-            "| metric | " + " | ".join(n["metrics"]) + " |", "|---|" + "---|" * len(n["metrics"])]
+  if any(k.startswith("train_") for k in n["stages"]):
+    lines += ["", "Training rows/s: the Estimator's steps per second times the batch size; the train stage's "
+              "wall time also holds start-up, a short evaluation and the export."]
+  if n["metrics"]:
+    lines += ["", "| metric | " + " | ".join(n["metrics"]) + " |", "|---|" + "---|" * len(n["metrics"])]
   keys = ["auc/ctr", "auc/cvr_clicked", "auc/ctcvr", "auc/cvr_all_vs_truth", "calibration/cvr_clicked"]
-  for key in keys:
+  for key in keys if n["metrics"] else ():
     if any(key in m for m in n["metrics"].values()):
       lines.append(f"| {key} | " + " | ".join(
           "-" if m.get(key) is None else f"{m[key]:.4f}" for m in n["metrics"].values()) + " |")
