@@ -45,9 +45,17 @@ def predict(model_dir: str, transform_dir: str, batch_size: int = 4096) -> Dict[
 def sample_id_strings(ids: np.ndarray) -> np.ndarray:
   """Sample ids as str (Ali-CCP's are int64, Avazu's are strings that overflow int64)."""
   ids = np.asarray(ids)
+  if ids.dtype.kind == "U":
+    return ids
   if ids.dtype.kind in "SO":
     return np.array([i.decode() if isinstance(i, bytes) else str(i) for i in ids])
   return ids.astype(np.int64).astype(str)
+
+
+def _canonical_int64(text: str) -> bool:
+  """A non-negative int64 written as str(int) writes it (no sign, no leading zero)."""
+  return (text.isascii() and text.isdigit() and (len(text) == 1 or text[0] != "0")
+          and len(text) <= 19 and int(text) <= np.iinfo(np.int64).max)
 
 
 def read_ground_truth(path: str) -> Dict[str, np.ndarray]:
@@ -63,10 +71,10 @@ def read_ground_truth(path: str) -> Dict[str, np.ndarray]:
     for row in rows:
       sid = row[at["sample_id"]]
       if strs is None:
-        try:
+        if _canonical_int64(sid):
           ints.append(int(sid))
-        except ValueError:
-          strs = [str(i) for i in ints]
+        else:
+          strs = [str(i) for i in ints]   # exact: every id so far is its int's str
       if strs is not None:
         strs.append(sid)
       cols["true_pctr"].append(float(row[at["true_pctr"]]))

@@ -238,3 +238,31 @@ def test_write_report_notes_a_task_without_positives_and_draws_no_gates_without_
   assert pngs == ["reliability_ctr.png", "roc_ctr.png"]       # no gates_*.png: no model has gates
   assert "esmm, ctcvr: left out" in html and "esmm, cvr_clicked: left out" in html
   assert "diverged, ctr: left out (scores must be finite)" in html
+
+
+@pytest.mark.parametrize("ids,kind", [
+    (["1", "9223372036854775807", "0"], "int"),
+    (["1", "18446744073709551615", "7"], "str"),     # Avazu's ids overflow int64
+    (["5", "007", "8"], "str"), (["5", "+7"], "str"), (["5", "abc"], "str")])
+def test_ground_truth_sample_ids_are_read_exactly(tmp_path, ids, kind):
+  import gzip
+
+  from model_fn import evaluation
+  lines = ["sample_id,true_pctr,true_pcvr,counterfactual_conversion"] + [f"{i},0.5,0.25,1" for i in ids]
+  for name, opener in (("t.csv", open), ("t.csv.gz", gzip.open)):
+    with opener(tmp_path / name, "wt") as f:
+      f.write("\n".join(lines) + "\n")
+    got = evaluation.read_ground_truth(str(tmp_path / name))
+    assert [str(i) for i in got["sample_id"]] == ids
+    assert (got["sample_id"].dtype == np.int64) == (kind == "int")
+    assert list(got["counterfactual_conversion"]) == [1] * len(ids)
+
+
+def test_ground_truth_aligns_with_sample_ids_of_either_kind():
+  from model_fn import evaluation
+  truth = {"sample_id": np.array(["18446744073709551615", "3", "12"]), "true_pcvr": np.array([0.1, 0.2, 0.3])}
+  got = evaluation.align_truth(np.array([b"12", b"18446744073709551615"], dtype=object), truth)
+  assert list(got["true_pcvr"]) == [0.3, 0.1]
+  ints = {"sample_id": np.array([7, 3, 12], np.int64), "true_pcvr": np.array([0.1, 0.2, 0.3])}
+  assert list(evaluation.align_truth(np.array([12, 7], np.int64), ints)["true_pcvr"]) == [0.3, 0.1]
+  assert list(evaluation.align_truth(np.array([b"3"], dtype=object), ints)["true_pcvr"]) == [0.2]
