@@ -364,7 +364,7 @@ def test_train_flags_default_to_the_params():
   out = subprocess.run([sys.executable, "-c", CHECK_FLAG_DEFAULTS], cwd=root, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": root})
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.strip() == "checked 32"
+  assert out.stdout.strip() == "checked 33"
 
 
 def test_a_params_json_of_an_earlier_version_reads_as_what_it_trained(tmp_path):

@@ -220,7 +220,7 @@ def test_preprocessing_publishes_nothing_that_lacks_an_entry_of_its_manifest(tmp
   assert not os.path.exists(out)
   monkeypatch.setattr(preprocess, "run_job", _stand_in())
   _run(tmp_path, out)
-  assert sorted(os.listdir(out)) == sorted(MANIFEST + ["transformed_metadata", MARKER])
+  assert sorted(os.listdir(out)) == sorted(MANIFEST + ["transformed_metadata", "distinct_ids", MARKER])
   assert _siblings(out) == []
 
 

@@ -117,7 +117,7 @@ def test_output_is_a_pure_function_of_the_seed(generated, tmp_path):
   release.generate(again, scale=SCALE, seed=7, processes=1)
   release.generate(other, scale=SCALE, seed=8, processes=1)
   names = sorted(os.listdir(raw))
-  assert names == sorted(os.listdir(again)) and len(names) == 6
+  assert names == sorted(os.listdir(again)) and len(names) == 7   # six data files and summary.json
   read = lambda d, n: open(os.path.join(d, n), "rb").read()
   assert all(read(raw, n) == read(again, n) for n in names)
   assert read(raw, names[0]) != read(other, names[0])

@@ -331,7 +331,7 @@ print("published", flush=True)
     first.stdin.close()
   assert first.stdout.read().strip() == "published" and first.wait(timeout=120) == 0
   assert open(os.path.join(out, "train", "part-0")).read() == "first"
-  assert sorted(os.listdir(out)) == ["dead_letter", "eval", F.RECONCILIATION, "train", "transform_fn",
+  assert sorted(os.listdir(out)) == ["dead_letter", F.DISTINCT_IDS_DIR, "eval", F.RECONCILIATION, "train", "transform_fn",
                                      "transformed_metadata"]
 
 
