@@ -35,33 +35,27 @@ class EncodeRecordBatches(beam.DoFn):
   def process(self, element):
     record_batch, _ = element
     examples = self._encoder.encode(record_batch)
-    self._written.inc(len(examples))
+    self._count(record_batch, examples)
     self._positives.count(record_batch)
     yield from examples
 
+  def _count(self, record_batch, examples) -> None:
+    self._written.inc(len(examples))
 
-class EncodeGroups(beam.DoFn):
+
+class EncodeGroups(EncodeRecordBatches):
   """(RecordBatch, passthrough) elements of TFT's grouped output (F.GROUPED: one row per group)
   -> serialized grouped records, one per group, encoded a batch at a time in C++. The group's
   impressions are counted as ``rows_written`` and the groups as ``groups_written`` in
   ``namespace``."""
 
   def __init__(self, namespace: str):
-    self._written = beam.metrics.Metrics.counter(namespace, "rows_written")
+    super().__init__(namespace)
     self._groups = beam.metrics.Metrics.counter(namespace, "groups_written")
-    self._positives = LabelPositives(namespace)
-    self._encoder = None
 
-  def setup(self):
-    self._encoder = example_coder.RecordBatchToExamplesEncoder()
-
-  def process(self, element):
-    record_batch, _ = element
-    records = self._encoder.encode(record_batch)
+  def _count(self, record_batch, examples) -> None:
     self._written.inc(len(record_batch.column(record_batch.schema.get_field_index(F.CLICK)).flatten()))
-    self._groups.inc(len(records))
-    self._positives.count(record_batch)
-    yield from records
+    self._groups.inc(len(examples))
 
 
 class LabelPositives:

@@ -160,9 +160,9 @@ class GroupedRecordBatchBuilder:
         counts, row_ids, row_weights = own_counts, ids[own], weights[own]
       else:
         # The common row's values of this field come first in each of its impressions.
-        common_counts = np.bincount(item_group[common], minlength=groups)[impression_group]
-        common_start = (np.cumsum(np.bincount(item_group[common], minlength=groups))
-                        - np.bincount(item_group[common], minlength=groups))[impression_group]
+        common_per_group = np.bincount(item_group[common], minlength=groups)
+        common_counts = common_per_group[impression_group]
+        common_start = (np.cumsum(common_per_group) - common_per_group)[impression_group]
         counts = common_counts + own_counts
         offsets = np.cumsum(counts) - counts
         row_ids = np.empty(int(counts.sum()), np.int64)
