@@ -11,7 +11,7 @@ Each stage is a process of its own, run as a user would run it:
   preprocess   python -m pipeline.preprocess --format=aliccp --layout=grouped --input_dir=WORK/raw
                    --output_dir=WORK/preprocessed [--partitions=P --parallel_partitions=2]
   train_MODEL  python -m model_fn.train --transform_dir=WORK/preprocessed --model_dir=WORK/models/MODEL
-                   --model=MODEL --num_epochs=1 (the SavedModel export included)
+                   --model=MODEL --num_epochs=1 --keep_checkpoints=1 (the SavedModel export included)
   evaluate     python -m model_fn.evaluate --data=WORK/preprocessed --models=MODEL:DIR,...
                    --ground_truth=WORK/raw/ground_truth_test.csv.gz (the paper's protocol on the
                    whole test split, and the entire-space CVR AUC against the true conversions)
@@ -69,6 +69,8 @@ def define_flags():
                        "split is evaluated once, by the evaluate stage.")
   flags.DEFINE_integer("save_checkpoints_steps", 10_000, "--save_checkpoints_steps of the training stages "
                        "(10,000 steps: about 10M impressions between saves).")
+  flags.DEFINE_integer("keep_checkpoints", 1, "--keep_checkpoints of the training stages (1: the last "
+                       "checkpoint and the SavedModel are what a model dir holds).")
   flags.DEFINE_list("train_args", [], "More model_fn.train flags (comma-separated).")
   flags.DEFINE_list("preprocess_args", [], "More pipeline.preprocess flags (comma-separated).")
   flags.DEFINE_enum("through", "evaluate", list(STAGES), "The last stage run (the results hold the "
@@ -183,7 +185,8 @@ def main(argv):
         name, [py, "-m", "model_fn.train", f"--transform_dir={r.pre}", f"--model_dir={r.model_dir(model)}",
                f"--model={model}", "--num_epochs=1", f"--batch_size={FLAGS.batch_size}",
                f"--eval_steps={FLAGS.eval_steps_in_training}",
-               f"--save_checkpoints_steps={FLAGS.save_checkpoints_steps}", *FLAGS.train_args],
+               f"--save_checkpoints_steps={FLAGS.save_checkpoints_steps}",
+               f"--keep_checkpoints={FLAGS.keep_checkpoints}", *FLAGS.train_args],
         r.model_dir(model), rows=impressions["train"], clean=r.model_dir(model))
     stages[name]["train_rows_per_s"] = _train_rate(os.path.join(work, "logs", name + ".log"), FLAGS.batch_size)
     stages[name]["checkpoint_bytes"] = sum(os.path.getsize(p) for p in glob.glob(

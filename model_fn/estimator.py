@@ -26,7 +26,7 @@ from model_fn import esmm, export, layers, memory, mmoe
 from model_fn import table_sizing
 from model_fn import input_fn as I
 from model_fn import metrics as M
-from model_fn.params import (DEFAULT_MEMORY_LIMIT_GB, MODEL_SPECS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params,
+from model_fn.params import (DEFAULT_KEEP_CHECKPOINTS, DEFAULT_MEMORY_LIMIT_GB, MODEL_SPECS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params,
                              table_rows, upgrade_recorded)
 from preprocessing import features as F
 from preprocessing import transform as T
@@ -127,7 +127,8 @@ def model_fn_for(params) -> Any:
 
 def make_estimator(model_dir: str, params: Dict[str, Any], seed: int = 42,
                    save_checkpoints_steps: int = 1000,
-                   warm_start_from: Optional[str] = None) -> tf.estimator.Estimator:
+                   warm_start_from: Optional[str] = None,
+                   keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS) -> tf.estimator.Estimator:
   """``warm_start_from``: a model dir (or checkpoint) whose trainable variables initialise a
   model dir without checkpoints (the daily retrain starts from yesterday's model).
 
@@ -136,7 +137,7 @@ def make_estimator(model_dir: str, params: Dict[str, Any], seed: int = 42,
   (model_fn/calibration.py) is applied to the heads unless ``params['calibration']`` is given."""
   config = tf.estimator.RunConfig(
       model_dir=model_dir, tf_random_seed=seed, save_checkpoints_steps=save_checkpoints_steps,
-      keep_checkpoint_max=3, log_step_count_steps=100)
+      keep_checkpoint_max=keep_checkpoints, log_step_count_steps=100)
   config = config.replace(session_config=_session_config(config))
   if not params.get("embedding_partitions"):
     params = {**params, "embedding_partitions": max(1, config.num_ps_replicas)}
@@ -301,7 +302,8 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
                        calibration: str = C.DEFAULT_METHOD,
                        calibration_holdout: Optional[float] = None,
                        conversion_scale: float = 1.0,
-                       memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB) -> Dict[str, Any]:
+                       memory_limit_gb: float = DEFAULT_MEMORY_LIMIT_GB,
+                       keep_checkpoints: int = DEFAULT_KEEP_CHECKPOINTS) -> Dict[str, Any]:
   """Trains to the step budget (resuming), evaluates, exports. Returns metrics and export path.
 
   The step budget is global: on a cluster the chief and the workers together train
@@ -317,7 +319,8 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
 
   Each table's rows (params ``field_rows``) are resolved by resolve_field_rows; a run whose
   estimated peak memory (model_fn/memory.py) exceeds ``memory_limit_gb`` (0: what this machine
-  has available) is refused (memory.DoesNotFit) before anything is built or written.
+  has available) is refused (memory.DoesNotFit) before anything is built or written, and so is
+  one whose model dir (``keep_checkpoints`` checkpoints and the SavedModel) will not fit the disk.
 
   The output biases start at the logits of the train split's base rates (params
   ``base_rates``, read from the preprocessing run's label counts unless given); ``format`` and
@@ -340,9 +343,11 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   params = resolve_params(resolve_field_rows(resolve_params(params), model_dir, transform_dir, warm_start_from))
   I.require_labels(tft_output, params["model"], transform_dir)
   estimate = memory.check_fits(params, memory_limit_gb)
+  disk = memory.check_disk(params, model_dir, keep_checkpoints)
   tables = table_sizing.report(table_rows(params), I.distinct_ids(transform_dir), transform_dir)
-  logging.info("%s\nmemory estimate: %s GiB", table_sizing.format_report(tables),
-               ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in estimate.items()))
+  logging.info("%s\nmemory estimate: %s GiB\ndisk estimate: %s GiB", table_sizing.format_report(tables),
+               ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in estimate.items()),
+               ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in disk.items()))
   if train_steps <= 0:
     rows = I.split_rows(transform_dir, "train") * (1 - calibration_holdout)
     train_steps = max(1, math.ceil(num_epochs * rows / batch_size))
@@ -353,7 +358,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
     check_warm_start(warm_start_from, params)
   # Trained and evaluated uncalibrated ({}: not the model_dir's calibration.json of an earlier run).
   estimator = make_estimator(model_dir, {**params, "calibration": {}}, seed, save_checkpoints_steps,
-                             warm_start_from)
+                             warm_start_from, keep_checkpoints)
   config = estimator.config
   task = task_name(config)
   if config.is_chief:
@@ -391,7 +396,7 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
                                    calibration_holdout, conversion_scale, grouped)
     C.save(model_dir, calibrations)
     estimator = make_estimator(model_dir, {**params, "calibration": calibrations}, seed,
-                               save_checkpoints_steps)
+                               save_checkpoints_steps, keep_checkpoints=keep_checkpoints)
     eval_metrics = estimator.evaluate(eval_input, steps=eval_steps or None, name="calibrated")
   metrics = M.finite_or_none(eval_metrics, f"eval metrics of {model_dir}")   # NaN: null, with a warning
   out = {"task": task, "model_dir": model_dir, "train_steps": train_steps, "metrics": metrics,

@@ -1,5 +1,5 @@
-"""How much memory a training run will take, estimated from its params before anything is
-built, and the check that refuses a run that will not fit this machine.
+"""How much memory and disk a training run will take, estimated from its params before anything
+is built, and the checks that refuse a run that will not fit this machine.
 
   peak = FIXED_BYTES + state x (1 + SAVE_FACTOR)
 
@@ -11,6 +11,7 @@ input pipeline. Both constants were fitted to the peak RSS of short training run
 (benchmarks/memory_estimate.py, benchmarks/results/memory_estimate.md)."""
 
 import os
+import shutil
 from typing import Dict, Optional
 
 from model_fn import params as P
@@ -26,6 +27,8 @@ SAVE_FACTOR = 1.5
 GIB = 1 << 30
 # The flags that change a run's memory, named when one does not fit.
 MEMORY_FLAGS = ("--table_rows_per_id", "--table_rows", "--embedding_dim", "--memory_limit_gb")
+# ... and its disk.
+DISK_FLAGS = ("--keep_checkpoints", "--table_rows_per_id", "--table_rows", "--embedding_dim")
 
 
 class DoesNotFit(ValueError):
@@ -143,4 +146,46 @@ def check_fits(p: Dict, memory_limit_gb: float = P.DEFAULT_MEMORY_LIMIT_GB) -> D
         f"{(est['tables'] + est['table_slots']) / GIB:.1f} GiB, plus a checkpoint save's copy) but "
         f"{limit / GIB:.1f} GiB are {where}; make the tables smaller with {', '.join(MEMORY_FLAGS[:3])} "
         f"or set {MEMORY_FLAGS[3]}")
+  return est
+
+
+def disk_estimate(p: Dict, keep_checkpoints: int = P.DEFAULT_KEEP_CHECKPOINTS) -> Dict[str, int]:
+  """{checkpoint, saved_model, peak} in bytes: a checkpoint holds the tables with their slots and
+  the dense state; the model dir holds ``keep_checkpoints`` of them, one more while a save is
+  written, and a SavedModel of the tables and dense weights."""
+  checkpoint = table_state_bytes(p) + dense_state_bytes(p)
+  saved_model = table_bytes(p) + dense_weights(p) * FLOAT_BYTES
+  return {"checkpoint": checkpoint, "saved_model": saved_model,
+          "peak": (keep_checkpoints + 1) * checkpoint + saved_model}
+
+
+def _local_bytes(path: str) -> int:
+  """Bytes of the files under a local path (0 when absent)."""
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return total
+
+
+def check_disk(p: Dict, model_dir: str, keep_checkpoints: int = P.DEFAULT_KEEP_CHECKPOINTS) -> Dict[str, int]:
+  """The disk estimate; DoesNotFit (one line, naming the flags) when it exceeds the free space of
+  a local ``model_dir``'s file system plus what the model dir already holds. A remote model dir
+  (``scheme://``) is not checked."""
+  est = disk_estimate(p, keep_checkpoints)
+  if "://" in model_dir:
+    return est
+  existing = os.path.abspath(model_dir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  free = shutil.disk_usage(existing).free + _local_bytes(model_dir)
+  if est["peak"] > free:
+    raise DoesNotFit(
+        f"training {p['model']} needs about {est['peak'] / GIB:.1f} GiB of disk in {model_dir} "
+        f"({keep_checkpoints} checkpoint(s) of {est['checkpoint'] / GIB:.1f} GiB, one more while saving, "
+        f"and a SavedModel of {est['saved_model'] / GIB:.1f} GiB) but {free / GIB:.1f} GiB are free there; "
+        f"keep fewer checkpoints with {DISK_FLAGS[0]} or make the tables smaller with {', '.join(DISK_FLAGS[1:])}")
   return est

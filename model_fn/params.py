@@ -50,6 +50,8 @@ MODEL_SPECS: Dict[str, Dict[str, Any]] = {
 MODELS = tuple(MODEL_SPECS)
 # The memory a training run may take (model_fn/memory.py); 0: what this machine has available.
 DEFAULT_MEMORY_LIMIT_GB = 0.0
+# Checkpoints a model dir keeps (the newest); a save writes one more before it deletes the oldest.
+DEFAULT_KEEP_CHECKPOINTS = 3
 DEFAULT_PLE_LEVELS = 2
 COUNTERFACTUAL_RISKS = (None, "ips", "dr")
 MATMUL_DTYPES = ("auto", "float32", "bfloat16")

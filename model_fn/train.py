@@ -29,7 +29,7 @@ from absl import flags
 from model_fn import estimator as E
 from model_fn import input_fn as I
 from model_fn import calibration as C
-from model_fn.params import (COUNTERFACTUAL_RISKS, DEFAULT_MEMORY_LIMIT_GB, DEFAULT_PARAMS, EMBEDDING_LEARNING_RATES, EMBEDDING_UPDATES,
+from model_fn.params import (COUNTERFACTUAL_RISKS, DEFAULT_KEEP_CHECKPOINTS, DEFAULT_MEMORY_LIMIT_GB, DEFAULT_PARAMS, EMBEDDING_LEARNING_RATES, EMBEDDING_UPDATES,
                              LEARNING_RATE_SCHEDULES, MATMUL_DTYPES, MODELS, OUTPUT_BIAS_INITS, POOLINGS,
                              RUNTIME_PARAMS, check_params, check_run)
 from preprocessing import cli
@@ -143,6 +143,9 @@ def define_flags(fv: flags.FlagValues = FLAGS):
                  "on GPUs of compute capability 8.0+; auto: bfloat16 where this machine has it "
                  "natively, else float32. Eval and export use float32.")
   fl.DEFINE_integer("save_checkpoints_steps", 1000, "Checkpoint every N steps.", lower_bound=1)
+  fl.DEFINE_integer("keep_checkpoints", DEFAULT_KEEP_CHECKPOINTS, "Checkpoints the model dir keeps (the "
+                    "newest); a run whose checkpoints and SavedModel will not fit the free disk is "
+                    "refused before it starts.", lower_bound=1)
   fl.DEFINE_integer("seed", 42, "Graph-level random seed; also the order of the training data.")
   fl.DEFINE_integer("embedding_partitions", RUNTIME_PARAMS["embedding_partitions"], "Shards per large "
                     "embedding table (0: one per parameter server in TF_CONFIG, 1 on one machine).",
@@ -207,7 +210,7 @@ def main(argv):
                              FLAGS.save_checkpoints_steps, FLAGS.export,
                              eval_throttle_secs=FLAGS.eval_throttle_secs, train_input=FLAGS.train_input,
                              calibration=FLAGS.calibration, calibration_holdout=FLAGS.calibration_holdout,
-                             memory_limit_gb=FLAGS.memory_limit_gb)
+                             memory_limit_gb=FLAGS.memory_limit_gb, keep_checkpoints=FLAGS.keep_checkpoints)
   except (I.IncompleteTransformOutput, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return cli.EXIT_USAGE

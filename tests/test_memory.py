@@ -153,3 +153,28 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(data, tmp_p
   for phrase in ("GiB", "0.5 GiB are --memory_limit_gb", "--table_rows_per_id", "--table_rows", "--embedding_dim"):
     assert phrase in lines[0]
   assert not model_dir.exists()
+
+
+def test_the_disk_estimate_is_a_checkpoint_s_bytes_and_a_run_keeps_what_it_is_told(data, sized, tmp_path):
+  p = resolve_params(E.load_params(sized["model_dir"]))
+  latest = tf.train.latest_checkpoint(sized["model_dir"])
+  on_disk = sum(os.path.getsize(f) for f in glob.glob(latest + ".data-*"))
+  est = memory.disk_estimate(p, keep_checkpoints=1)
+  assert est["checkpoint"] == pytest.approx(on_disk, rel=0.1)
+  assert est["peak"] == 2 * est["checkpoint"] + est["saved_model"]
+  # One checkpoint kept: the step-0 save and the earlier ones are gone.
+  model_dir = str(tmp_path / "one")
+  E.train_and_evaluate(data["out"], model_dir, data["params"], batch_size=256, train_steps=6,
+                       save_checkpoints_steps=2, calibration="none", do_export=False, keep_checkpoints=1)
+  kept = tf.train.get_checkpoint_state(model_dir).all_model_checkpoint_paths
+  assert [os.path.basename(k) for k in kept] == ["model.ckpt-6"]
+  assert len(glob.glob(os.path.join(model_dir, "model.ckpt-*.index"))) == 1
+
+
+def test_a_run_whose_checkpoints_cannot_fit_the_disk_is_refused(data, tmp_path, monkeypatch):
+  monkeypatch.setattr(memory.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1 << 20})())
+  model_dir = tmp_path / "model"
+  with pytest.raises(memory.DoesNotFit, match="--keep_checkpoints") as e:
+    E.train_and_evaluate(data["out"], str(model_dir), data["params"], batch_size=256, train_steps=1)
+  assert "of disk" in str(e.value) and "--table_rows_per_id" in str(e.value)
+  assert not model_dir.exists()
