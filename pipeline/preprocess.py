@@ -56,11 +56,9 @@ own process (--parallel_partitions at a time), writing the output the whole job 
 """
 
 import collections
-import ctypes
 import json
 import multiprocessing
 import os
-import signal
 import sys
 from concurrent import futures
 from concurrent.futures.process import BrokenProcessPool
@@ -75,7 +73,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import encode, formats, partition, publish
+from pipeline import encode, formats, partition, processes, publish
 from pipeline import reconciliation as R
 from pipeline import distinct_ids
 from pipeline.reconciliation import BadOutput, format_reconciliation
@@ -131,7 +129,8 @@ def define_flags(fv: flags.FlagValues = FLAGS):
                    "partitions by common_feature_index, each a pipeline in its own process, so "
                    "memory follows a partition's rows instead of the input's (0: one job). The "
                    "output is the whole job's; see pipeline/partition.py.", lower_bound=0)
-  d.DEFINE_integer("parallel_partitions", 1, "With --partitions: how many run at a time.",
+  d.DEFINE_integer("parallel_partitions", 1, "With --partitions: how many run at a time (and how many "
+                   "processes write the splits into the partitions first).",
                    lower_bound=1)
   d.DEFINE_string("temp_dir", None, "TFT/Beam temp dir (default: OUTPUT_DIR/tmp, removed at the end).")
   d.DEFINE_enum("layout", F.ROWS, list(F.LAYOUTS), "Storage of the output. rows: one tf.Example per "
@@ -420,22 +419,6 @@ def _run_job_kwargs(kwargs: dict) -> Dict[str, int]:
   return run_job(**kwargs)
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _end_with(parent_pid: int) -> None:
-  """Partition process initializer: the kernel kills this process when the job's process ends
-  (Linux; elsewhere a no-op), so a killed job leaves no partition running on, holding memory and
-  writing into a staging dir that the next run removes."""
-  try:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-  except (OSError, AttributeError):
-    return
-  if os.getppid() != parent_pid:     # the job ended before the call above
-    os._exit(1)
-
-
 def _run_partitions(parts: partition.Partitions, job: dict, output_dir: str, temp_dir: str,
                     parallel: int) -> Dict[str, int]:
   """Runs every partition's pipeline in a process of its own (``parallel`` at a time), all
@@ -452,7 +435,7 @@ def _run_partitions(parts: partition.Partitions, job: dict, output_dir: str, tem
   # system before the next one starts (spawned, not forked: TensorFlow is loaded here).
   try:
     with futures.ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
-                                     max_tasks_per_child=1, initializer=_end_with,
+                                     max_tasks_per_child=1, initializer=processes.end_with_parent,
                                      initargs=(os.getpid(),)) as pool:
       results = list(pool.map(_run_job_kwargs, jobs))
   except BrokenProcessPool as e:
@@ -527,7 +510,7 @@ def run(fmt: str, patterns, output_dir: str, beam_args: List[str], max_hash_buck
     parts = None
     if partitions > 1:
       parts = partition.split_inputs(patterns, partitions, FileSystems.join(temp_dir, "partitions"),
-                                     dedup_sample_ids)
+                                     dedup_sample_ids, parallel_partitions)
       counters = _run_partitions(parts, job, staging, temp_dir, parallel_partitions)
     else:
       counters = run_job(patterns=patterns, output_dir=staging, temp_dir=temp_dir, **job)

@@ -7,6 +7,7 @@ different common-feature rows, so they fall into different partitions.
 
 import collections
 import glob
+import gzip
 import io
 import json
 import os
@@ -151,6 +152,20 @@ def test_every_record_lands_in_one_partition_with_the_rows_it_joins(raw, tmp_pat
   assert parts.conflicts["eval"] == {}
   nodedup = partition.split_inputs(raw["patterns"], PARTS, str(tmp_path / "nodedup"), dedup_sample_ids=False)
   assert nodedup.conflicts == {"train": {}, "eval": {}}
+  # Gzipped inputs, the splits written by two processes: the same partition files.
+  zipped = {}
+  for split, kinds in raw["patterns"].items():
+    for kind, pattern in kinds.items():
+      for k, path in enumerate(sorted(glob.glob(pattern))):
+        with open(path, "rb") as f, gzip.open(str(tmp_path / f"{split}-{kind}-{k}.csv.gz"), "wb") as g:
+          g.write(f.read())
+      zipped.setdefault(split, {})[kind] = str(tmp_path / f"{split}-{kind}-*.csv.gz")
+  again = partition.split_inputs(zipped, PARTS, str(tmp_path / "gz"), parallel=2)
+  assert again.records == parts.records and again.conflicts == parts.conflicts
+  for q, r in zip(parts.patterns, again.patterns):
+    for split in q:
+      for kind in partition.KINDS:
+        assert open(q[split][kind], "rb").read() == open(r[split][kind], "rb").read()
 
 
 def _examples(out, split):
