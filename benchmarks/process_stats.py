@@ -1,8 +1,10 @@
 """What a benchmark measures of a process it runs: wall seconds, the peak resident memory of its
-process tree (sampled from /proc), and the CPU seconds of the process and of its descendants."""
+process tree (sampled from /proc), the CPU seconds of the process and of its descendants, and
+how much the disk it writes to filled while it ran (sampled)."""
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import time
 from typing import Dict, List, Sequence, Tuple
@@ -44,21 +46,29 @@ class Measured:
   peak_rss: int                 # bytes, the process and its descendants summed, at the worst sample
   returncode: int
   cpu: Dict[str, float]         # {"launcher": the process's own CPU seconds, "others": its descendants'}
+  peak_disk_growth: int = 0     # bytes: the file system's most used, at a sample, less its use at the start
 
 
-def run_measured(cmd: Sequence[str], log: str, cwd: str, env: Dict[str, str], sample_seconds: float = 0.5) -> Measured:
+def run_measured(cmd: Sequence[str], log: str, cwd: str, env: Dict[str, str], sample_seconds: float = 0.5,
+                 disk_path: str = None) -> Measured:
   """Runs ``cmd`` with its output in the file ``log`` (a file, not a pipe: jobs log more than a pipe
   buffer holds), sampling its process tree every ``sample_seconds``. CPU is read at each sample, so
-  what a process spends after its last sample is missed (at most ``sample_seconds`` per core)."""
+  what a process spends after its last sample is missed (at most ``sample_seconds`` per core).
+  ``disk_path``: the file system whose used bytes are sampled too (anything else writing to it
+  counts)."""
   start = time.perf_counter()
+  disk_start = shutil.disk_usage(disk_path).used if disk_path else 0
   with open(log, "w") as f:
     proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    peak, cpu = 0, {}
+    peak, cpu, disk_peak = 0, {}, disk_start
     while proc.poll() is None:
       rss, tree = tree_stats(proc.pid)
       peak = max(peak, rss)
       cpu.update(tree)     # processes that exited keep their last reading
+      if disk_path:
+        disk_peak = max(disk_peak, shutil.disk_usage(disk_path).used)
       time.sleep(sample_seconds)
   seconds = time.perf_counter() - start
   launcher = cpu.pop(proc.pid, 0.0)
-  return Measured(seconds, peak, proc.returncode, {"launcher": launcher, "others": sum(cpu.values())})
+  return Measured(seconds, peak, proc.returncode, {"launcher": launcher, "others": sum(cpu.values())},
+                  disk_peak - disk_start)

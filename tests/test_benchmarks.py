@@ -239,3 +239,24 @@ def test_model_comparison_pairs_each_model_with_the_reference_seed_by_seed():
           "seeds": ["1", "2", "3", "4", "5"]}
   text = CM._markdown(summary, meta, "base")
   assert "| ESMM | +1.00 [+0." in text and "Paired differences against BASE" in text
+
+
+def test_run_measured_sees_the_disk_a_process_fills_and_frees(tmp_path):
+  # A child that writes 64 MB, holds it a second, and removes it: the peak growth sees it.
+  path = tmp_path / "fill"
+  code = (f"import os, time\nwith open({str(path)!r}, 'wb') as f:\n  f.write(os.urandom(64 << 20))\n"
+          f"  f.flush(); os.fsync(f.fileno())\ntime.sleep(1.5)\nos.remove({str(path)!r})")
+  run = process_stats.run_measured([sys.executable, "-c", code], str(tmp_path / "log"), str(tmp_path),
+                                   dict(os.environ), sample_seconds=0.1, disk_path=str(tmp_path))
+  assert run.returncode == 0 and not path.exists()
+  assert run.peak_disk_growth >= 32 << 20
+
+
+def test_full_scale_s_peak_disk_is_the_earlier_outputs_plus_a_stage_s_fullest_moment():
+  import full_scale
+  stages = {"generate": {"output_bytes": 10, "peak_disk_growth_bytes": 10},
+            "preprocess": {"output_bytes": 3, "peak_disk_growth_bytes": 40},     # partition files, removed
+            "train_esmm": {"output_bytes": 5, "peak_disk_growth_bytes": 8}}
+  assert full_scale.peak_disk(stages) == 50
+  stages["train_esmm"]["peak_disk_growth_bytes"] = 45
+  assert full_scale.peak_disk(stages) == 58
