@@ -409,3 +409,17 @@ def test_a_list_in_the_release_form_is_checked_without_the_full_parse(monkeypatc
   monkeypatch.setattr(A, "parse_feature_list", no_parse)
   flist = items(("205", 11, "1.0"), ("999", 2, "3"), ("109_14", 123456789012345678, "0.693147"))
   assert A.check_feature_list(flist, 3, KNOWN) == 1
+
+
+def test_a_user_side_item_in_a_skeleton_list_is_found_wherever_it_stands():
+  user = sorted(A.USER_FIELDS)
+  item = lambda field, value="5": f"{field}{A.FIELD_SEP}{value}{A.VALUE_SEP}1.0"
+  for items, want in [([item("205"), item("206")], False),
+                      ([item(user[0]), item("205")], True),          # first
+                      ([item("205"), item(user[-1])], True),         # last
+                      ([item("205"), item("9" + user[0])], False),   # a name that only ends like one
+                      ([item("205", user[0])], False),               # a value that reads like one
+                      ([], False)]:
+    text = A.ITEM_SEP.join(items)
+    assert A._has_user_field(text) is want, text
+    assert bool(A.user_fields_in({"features": A.parse_feature_list(text, len(items), A.KNOWN_FIELDS)[0]})) is want

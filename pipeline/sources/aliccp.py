@@ -343,13 +343,14 @@ def user_fields_in(skeleton: Mapping) -> List[str]:
 
 
 USER_FIELDS = frozenset(f.name for f in F.fields(FMT) if f.group_level)
-# The start of an item of a user-side field, in a feature list.
-_USER_ITEM = re.compile("(?:^|\x01)(?:{})\x02".format(
+# The start of an item of a user-side field, in a feature list with ITEM_SEP put in front (a
+# pattern that starts with a literal is searched for that literal first: 40x faster than "^|").
+_USER_ITEM = re.compile("\x01(?:{})\x02".format(
     "|".join(re.escape(f) for f in sorted(USER_FIELDS, key=len, reverse=True))))
 
 
 def _has_user_field(feature_list: str) -> bool:
-  return _USER_ITEM.search(feature_list) is not None
+  return _USER_ITEM.search(ITEM_SEP + feature_list) is not None
 
 
 class _JoinFn(beam.DoFn):
