@@ -29,5 +29,5 @@ setuptools.setup(
     python_requires=">=3.11,<3.12",
     packages=["pipeline", "pipeline.sources", "preprocessing", "model_fn", "orchestration", "datagen"],
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest==8.3.3", "scikit-learn==1.3.2"]},
+    extras_require={"test": ["pytest==8.3.3", "pytest-xdist==3.6.1", "scikit-learn==1.3.2"]},
 )
