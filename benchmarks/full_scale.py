@@ -40,6 +40,7 @@ from absl import app, flags  # noqa: E402
 
 import process_stats  # noqa: E402
 import results_io  # noqa: E402
+from model_fn.memory import local_bytes  # noqa: E402
 
 FLAGS = flags.FLAGS
 GIB = 1 << 30
@@ -82,13 +83,6 @@ def define_flags():
   flags.DEFINE_string("name", None, "Results file name (default full_scale, or full_scale_SCALE).")
 
 
-def _du(path: str) -> int:
-  """Bytes of the files under ``path`` (0 when it does not exist)."""
-  if os.path.isfile(path):
-    return os.path.getsize(path)
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
 def _scale_label(scale: float) -> str:
   return "1" if scale == 1 else format(scale, "g").replace(".", "_")
 
@@ -124,7 +118,7 @@ class Run:
         tail = f.read()[-3000:]
       raise SystemExit(f"{name} failed (exit {run.returncode}); the end of {log}:\n{tail}")
     got = {"seconds": round(run.seconds, 1), "peak_rss_bytes": run.peak_rss, "cpu_s": run.cpu,
-           "output_bytes": _du(output), "peak_disk_growth_bytes": run.peak_disk_growth,
+           "output_bytes": local_bytes(output), "peak_disk_growth_bytes": run.peak_disk_growth,
            "command": " ".join(cmd)}
     if rows:
       got["rows"] = rows
@@ -208,8 +202,8 @@ def main(argv):
   numbers = {"command": " ".join([".venv/bin/python benchmarks/full_scale.py", *sys.argv[1:]]),
              "scale": FLAGS.scale, "through": FLAGS.through, "layout": FLAGS.layout, "work_dir": work, "machine": results_io.machine(), "generated": gen,
              "stages": stages, "metrics": metrics, "wall_s_this_invocation": round(wall, 1),
-             "disk_bytes": {"raw": _du(r.raw), "preprocessed": _du(r.pre),
-                            "models": _du(os.path.join(work, "models"))}}
+             "disk_bytes": {"raw": local_bytes(r.raw), "preprocessed": local_bytes(r.pre),
+                            "models": local_bytes(os.path.join(work, "models"))}}
   numbers["targets"] = targets(numbers)
   results_io.write(FLAGS.results_dir, FLAGS.name or ("full_scale" if FLAGS.scale == 1 else f"full_scale_{label}"),
                    numbers, markdown(numbers))

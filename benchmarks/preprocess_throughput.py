@@ -59,6 +59,7 @@ from absl import app, flags  # noqa: E402
 import process_stats  # noqa: E402
 import results_io  # noqa: E402
 from datagen import synthetic  # noqa: E402
+from model_fn.memory import local_bytes  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -225,10 +226,6 @@ def locate_missing(raw: str, staging: str) -> Dict[str, dict]:
   return out
 
 
-def _size(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-
 def _train_dir(out: str) -> str:
   """The train split's tf.Examples, or its blocks when the job wrote no tf.Examples for it
   (--beam_args=--notrain_examples)."""
@@ -295,7 +292,7 @@ def main(argv):
                  "peak_rss_mb": round(peak / 2 ** 20), **cpu_s,
                  "raw_csv_bytes_per_impression": round(raw_bytes / read, 1),
                  "tfrecord_gzip_bytes_per_impression": round(
-                     (_size(_train_dir(out)) + _size(os.path.join(out, "eval"))) / written, 1)})
+                     (local_bytes(_train_dir(out)) + local_bytes(os.path.join(out, "eval"))) / written, 1)})
     print(rows[-1], flush=True)
     if not FLAGS.keep_outputs:
       shutil.rmtree(out, ignore_errors=True)

@@ -159,16 +159,18 @@ def disk_estimate(p: Dict, keep_checkpoints: int = P.DEFAULT_KEEP_CHECKPOINTS) -
           "peak": (keep_checkpoints + 1) * checkpoint + saved_model}
 
 
-def _local_bytes(path: str) -> int:
-  """Bytes of the files under a local path (0 when absent)."""
-  total = 0
-  for root, _, files in os.walk(path):
-    for name in files:
-      try:
-        total += os.path.getsize(os.path.join(root, name))
-      except OSError:
-        pass
-  return total
+def _size(path: str) -> int:
+  try:
+    return os.path.getsize(path)
+  except OSError:        # removed since it was listed (a checkpoint the Estimator replaced)
+    return 0
+
+
+def local_bytes(path: str) -> int:
+  """Bytes of a local file, or of the files under a local directory (0 when absent)."""
+  if os.path.isfile(path):
+    return _size(path)
+  return sum(_size(os.path.join(root, name)) for root, _, files in os.walk(path) for name in files)
 
 
 def check_disk(p: Dict, model_dir: str, keep_checkpoints: int = P.DEFAULT_KEEP_CHECKPOINTS) -> Dict[str, int]:
@@ -181,7 +183,7 @@ def check_disk(p: Dict, model_dir: str, keep_checkpoints: int = P.DEFAULT_KEEP_C
   existing = os.path.abspath(model_dir)
   while not os.path.exists(existing):
     existing = os.path.dirname(existing)
-  free = shutil.disk_usage(existing).free + _local_bytes(model_dir)
+  free = shutil.disk_usage(existing).free + local_bytes(model_dir)
   if est["peak"] > free:
     raise DoesNotFit(
         f"training {p['model']} needs about {est['peak'] / GIB:.1f} GiB of disk in {model_dir} "
