@@ -34,7 +34,7 @@ from model_fn import calibration as CAL  # noqa: E402
 from model_fn import estimator as E  # noqa: E402
 from model_fn import evaluation  # noqa: E402
 from model_fn import input_fn as I  # noqa: E402
-from model_fn.params import MODELS, resolve_params  # noqa: E402
+from model_fn.params import DEFAULT_PARAMS, MODELS, resolve_params  # noqa: E402
 from pipeline import preprocess  # noqa: E402
 from preprocessing import features as F  # noqa: E402
 from preprocessing import transform as T  # noqa: E402
@@ -264,15 +264,17 @@ def predictions(root: str, name: str, seed) -> Dict[str, np.ndarray]:
 
 
 def _train_and_predict(root: str, out: str, name: str, model: str, overrides, buckets, seed) -> float:
-  """Trains one model (unless its predictions from a run of the same settings are cached), caches
-  its eval-split predictions and removes its checkpoints (each holds every table and its
-  optimizer slots: about 0.7 GB here) unless --keep_checkpoints; returns the training seconds."""
+  """Trains one model (unless its predictions from a run of the same settings and trainer defaults
+  are cached), caches its eval-split predictions and removes its checkpoints (each holds every
+  table and its optimizer slots: about 0.7 GB here) unless --keep_checkpoints; returns the
+  training seconds."""
   model_dir = _model_dir(root, name, seed)
   record = os.path.join(model_dir, RUN_RECORD)
   overrides = dict(overrides)
   layout = overrides.pop(LAYOUT_KEY, F.ROWS)
   out = _data(layout)[2]
-  settings = {"model": model, "overrides": overrides, "calibration": FLAGS.calibration,
+  # The defaults too: a cached run of another version's defaults (e.g. its pooling) is not reused.
+  settings = {"model": model, "overrides": overrides, "defaults": DEFAULT_PARAMS, "calibration": FLAGS.calibration,
               "num_epochs": FLAGS.num_epochs, "batch_size": FLAGS.batch_size,
               **({LAYOUT_KEY: layout} if layout != F.ROWS else {})}
   if FLAGS.calibration_holdout is not None:

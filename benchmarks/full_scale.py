@@ -31,7 +31,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -59,7 +59,9 @@ def define_flags():
                      lower_bound=1e-5, upper_bound=1.0)
   flags.DEFINE_string("work_dir", None, "Where the data, the outputs and the stage markers go "
                       "(default: runs/full_scale_SCALE in the checkout).")
-  flags.DEFINE_list("models", ["esmm", "base"], "The models trained, one epoch each.")
+  flags.DEFINE_list("models", ["esmm", "base"], "The models trained, one epoch each: MODEL, or "
+                    "MODEL:FLAG;FLAG... with model_fn.train flags of its own (after --train_args), e.g. "
+                    "base:--table_rows_per_id=2.")
   flags.DEFINE_enum("layout", "grouped", ["grouped", "rows"], "pipeline.preprocess --layout (rows: with "
                     "--notrain_examples, the train split as column blocks only).")
   flags.DEFINE_integer("batch_size", 1024, "Training batch size (impressions).")
@@ -81,6 +83,12 @@ def define_flags():
   flags.DEFINE_float("sample_seconds", 1.0, "Interval of the memory sampler.")
   flags.DEFINE_string("results_dir", os.path.join(ROOT, "benchmarks", "results"), "Where to write the results.")
   flags.DEFINE_string("name", None, "Results file name (default full_scale, or full_scale_SCALE).")
+
+
+def model_args(item: str) -> Tuple[str, List[str]]:
+  """(model, its own model_fn.train flags) of a --models item MODEL[:FLAG;FLAG...]."""
+  model, _, rest = item.partition(":")
+  return model, [a for a in rest.split(";") if a]
 
 
 def _scale_label(scale: float) -> str:
@@ -174,14 +182,15 @@ def main(argv):
                        *([f"--partitions={partitions}", "--parallel_partitions=2"] if partitions > 1 else []),
                        *FLAGS.preprocess_args],
         r.pre, rows=sum(impressions.values()))
-  for model in FLAGS.models if STAGES.index(FLAGS.through) >= STAGES.index("train") else ():
+  models = dict(model_args(item) for item in FLAGS.models)
+  for model, own_args in models.items() if STAGES.index(FLAGS.through) >= STAGES.index("train") else ():
     name = f"train_{model}"
     stages[name] = r.stage(
         name, [py, "-m", "model_fn.train", f"--transform_dir={r.pre}", f"--model_dir={r.model_dir(model)}",
                f"--model={model}", "--num_epochs=1", f"--batch_size={FLAGS.batch_size}",
                f"--eval_steps={FLAGS.eval_steps_in_training}",
                f"--save_checkpoints_steps={FLAGS.save_checkpoints_steps}",
-               f"--keep_checkpoints={FLAGS.keep_checkpoints}", *FLAGS.train_args],
+               f"--keep_checkpoints={FLAGS.keep_checkpoints}", *FLAGS.train_args, *own_args],
         r.model_dir(model), rows=impressions["train"], clean=r.model_dir(model))
     stages[name]["train_rows_per_s"] = _train_rate(os.path.join(work, "logs", name + ".log"), FLAGS.batch_size)
     stages[name]["checkpoint_bytes"] = sum(os.path.getsize(p) for p in glob.glob(
@@ -191,9 +200,9 @@ def main(argv):
   if FLAGS.through == "evaluate":
     stages["evaluate"] = r.stage(
         "evaluate", [py, "-m", "model_fn.evaluate", f"--data={r.pre}",
-                     "--models=" + ",".join(f"{m}:{r.model_dir(m)}" for m in FLAGS.models),
+                     "--models=" + ",".join(f"{m}:{r.model_dir(m)}" for m in models),
                      f"--ground_truth={truth}", f"--output={report}", f"--report_dir={os.path.join(work, 'report')}"],
-        report, rows=impressions["test"] * len(FLAGS.models))
+        report, rows=impressions["test"] * len(models))
   wall = time.perf_counter() - start
   metrics = {}
   if "evaluate" in stages:
@@ -276,6 +285,10 @@ def markdown(n: dict) -> str:
     if any(key in m for m in n["metrics"].values()):
       lines.append(f"| {key} | " + " | ".join(
           "-" if m.get(key) is None else f"{m[key]:.4f}" for m in n["metrics"].values()) + " |")
+  from model_fn.evaluation import constant_heads   # here: the stages' launcher stays without TensorFlow
+  dead = constant_heads({name: m for name, m in n["metrics"].items() if isinstance(m, dict)})
+  if dead:
+    lines += ["", "Heads that predict one value for every impression (a dead tower): " + ", ".join(dead) + "."]
   lines += ["", "| target (full release; time and disk scaled to this run) | measured | wanted | met |",
             "|---|---|---|---|"]
   lines += [f"| {t['target']} | {t['measured']:,} | {t['op']} {t['wanted']:,} | {'yes' if t['met'] else 'NO'} |"

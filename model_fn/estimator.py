@@ -270,7 +270,8 @@ def check_warm_start(source: str, params: Dict[str, Any]) -> None:
   path = os.path.join(source, PARAMS_FILE)
   if not tf.io.gfile.exists(path):
     return   # a bare checkpoint: TF checks it variable by variable
-  old = _shapes(_recorded_params(path))
+  recorded = _recorded_params(path)
+  old = _shapes(recorded)
   new = _shapes(_json(params))
   diff = [k for k in old if old.get(k) != new.get(k)]
   if diff:
@@ -278,6 +279,11 @@ def check_warm_start(source: str, params: Dict[str, Any]) -> None:
               if diff == ["hash_buckets"] else ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}"
                                                          for k in diff[:6] if k != "hash_buckets"))
     raise ModelDirError(f"cannot warm start from {source}: its variables have other shapes ({detail})")
+  if recorded["pooling"] != params["pooling"]:
+    # Same shapes, other inputs: its towers were fitted to another scale of the pooled vectors.
+    raise ModelDirError(f"cannot warm start from {source}: it was trained with --pooling={recorded['pooling']}, "
+                        f"this run pools by {params['pooling']}: give pooling={recorded['pooling']} (model_fn.train "
+                        f"--pooling={recorded['pooling']}; orchestration.daily's --params_file), or start cold")
 
 
 def save_params(model_dir: str, params: Dict[str, Any]) -> None:

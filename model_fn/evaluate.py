@@ -20,7 +20,7 @@ from absl import flags
 
 from model_fn import estimator as E
 from model_fn import report as R
-from model_fn.evaluation import evaluate, format_gates, format_table
+from model_fn.evaluation import constant_heads, evaluate, format_gates, format_table
 from model_fn.metrics import finite_or_none
 from preprocessing import cli
 
@@ -95,6 +95,9 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     return cli.EXIT_USAGE
   print(format_table(report))
+  for head in constant_heads(report):
+    print(f"warning: {head} predicts the same value for every impression (a dead tower: its AUC "
+          "is 0.5 by construction); train again, e.g. with another --seed or --pooling", file=sys.stderr)
   gates = format_gates(report)
   if gates:
     print()

@@ -83,7 +83,9 @@ DEFAULT_PARAMS: Dict[str, Any] = {
     "embedding_dim": 18,
     # How a field's values are pooled into one vector: the weighted sum, or the weighted sum
     # divided by the sum of the weights (mean) or by the root of the sum of squared weights (sqrtn).
-    "pooling": "sum",
+    # Mean keeps a field of hundreds of values on the scale of a one-value field: summed, the
+    # release's user-side lists drove the CVR tower's ReLUs dead (benchmarks/README.md, "Pooling").
+    "pooling": "mean",
     # The two towers of esmm, esmm_ns, base and escm2_* (the paper's 360-200-80).
     "ctr_hidden_units": [360, 200, 80],
     "cvr_hidden_units": [360, 200, 80],
@@ -136,7 +138,7 @@ DEFAULT_PARAMS: Dict[str, Any] = {
 
 # What a params.json written before a param existed trained with: its value then.
 LEGACY_PARAMS: Dict[str, Any] = {"table_rows_per_id": 0.0, "dense_ema_decay": 0.0, "output_bias_init": "zero",
-                                 "train_holdout": 0.0}
+                                 "train_holdout": 0.0, "pooling": "sum"}
 
 
 def upgrade_recorded(recorded: Dict[str, Any]) -> Dict[str, Any]:

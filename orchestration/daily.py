@@ -602,7 +602,7 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
         trained = E.train_and_evaluate(transform_dir, model_dir, params, batch_size, num_epochs=epochs, seed=seed,
                                        warm_start_from=warm, calibration=calibration,
                                        conversion_scale=delays["conversion_scale"], memory_limit_gb=memory_limit_gb)
-      except DoesNotFit as e:
+      except (DoesNotFit, E.ModelDirError) as e:     # too large; or a served model it cannot start from
         raise UsageError(f"{date}: {e}; nothing was trained or published") from None
     to_score = [("candidate", model_dir)] + ([("served", served_dir)] if served_dir else [])
     report, curves = evaluation.evaluate(to_score, transform_dir)

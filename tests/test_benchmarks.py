@@ -4,6 +4,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -260,3 +261,27 @@ def test_full_scale_s_peak_disk_is_the_earlier_outputs_plus_a_stage_s_fullest_mo
   assert full_scale.peak_disk(stages) == 50
   stages["train_esmm"]["peak_disk_growth_bytes"] = 45
   assert full_scale.peak_disk(stages) == 58
+
+
+def test_full_scale_s_models_take_train_flags_of_their_own():
+  import full_scale
+  assert full_scale.model_args("esmm") == ("esmm", [])
+  assert full_scale.model_args("base:--table_rows_per_id=2;--seed=3") == ("base", ["--table_rows_per_id=2", "--seed=3"])
+
+
+def test_full_scale_s_results_name_a_head_that_predicts_a_constant():
+  import full_scale
+  n = {"generated": {}, "scale": 1, "command": "c", "machine": "m", "stages": {}, "targets": [],
+       "metrics": {"esmm": {"auc/cvr_clicked": 0.5, "spread/ctr": 0.4, "spread/cvr": 0.0, "spread/ctcvr": 0.4},
+                   "base": {"auc/cvr_clicked": 0.6, "spread/ctr": 0.4, "spread/cvr": 0.3, "spread/ctcvr": 0.4}}}
+  assert "(a dead tower): esmm: cvr." in full_scale.markdown(n)
+  n["metrics"]["esmm"]["spread/cvr"] = 0.2
+  assert "dead tower" not in full_scale.markdown(n)
+
+
+def test_tower_activations_counts_units_that_are_zero_on_every_impression():
+  import tower_activations as TA
+  relu = np.array([[0.0, 1.0, 0.0], [0.0, 2.0, 3.0]])
+  assert TA.layer_stats(relu) == {"kind": "relu", "units": 3, "dead": 1, "active_share": 0.5, "max": 3.0}
+  logit = TA.layer_stats(np.full(4, -5.0))
+  assert logit["std"] == 0.0 and logit["mean"] == -5.0

@@ -85,6 +85,20 @@ def test_exact_auc_counts_ties_as_half_and_is_nan_with_one_class():
   assert np.isnan(metrics.exact_auc([0, 0], [0.1, 0.2]))
 
 
+def test_a_head_that_predicts_one_value_for_every_impression_is_named():
+  """A dead CVR tower scores an AUC of exactly 0.5 and may still be calibrated: the report names it."""
+  from model_fn import evaluation
+  rng = np.random.default_rng(0)
+  click = (rng.random(2000) < 0.3).astype(float)
+  conversion = click * (rng.random(2000) < 0.1)
+  ctr = np.clip(0.3 + 0.1 * rng.normal(size=2000), 0.01, 0.99)
+  dead = np.full(2000, np.float32(0.0052))
+  rows = {"alive": evaluation.score(click, conversion, ctr, ctr / 3),
+          "dead": evaluation.score(click, conversion, ctr, dead)}
+  assert rows["dead"]["auc/cvr_clicked"] == 0.5 and rows["alive"]["spread/cvr"] > 0.1
+  assert evaluation.constant_heads(rows) == ["dead: cvr"]
+
+
 def test_lazy_adam_moves_only_the_rows_in_the_batch_and_is_adam_on_them():
   from model_fn.optimizers import LazyAdamOptimizer
   init = np.random.RandomState(0).normal(size=(5, 3)).astype(np.float32)

@@ -369,7 +369,7 @@ def test_train_flags_default_to_the_params():
 
 def test_a_params_json_of_an_earlier_version_reads_as_what_it_trained(tmp_path):
   """A params.json written when the objective followed from the model, before the moving average,
-  the base-rate biases and the holdout: it reads with the loss weights and settings it trained
+  the base-rate biases, the holdout and the pooling param (sum then): it reads with the loss weights and settings it trained
   with, so its model still evaluates, serves and warm-starts a new one; its MMoE variants, which
   no longer exist, are refused by name."""
   import json
@@ -379,7 +379,7 @@ def test_a_params_json_of_an_earlier_version_reads_as_what_it_trained(tmp_path):
   (tmp_path / "params.json").write_text(json.dumps(old))
   p = E.load_params(str(tmp_path))
   assert "objective" not in p and p["cvr_loss_weight"] == 0.0 and p["ctcvr_loss_weight"] == 1.0
-  assert (p["dense_ema_decay"], p["output_bias_init"], p["train_holdout"]) == (0.0, "zero", 0.0)
+  assert (p["dense_ema_decay"], p["output_bias_init"], p["train_holdout"], p["pooling"]) == (0.0, "zero", 0.0, "sum")
   assert resolve_params(p)["ple_levels"] is None        # the two-tower shapes it had
   (tmp_path / "params.json").write_text(json.dumps(dict(old, model="base", objective="base")))
   assert E.load_params(str(tmp_path))["ctcvr_loss_weight"] == 0.0

@@ -406,6 +406,9 @@ def test_training_mistakes_are_clear_errors(data, reference, other_schema, tmp_p
     _clear_error(*result, *phrases)
   with pytest.raises(E.ModelDirError, match="cannot warm start .* other shapes"):
     E.check_warm_start(model_dir, dict(E.load_params(model_dir), embedding_dim=4))
+  # Same shapes, towers fitted to another scale of the pooled vectors.
+  with pytest.raises(E.ModelDirError, match="trained with --pooling=mean.* give pooling=mean"):
+    E.check_warm_start(model_dir, dict(E.load_params(model_dir), pooling="sum"))
   # How the same variables are computed is not part of the model: it resumes under other values.
   E.check_model_dir(model_dir, dict(E.load_params(model_dir), train_matmul_dtype="bfloat16",
                                     embedding_partitions=2))
