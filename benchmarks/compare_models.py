@@ -58,6 +58,8 @@ flags.DEFINE_list("models", DEFAULT_MODELS,
                   "params overridden (e.g. esmm_w25=esmm:ctcvr_loss_weight=25; the key layout=grouped "
                   "trains and scores on the data preprocessed with --layout=grouped instead). The "
                   "first is the reference of the paired differences (base by default).")
+flags.DEFINE_string("params", "", "KEY=VALUE[;KEY=VALUE] params of every model, under a --models entry's own "
+                    "(e.g. pooling=sum).")
 flags.DEFINE_enum("calibration", CAL.DEFAULT_METHOD, list(CAL.METHODS), "Calibration of every model "
                   "(model_fn.train --calibration).")
 flags.DEFINE_float("calibration_holdout", None, "Share of the train split the calibration is fitted on, "
@@ -85,21 +87,29 @@ LABELS = {"base": "BASE", "esmm_ns": "ESMM-NS", "esmm": "ESMM", "escm2_ips": "ES
           "oracle": "oracle (true probabilities)"}
 
 
-def parse_models(specs) -> List[Tuple[str, str, Dict[str, object]]]:
-  """(name, model, params overrides) per --models entry; see the flag's help."""
+def parse_params(text: str, where: str) -> Dict[str, object]:
+  """{key: value} of KEY=VALUE[;KEY=VALUE] (a value is JSON where it parses, else a string)."""
+  params = {}
+  for item in filter(None, text.split(";")):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ValueError(f"{where}: {item!r} is not KEY=VALUE")
+    try:
+      params[key] = json.loads(value)
+    except json.JSONDecodeError:
+      params[key] = value
+  return params
+
+
+def parse_models(specs, common: str = "") -> List[Tuple[str, str, Dict[str, object]]]:
+  """(name, model, params overrides) per --models entry, over the ``common`` params (--params);
+  see the flags' help."""
   out = []
+  base = parse_params(common, "--params")
   for spec in specs:
     name, sep, rest = spec.partition("=")
     model, _, overrides = rest.partition(":") if sep else (name, "", "")
-    params = {}
-    for item in filter(None, overrides.split(";")):
-      key, eq, value = item.partition("=")
-      if not eq:
-        raise ValueError(f"--models entry {spec!r}: {item!r} is not KEY=VALUE")
-      try:
-        params[key] = json.loads(value)
-      except json.JSONDecodeError:
-        params[key] = value
+    params = {**base, **parse_params(overrides, f"--models entry {spec!r}")}
     if model not in MODELS:
       raise ValueError(f"--models entry {spec!r}: model must be one of {MODELS}")
     out.append((name, model, params))
@@ -134,7 +144,7 @@ def command(script: str, names) -> str:
   values = {"seeds": ",".join(FLAGS.seeds), "models": ",".join(FLAGS.models)}
   return f"python benchmarks/{script} " + " ".join(
       f"--{n}={values.get(n, FLAGS[n].value)}" for n in names
-      if n not in ("tag", "calibration_holdout") or FLAGS[n].value is not None and FLAGS[n].value != "")
+      if n not in ("tag", "calibration_holdout", "params") or FLAGS[n].value is not None and FLAGS[n].value != "")
 
 
 def _data(layout: str = F.ROWS):
@@ -154,9 +164,10 @@ def _data(layout: str = F.ROWS):
 def embedding_params() -> str:
   """The tables' optimizer, learning rate and init of the trainer's defaults, as the results
   name them (a --models entry's overrides are in its name's spec)."""
-  p = resolve_params({"hash_buckets": {"101": 1}})
+  p = resolve_params({"hash_buckets": {"101": 1}, **parse_params(FLAGS.params, "--params")})
   return (f"{p['embedding_optimizer']}, learning rate {p['embedding_learning_rate']:g}, init stddev "
-          f"{p['embedding_init_stddev']:g} (the trainer's defaults, unless a --models entry overrides them)")
+          f"{p['embedding_init_stddev']:g}, pooling {p['pooling']} (the trainer's defaults and --params, "
+          "unless a --models entry overrides them)")
 
 
 def _model_dir(root: str, model: str, seed) -> str:
@@ -307,7 +318,7 @@ def _train_and_predict(root: str, out: str, name: str, model: str, overrides, bu
 def main(argv):
   del argv
   start = time.perf_counter()
-  models = parse_models(FLAGS.models)
+  models = parse_models(FLAGS.models, FLAGS.params)
   reference = models[0][0]
   root, raw, out = _data()
   tft_output = I.load_transform_output(out)
@@ -331,8 +342,8 @@ def main(argv):
   summary = _summary(runs, reference)
   meta = {
       "command": command("compare_models.py", ("world", "num_train", "num_test", "data_seed", "seeds",
-                                                "num_epochs", "models", "calibration", "calibration_holdout",
-                                                "max_hash_buckets", "tag")),
+                                                "num_epochs", "models", "params", "calibration",
+                                                "calibration_holdout", "max_hash_buckets", "tag")),
       "machine": results_io.machine(),
       "data": (f"{I.split_rows(out, 'train'):,} train / {I.split_rows(out, 'eval'):,} test impressions, "
                f"{int(oracle['clicks']):,} test clicks, {int(oracle['conversions']):,} test conversions, "

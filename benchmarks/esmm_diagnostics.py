@@ -171,7 +171,7 @@ def _markdown(data: dict, summary: dict, meta: dict) -> str:
 def main(argv):
   del argv
   start = time.perf_counter()
-  names = [name for name, _, _ in C.parse_models(FLAGS.models)]
+  names = [name for name, _, _ in C.parse_models(FLAGS.models, FLAGS.params)]
   root, raw, _ = C.data_root()
   if not os.path.isdir(os.path.join(root, "models")):
     raise SystemExit(f"error: no models under {root}; run benchmarks/compare_models.py with the same flags first")
@@ -192,7 +192,7 @@ def main(argv):
                       for _, k in MODEL_COLUMNS}
   meta = {
       "command": C.command("esmm_diagnostics.py", ("world", "num_train", "num_test", "data_seed",
-                                                    "seeds", "models", "max_hash_buckets", "tag")),
+                                                    "seeds", "models", "params", "max_hash_buckets", "tag")),
       "machine": results_io.machine(),
       "data": (f"{FLAGS.num_train:,} train / {FLAGS.num_test:,} test impressions (data seed {FLAGS.data_seed}, "
                f"{FLAGS.world} world, click_selection {C.click_selection():g})"),

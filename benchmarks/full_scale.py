@@ -61,7 +61,7 @@ def define_flags():
                       "(default: runs/full_scale_SCALE in the checkout).")
   flags.DEFINE_list("models", ["esmm", "base"], "The models trained, one epoch each: MODEL, or "
                     "MODEL:FLAG;FLAG... with model_fn.train flags of its own (after --train_args), e.g. "
-                    "base:--table_rows_per_id=2.")
+                    "base:--table_rows_per_id=2; each model once (a flag's value cannot hold a comma).")
   flags.DEFINE_enum("layout", "grouped", ["grouped", "rows"], "pipeline.preprocess --layout (rows: with "
                     "--notrain_examples, the train split as column blocks only).")
   flags.DEFINE_integer("batch_size", 1024, "Training batch size (impressions).")
@@ -183,6 +183,8 @@ def main(argv):
                        *FLAGS.preprocess_args],
         r.pre, rows=sum(impressions.values()))
   models = dict(model_args(item) for item in FLAGS.models)
+  if len(models) != len(FLAGS.models):
+    raise app.UsageError(f"--models names a model twice: {FLAGS.models}")
   for model, own_args in models.items() if STAGES.index(FLAGS.through) >= STAGES.index("train") else ():
     name = f"train_{model}"
     stages[name] = r.stage(

@@ -283,7 +283,7 @@ def check_warm_start(source: str, params: Dict[str, Any]) -> None:
     # Same shapes, other inputs: its towers were fitted to another scale of the pooled vectors.
     raise ModelDirError(f"cannot warm start from {source}: it was trained with --pooling={recorded['pooling']}, "
                         f"this run pools by {params['pooling']}: give pooling={recorded['pooling']} (model_fn.train "
-                        f"--pooling={recorded['pooling']}; orchestration.daily's --params_file), or start cold")
+                        f"--pooling={recorded['pooling']}), or start cold (orchestration.daily --nowarm_start)")
 
 
 def save_params(model_dir: str, params: Dict[str, Any]) -> None:

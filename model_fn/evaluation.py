@@ -125,8 +125,7 @@ def score(click, conversion, ctr, cvr, ctcvr=None,
       "examples": float(len(click)), "clicks": float(click.sum()), "conversions": float(ctcvr_label.sum()),
   }
   for head, pred in (("ctr", ctr), ("cvr", cvr), ("ctcvr", ctcvr)):
-    pred = np.asarray(pred, np.float64)
-    out[f"spread/{head}"] = float(np.std(pred) / max(np.mean(pred), 1e-30))
+    out[f"spread/{head}"] = M.spread(pred)
   if truth is not None:
     cf = truth["counterfactual_conversion"]
     out["auc/cvr_all_vs_truth"] = M.exact_auc(cf, cvr)
@@ -134,15 +133,12 @@ def score(click, conversion, ctr, cvr, ctcvr=None,
   return out
 
 
-# A head whose predictions vary by less than this share of their mean predicts one value for
-# every impression (a tower whose ReLUs all went dead): its AUC of 0.5 is no ranking at all.
-CONSTANT_SPREAD = 1e-6
-
-
-def constant_heads(report: Dict[str, Dict[str, float]]) -> List[str]:
-  """'model: head' of each report row's heads that predict a constant (CONSTANT_SPREAD)."""
-  return [f"{name}: {key.split('/', 1)[1]}" for name, row in report.items() for key, value in row.items()
-          if key.startswith("spread/") and value < CONSTANT_SPREAD]
+def constant_heads(report: Dict[str, Dict[str, Optional[float]]]) -> List[str]:
+  """'model: head' of each report row's heads that predict a constant (M.CONSTANT_SPREAD); a row's
+  uncalibrated twin is left out (calibration keeps a constant constant), and so is a null figure."""
+  return [f"{name}: {key.split('/', 1)[1]}" for name, row in report.items() if not name.endswith(UNCALIBRATED_ROW)
+          for key, value in row.items()
+          if key.startswith("spread/") and value is not None and value < M.CONSTANT_SPREAD]
 
 
 def gate_means(p: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

@@ -161,3 +161,14 @@ def calibration_ratio(labels, probabilities, weights=None) -> float:
   w = np.ones_like(y) if weights is None else np.asarray(weights, np.float64)
   observed = np.sum(w * y)
   return float(np.sum(w * p) / observed) if observed > 0 else float("nan")
+
+
+# A head whose predictions vary by less than this share of their mean predicts one value for
+# every impression (a tower whose ReLUs all went dead): its AUC of 0.5 is no ranking at all.
+CONSTANT_SPREAD = 1e-6
+
+
+def spread(probabilities) -> float:
+  """The standard deviation of the predictions over their mean (below CONSTANT_SPREAD: constant)."""
+  p = np.asarray(probabilities)
+  return float(np.std(p, dtype=np.float64) / max(np.mean(p, dtype=np.float64), 1e-30))

@@ -223,6 +223,15 @@ def band(values: Sequence) -> List[float]:
     raise UsageError(f"--calibration_band must be two numbers LOW,HIGH, got {list(values)}") from None
 
 
+def warm_start_params(params: Dict, served_dir: Optional[str]) -> Dict:
+  """``params`` of a run warm-started from ``served_dir``: the served model's pooling unless the
+  params name one (its towers were fitted to that scale of the pooled vectors, so a model trained
+  before mean became the default keeps retraining with sum; --nowarm_start moves to the default)."""
+  if not served_dir or "pooling" in params or not tf.io.gfile.exists(os.path.join(served_dir, E.PARAMS_FILE)):
+    return params
+  return {**params, "pooling": E.load_params(served_dir)["pooling"]}
+
+
 def load_params_file(path: Optional[str]) -> Dict:
   """The JSON object of model params in --params_file ({} without one)."""
   if not path:
@@ -597,7 +606,7 @@ def run(date: str, logs_dir: str, work_dir: str, serving_root: str, model: str =
     # refitted: the budget is spent, so this only recalibrates and exports again.
     if (not trained or not tf.io.gfile.exists(trained.get("saved_model", ""))
         or (C.load(model_dir) or {}).get("conversion_scale", 1.0) != delays["conversion_scale"]):
-      params = {**model_params, "model": model}      # format and hash buckets: the day's transform
+      params = warm_start_params({**model_params, "model": model}, warm)   # format, buckets: the day's transform
       try:
         trained = E.train_and_evaluate(transform_dir, model_dir, params, batch_size, num_epochs=epochs, seed=seed,
                                        warm_start_from=warm, calibration=calibration,

@@ -141,6 +141,10 @@ def decide(candidate: Dict[str, np.ndarray], served: Optional[Dict[str, np.ndarr
   bad = _miscalibrated(cal["candidate"], band)
   if bad:
     return _finish(out, False, "refused: the candidate is miscalibrated beyond the noise", bad)
+  dead = [f"{head}: {candidate[head][0]:.6g} for every impression of the holdout" for head in ("ctr", "cvr")
+          if len(candidate[head]) > 1 and M.spread(candidate[head]) < M.CONSTANT_SPREAD]
+  if dead:     # its calibration can look right, and with nothing served nothing else would refuse it
+    return _finish(out, False, "refused: a head of the candidate predicts a constant (a dead tower)", dead)
   if served is None:
     return _finish(out, True, "published: no model is served")
   worse, unclear = [], []

@@ -285,3 +285,11 @@ def test_tower_activations_counts_units_that_are_zero_on_every_impression():
   assert TA.layer_stats(relu) == {"kind": "relu", "units": 3, "dead": 1, "active_share": 0.5, "max": 3.0}
   logit = TA.layer_stats(np.full(4, -5.0))
   assert logit["std"] == 0.0 and logit["mean"] == -5.0
+
+
+def test_compare_models_params_apply_to_every_model_under_an_entry_s_own():
+  import compare_models as CM
+  assert CM.parse_models(["base", "esmm_mean=esmm:pooling=mean;embedding_dim=8"], "pooling=sum") == [
+      ("base", "base", {"pooling": "sum"}), ("esmm_mean", "esmm", {"pooling": "mean", "embedding_dim": 8})]
+  with pytest.raises(ValueError, match="--params: 'pooling' is not KEY=VALUE"):
+    CM.parse_models(["base"], "pooling")

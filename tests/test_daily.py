@@ -95,6 +95,17 @@ def test_a_late_conversion_flips_the_label_in_the_run_that_first_sees_it(sim):
   assert flips >= 2
 
 
+def test_a_warm_start_keeps_the_served_model_s_pooling_unless_the_params_name_one(tmp_path):
+  """A model served before mean pooling became the default retrains with sum: its towers were fitted
+  to summed inputs, and a warm start with another pooling is refused."""
+  (tmp_path / "params.json").write_text(json.dumps({"model": "esmm", "pooling": "sum"}))
+  assert daily.warm_start_params({"model": "esmm"}, str(tmp_path))["pooling"] == "sum"
+  assert daily.warm_start_params({"model": "esmm", "pooling": "mean"}, str(tmp_path))["pooling"] == "mean"
+  assert "pooling" not in daily.warm_start_params({"model": "esmm"}, None)
+  (tmp_path / "params.json").write_text(json.dumps({"model": "esmm"}))     # written before the param
+  assert daily.warm_start_params({"model": "esmm"}, str(tmp_path))["pooling"] == "sum"
+
+
 def test_every_impression_and_conversion_is_accounted_for(sim):
   for d, r in sim["results"].items():
     rel = r["relabel"]

@@ -162,6 +162,18 @@ def test_a_holdout_without_positives_or_a_model_predicting_zero_is_json_ready(wo
   assert gate.summary_lines(z)
 
 
+def test_a_candidate_whose_cvr_head_is_constant_is_refused_even_with_nothing_served(world):
+  """A dead CVR tower predicts its bias for every impression: calibrated, ranking nothing."""
+  rng, click, conversion = world
+  m = _model(rng, click, conversion, 1.0)
+  rate = conversion[click > 0].mean()
+  dead = dict(m, cvr=np.full_like(m["cvr"], rate), ctcvr=m["ctr"] * rate)
+  for served in (None, m):
+    d = gate.decide(dead, served)
+    assert not d["publish"] and "dead tower" in d["decision"] and d["refused"][0].startswith("cvr: ")
+    assert d["calibration"]["candidate"]["cvr_clicked"]["ratio"] == pytest.approx(1.0)
+
+
 def test_the_gate_refuses_bad_settings_and_rows_that_differ(world):
   rng, click, conversion = world
   m = _model(rng, click, conversion, 1.0)

@@ -95,7 +95,10 @@ def test_a_head_that_predicts_one_value_for_every_impression_is_named():
   dead = np.full(2000, np.float32(0.0052))
   rows = {"alive": evaluation.score(click, conversion, ctr, ctr / 3),
           "dead": evaluation.score(click, conversion, ctr, dead)}
+  rows["dead" + evaluation.UNCALIBRATED_ROW] = rows["dead"]
   assert rows["dead"]["auc/cvr_clicked"] == 0.5 and rows["alive"]["spread/cvr"] > 0.1
+  assert evaluation.constant_heads(rows) == ["dead: cvr"]
+  rows["alive"]["spread/ctr"] = None          # an undefined figure, as the JSON report writes it
   assert evaluation.constant_heads(rows) == ["dead: cvr"]
 
 

@@ -369,9 +369,9 @@ def test_train_flags_default_to_the_params():
 
 def test_a_params_json_of_an_earlier_version_reads_as_what_it_trained(tmp_path):
   """A params.json written when the objective followed from the model, before the moving average,
-  the base-rate biases, the holdout and the pooling param (sum then): it reads with the loss weights and settings it trained
-  with, so its model still evaluates, serves and warm-starts a new one; its MMoE variants, which
-  no longer exist, are refused by name."""
+  the base-rate biases, the holdout and the pooling param (sum then): it reads with the loss
+  weights and settings it trained with, so its model still evaluates, serves and warm-starts a new
+  one; its MMoE variants, which no longer exist, are refused by name."""
   import json
   from model_fn import estimator as E
   old = {"model": "esmm", "format": "aliccp", "hash_buckets": {"101": 8}, "objective": "esmm",
