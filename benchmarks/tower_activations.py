@@ -1,12 +1,13 @@
-"""Dead units of a trained model: how each ReLU layer and output logit behaves on the eval split.
+"""Dead units of a trained model: how each hidden layer and output logit behaves on the eval split.
 
   .venv/bin/python benchmarks/tower_activations.py --data=PREPROCESSED --model_dir=MODEL \
       [--batches=10] [--name=tower_activations_NAME]
 
 Builds the model's prediction graph (the weights evaluation and serving read) over the first
-``--batches`` batches of about 4,096 impressions of the eval split and prints, per ReLU layer, its
-units, the units that are zero on every impression scored (dead: no gradient reaches them, so
-they stay dead), the mean share of units active per impression and the largest activation; per
+``--batches`` batches of about 4,096 impressions of the eval split and prints, per hidden layer
+(ReLU or leaky ReLU), its units, the units that are not positive on any impression scored (dead:
+for a ReLU no gradient reaches them, so they stay dead; a leaky ReLU's still pass a fifth of theirs),
+the mean share of units positive per impression and the largest activation; per
 output logit its mean, standard deviation and range. A tower whose last hidden layer is all
 dead predicts its logit's bias for every impression. Writes benchmarks/results/NAME.{json,md}.
 """
@@ -39,7 +40,7 @@ def define_flags():
 
 
 def layer_stats(values: np.ndarray) -> dict:
-  """A ReLU layer's [impressions, units] activations, or a logit's [impressions]."""
+  """A hidden layer's [impressions, units] activations, or a logit's [impressions]."""
   if values.ndim == 1:
     return {"kind": "logit", "mean": float(values.mean()), "std": float(values.std()),
             "min": float(values.min()), "max": float(values.max())}
@@ -49,7 +50,7 @@ def layer_stats(values: np.ndarray) -> dict:
 
 
 def activations(model_dir: str, transform_dir: str, batches: int):
-  """({layer name: layer_stats} of every ReLU and output logit of the model's prediction graph,
+  """({layer name: layer_stats} of every hidden layer's activation and output logit of the model's prediction graph,
   the impressions scored)."""
   params = E.load_params(model_dir)
   tft_output = I.load_transform_output(transform_dir)
@@ -59,7 +60,7 @@ def activations(model_dir: str, transform_dir: str, batches: int):
     features, labels = tf.compat.v1.data.make_one_shot_iterator(input_fn()).get_next()
     E.model_fn_for(params)(features, labels, tf.estimator.ModeKeys.PREDICT, params)
     layers = {op.name: op.outputs[0] for op in g.get_operations()
-              if op.type == "Relu" or (op.type == "BiasAdd" and op.name.endswith("logit/BiasAdd"))}
+              if op.type in ("Relu", "LeakyRelu") or (op.type == "BiasAdd" and op.name.endswith("logit/BiasAdd"))}
     got = {name: [] for name in layers}
     with tf.compat.v1.Session() as session:
       tf.compat.v1.train.Saver().restore(session, tf.train.latest_checkpoint(model_dir))

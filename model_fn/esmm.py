@@ -39,7 +39,7 @@ def add_imputation_tower(task_heads, inputs: tf.Tensor, hidden_units, p, mode, d
     return
   task_heads["imputed_cvr_logit"] = layers.mlp_logit(
       tf.stop_gradient(inputs), hidden_units, "imputation_tower", p["dropout"],
-      mode == tf.estimator.ModeKeys.TRAIN, dtype, output_biases(p)["cvr"])
+      mode == tf.estimator.ModeKeys.TRAIN, dtype, output_biases(p)["cvr"], p["hidden_activation"], p["hidden_norm"])
 
 
 def esmm_model_fn(features, labels, mode, params):
@@ -53,10 +53,11 @@ def esmm_model_fn(features, labels, mode, params):
   with averaging.reading_averages(p, mode):
     ctr_input = layers.embedding_input(features, p, "embeddings")
     cvr_input = ctr_input if p["share_embeddings"] else layers.embedding_input(features, p, "cvr_embeddings")
+    hidden = (p["hidden_activation"], p["hidden_norm"])
     ctr_logit = layers.mlp_logit(ctr_input, p["ctr_hidden_units"], "ctr_tower", p["dropout"], training, dtype,
-                                 bias["ctr"])
+                                 bias["ctr"], *hidden)
     cvr_logit = layers.mlp_logit(cvr_input, p["cvr_hidden_units"], "cvr_tower", p["dropout"], training, dtype,
-                                 bias["cvr"])
+                                 bias["cvr"], *hidden)
     task_heads = heads.heads_from_logits(ctr_logit, cvr_logit, None if training else p["calibration"])
     add_imputation_tower(task_heads, cvr_input, p["cvr_hidden_units"], p, mode, dtype)
   return heads.estimator_spec(features, labels, mode, p, task_heads)

@@ -26,8 +26,8 @@ from model_fn import esmm, export, layers, memory, mmoe
 from model_fn import table_sizing
 from model_fn import input_fn as I
 from model_fn import metrics as M
-from model_fn.params import (DEFAULT_KEEP_CHECKPOINTS, DEFAULT_MEMORY_LIMIT_GB, MODEL_SPECS, RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params,
-                             table_rows, upgrade_recorded)
+from model_fn.params import (DEFAULT_KEEP_CHECKPOINTS, DEFAULT_MEMORY_LIMIT_GB, FITTED_PARAMS, MODEL_SPECS,
+                             RUNTIME_PARAMS, SHAPE_PARAMS, resolve_params, table_rows, upgrade_recorded)
 from preprocessing import features as F
 from preprocessing import transform as T
 
@@ -279,11 +279,12 @@ def check_warm_start(source: str, params: Dict[str, Any]) -> None:
               if diff == ["hash_buckets"] else ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}"
                                                          for k in diff[:6] if k != "hash_buckets"))
     raise ModelDirError(f"cannot warm start from {source}: its variables have other shapes ({detail})")
-  if recorded["pooling"] != params["pooling"]:
-    # Same shapes, other inputs: its towers were fitted to another scale of the pooled vectors.
-    raise ModelDirError(f"cannot warm start from {source}: it was trained with --pooling={recorded['pooling']}, "
-                        f"this run pools by {params['pooling']}: give pooling={recorded['pooling']} (model_fn.train "
-                        f"--pooling={recorded['pooling']}), or start cold (orchestration.daily --nowarm_start)")
+  for key in FITTED_PARAMS:
+    if recorded[key] != params[key]:
+      # Same shapes, another function: its weights were fitted to what the recorded value computes.
+      raise ModelDirError(f"cannot warm start from {source}: it was trained with --{key}={recorded[key]}, this "
+                          f"run has {params[key]}: give {key}={recorded[key]} (model_fn.train --{key}="
+                          f"{recorded[key]}), or start cold (orchestration.daily --nowarm_start)")
 
 
 def save_params(model_dir: str, params: Dict[str, Any]) -> None:

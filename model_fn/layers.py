@@ -2,6 +2,7 @@
 MMoE experts and gates."""
 
 import dataclasses
+import functools
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -210,29 +211,55 @@ def _matmul(x: tf.Tensor, kernel: tf.Tensor, matmul_dtype: tf.DType) -> tf.Tenso
 
 def mlp_logit(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
               training: bool = False, matmul_dtype: tf.DType = tf.float32,
-              bias_init: float = 0.0) -> tf.Tensor:
-  """ReLU MLP tower ending in one logit: [batch, n] -> [batch]. The logit's bias starts at
+              bias_init: float = 0.0, activation: str = "relu", norm: str = "none") -> tf.Tensor:
+  """MLP tower ending in one logit: [batch, n] -> [batch]. The logit's bias starts at
   ``bias_init`` (the logit of the task's base rate, so the first predictions are the base rate)."""
   with tf.compat.v1.variable_scope(name):
-    x = _relu_layers(inputs, hidden_units, dropout, training, matmul_dtype)
+    x = _hidden_layers(inputs, hidden_units, dropout, training, matmul_dtype, activation, norm)
     logit = dense(x, 1, "logit", matmul_dtype=matmul_dtype, bias_init=bias_init)
   return tf.squeeze(logit, axis=1)
 
 
-def _relu_layers(x: tf.Tensor, hidden_units: Sequence[int], dropout: float, training: bool,
-                 matmul_dtype: tf.DType) -> tf.Tensor:
+# The slope of leaky_relu below zero (tf.nn.leaky_relu's default).
+LEAKY_SLOPE = 0.2
+
+
+def _hidden_activation(activation: str, norm: str):
+  """What a hidden layer applies to its pre-activations, inside the layer's scope (so a LayerNorm's
+  variables are NAME/layer_norm/gamma and beta)."""
+  act = tf.nn.relu if activation == "relu" else functools.partial(tf.nn.leaky_relu, alpha=LEAKY_SLOPE)
+  if norm == "none":
+    return act
+  return lambda y: act(layer_norm(y, "layer_norm"))
+
+
+def _hidden_layers(x: tf.Tensor, hidden_units: Sequence[int], dropout: float, training: bool,
+                   matmul_dtype: tf.DType, activation: str = "relu", norm: str = "none") -> tf.Tensor:
+  act = _hidden_activation(activation, norm)
   for i, units in enumerate(hidden_units):
-    x = dense(x, units, f"hidden_{i}", tf.nn.relu, matmul_dtype)
+    x = dense(x, units, f"hidden_{i}", act, matmul_dtype)
     if dropout > 0:
       x = tf.compat.v1.layers.dropout(x, rate=dropout, training=training)
   return x
 
 
-def mlp(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
-        training: bool = False, matmul_dtype: tf.DType = tf.float32) -> tf.Tensor:
-  """ReLU MLP without an output layer: [batch, n] -> [batch, hidden_units[-1]]."""
+def layer_norm(x: tf.Tensor, name: str, epsilon: float = 1e-5) -> tf.Tensor:
+  """LayerNorm (Ba et al. 2016) over the last axis, with a gain (NAME/gamma, from 1) and a
+  shift (NAME/beta, from 0)."""
   with tf.compat.v1.variable_scope(name):
-    return _relu_layers(inputs, hidden_units, dropout, training, matmul_dtype)
+    units = x.shape[-1]
+    gamma = tf.compat.v1.get_variable("gamma", [units], tf.float32, initializer=tf.compat.v1.ones_initializer())
+    beta = tf.compat.v1.get_variable("beta", [units], tf.float32, initializer=tf.compat.v1.zeros_initializer())
+    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+    return (x - mean) * tf.math.rsqrt(variance + epsilon) * gamma + beta
+
+
+def mlp(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
+        training: bool = False, matmul_dtype: tf.DType = tf.float32, activation: str = "relu",
+        norm: str = "none") -> tf.Tensor:
+  """MLP without an output layer: [batch, n] -> [batch, hidden_units[-1]]."""
+  with tf.compat.v1.variable_scope(name):
+    return _hidden_layers(inputs, hidden_units, dropout, training, matmul_dtype, activation, norm)
 
 
 def _mix(experts: tf.Tensor, gate_input: tf.Tensor, name: str,
@@ -245,17 +272,18 @@ def _mix(experts: tf.Tensor, gate_input: tf.Tensor, name: str,
 
 def mmoe(inputs: tf.Tensor, tasks: Sequence[str], num_experts: int, expert_units: Sequence[int],
          name: str = "mmoe", dropout: float = 0.0, training: bool = False,
-         matmul_dtype: tf.DType = tf.float32) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+         matmul_dtype: tf.DType = tf.float32, activation: str = "relu",
+         norm: str = "none") -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
   """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018).
 
-  ``num_experts`` ReLU MLPs read the shared input; each task has a softmax gate (a linear
+  ``num_experts`` MLPs read the shared input; each task has a softmax gate (a linear
   layer of the shared input) that mixes the expert outputs into that task's tower input.
   Every expert has its own variables, initialised independently.
 
   Returns ({task: [batch, expert_units[-1]]}, {task: gate weights [batch, num_experts]}).
   """
   with tf.compat.v1.variable_scope(name):
-    experts = tf.stack([mlp(inputs, expert_units, f"expert_{e}", dropout, training, matmul_dtype)
+    experts = tf.stack([mlp(inputs, expert_units, f"expert_{e}", dropout, training, matmul_dtype, activation, norm)
                         for e in range(num_experts)], axis=1)          # [batch, E, d]
     mixed, gates = {}, {}
     for task in tasks:
@@ -265,7 +293,8 @@ def mmoe(inputs: tf.Tensor, tasks: Sequence[str], num_experts: int, expert_units
 
 def ple(inputs: tf.Tensor, tasks: Sequence[str], levels: int, task_experts: int, shared_experts: int,
         expert_units: Sequence[int], name: str = "ple", dropout: float = 0.0, training: bool = False,
-        matmul_dtype: tf.DType = tf.float32) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+        matmul_dtype: tf.DType = tf.float32, activation: str = "relu",
+        norm: str = "none") -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
   """Progressive Layered Extraction (Tang et al., RecSys 2020); one level is CGC.
 
   Each level has ``task_experts`` experts per task and ``shared_experts`` shared ones. A task's
@@ -284,9 +313,11 @@ def ple(inputs: tf.Tensor, tasks: Sequence[str], levels: int, task_experts: int,
   with tf.compat.v1.variable_scope(name):
     for level in range(levels):
       with tf.compat.v1.variable_scope(f"level_{level}"):
-        own = {t: [mlp(task_in[t], expert_units, f"expert_{t}_{e}", dropout, training, matmul_dtype)
+        own = {t: [mlp(task_in[t], expert_units, f"expert_{t}_{e}", dropout, training, matmul_dtype,
+                       activation, norm)
                    for e in range(task_experts)] for t in tasks}
-        shared = [mlp(shared_in, expert_units, f"expert_shared_{e}", dropout, training, matmul_dtype)
+        shared = [mlp(shared_in, expert_units, f"expert_shared_{e}", dropout, training, matmul_dtype,
+                      activation, norm)
                   for e in range(shared_experts)]
         task_out = {}
         for t in tasks:

@@ -58,31 +58,32 @@ def table_state_bytes(p: Dict) -> int:
   return table_bytes(p) * (1 + OPTIMIZER_SLOTS[p["embedding_optimizer"]] * table_optimizers(p))
 
 
-def _mlp(width: int, units, out: int = 1) -> int:
+def _mlp(width: int, units, out: int = 1, norm: str = "none") -> int:
   n = 0
-  for u in list(units) + ([out] if out else []):
-    n += width * u + u
+  for u in units:
+    n += width * u + u + (2 * u if norm == "layer" else 0)     # LayerNorm's gain and shift
     width = u
-  return n
+  return n + (width * out + out if out else 0)
 
 
 def dense_weights(p: Dict) -> int:
   """Weights of the dense layers (towers, experts, gates), approximately for the multi-task ones."""
   width = len(P.table_rows(p)) * p["embedding_dim"]
   network = P.MODEL_SPECS[p["model"]]["network"]
+  norm = p["hidden_norm"]
   if network == "towers":
-    n = _mlp(width, p["ctr_hidden_units"]) + _mlp(width, p["cvr_hidden_units"])
+    n = _mlp(width, p["ctr_hidden_units"], norm=norm) + _mlp(width, p["cvr_hidden_units"], norm=norm)
     tower = p["cvr_hidden_units"]
   else:
-    expert = _mlp(width, p["expert_hidden_units"], out=0)
+    expert = _mlp(width, p["expert_hidden_units"], out=0, norm=norm)
     top = p["expert_hidden_units"][-1]
     experts = {"shared_bottom": 1, "mmoe": p["num_experts"]}.get(
         network, (2 * p["num_task_experts"] + p["num_shared_experts"]) * (p["ple_levels"] or 1))
     gates = 0 if network == "shared_bottom" else 3 * width * experts
-    n = experts * expert + gates + 2 * _mlp(top, p["tower_hidden_units"])
+    n = experts * expert + gates + 2 * _mlp(top, p["tower_hidden_units"], norm=norm)
     tower = p["tower_hidden_units"]
   if p["counterfactual"] == "dr":
-    n += _mlp(width, tower)
+    n += _mlp(width, tower, norm=norm)
   return n
 
 

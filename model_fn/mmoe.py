@@ -29,14 +29,16 @@ TASKS = ("ctr", "cvr")
 def bottom(shared: tf.Tensor, p, training: bool, dtype: tf.DType):
   """({task: the task tower's input}, {task: gate weights}) of the model's network."""
   network = MODEL_SPECS[p["model"]]["network"]
+  hidden = (p["hidden_activation"], p["hidden_norm"])
   if network == "shared_bottom":
-    out = layers.mlp(shared, p["expert_hidden_units"], "shared_bottom", p["dropout"], training, dtype)
+    out = layers.mlp(shared, p["expert_hidden_units"], "shared_bottom", p["dropout"], training, dtype, *hidden)
     return {t: out for t in TASKS}, {}
   if network == "mmoe":
     return layers.mmoe(shared, TASKS, int(p["num_experts"]), p["expert_hidden_units"], "mmoe", p["dropout"],
-                       training, dtype)
+                       training, dtype, *hidden)
   return layers.ple(shared, TASKS, int(p["ple_levels"]), int(p["num_task_experts"]),
-                    int(p["num_shared_experts"]), p["expert_hidden_units"], "ple", p["dropout"], training, dtype)
+                    int(p["num_shared_experts"]), p["expert_hidden_units"], "ple", p["dropout"], training, dtype,
+                    *hidden)
 
 
 def mmoe_model_fn(features, labels, mode, params):
@@ -51,7 +53,7 @@ def mmoe_model_fn(features, labels, mode, params):
     shared = layers.embedding_input(features, p, "embeddings")
     mixed, gates = bottom(shared, p, training, dtype)
     logits = {t: layers.mlp_logit(mixed[t], p["tower_hidden_units"], f"{t}_tower", p["dropout"], training, dtype,
-                                  bias[t]) for t in TASKS}
+                                  bias[t], p["hidden_activation"], p["hidden_norm"]) for t in TASKS}
     task_heads = heads.heads_from_logits(logits["ctr"], logits["cvr"], None if training else p["calibration"])
     add_imputation_tower(task_heads, shared, p["tower_hidden_units"], p, mode, dtype)
   return heads.estimator_spec(features, labels, mode, p, task_heads, gates=gates)

@@ -56,6 +56,10 @@ DEFAULT_PLE_LEVELS = 2
 COUNTERFACTUAL_RISKS = (None, "ips", "dr")
 MATMUL_DTYPES = ("auto", "float32", "bfloat16")
 POOLINGS = ("sum", "mean", "sqrtn")
+# Every hidden layer of the towers and experts: its activation, and a normalisation of its
+# pre-activations (layer: LayerNorm over the layer's units, Ba et al. 2016) before it.
+HIDDEN_ACTIVATIONS = ("relu", "leaky_relu")
+HIDDEN_NORMS = ("none", "layer")
 EMBEDDING_UPDATES = ("joint", "per_loss")
 OUTPUT_BIAS_INITS = ("base_rate", "zero")
 LEARNING_RATE_SCHEDULES = ("constant", "warmup_linear_decay")
@@ -98,6 +102,11 @@ DEFAULT_PARAMS: Dict[str, Any] = {
     "expert_hidden_units": [256, 128],
     "tower_hidden_units": [128, 64],
     "dropout": 0.0,
+    # Leaky ReLUs: a unit below zero on every impression still passes a gradient, so a tower cannot
+    # die into one prediction for every impression, as BASE's CVR tower did with plain ReLUs at
+    # the release's size (benchmarks/README.md, "Hidden layers at the release's shape").
+    "hidden_activation": "leaky_relu",
+    "hidden_norm": "none",
     "share_embeddings": None,        # None: the model's (MODEL_SPECS)
     "optimizer": "adam",             # dense layers
     "learning_rate": 1e-3,
@@ -138,7 +147,8 @@ DEFAULT_PARAMS: Dict[str, Any] = {
 
 # What a params.json written before a param existed trained with: its value then.
 LEGACY_PARAMS: Dict[str, Any] = {"table_rows_per_id": 0.0, "dense_ema_decay": 0.0, "output_bias_init": "zero",
-                                 "train_holdout": 0.0, "pooling": "sum"}
+                                 "train_holdout": 0.0, "pooling": "sum",
+                                 "hidden_activation": "relu", "hidden_norm": "none"}
 
 
 def upgrade_recorded(recorded: Dict[str, Any]) -> Dict[str, Any]:
@@ -187,7 +197,10 @@ RUNTIME_PARAMS: Dict[str, Any] = {
 SHAPE_PARAMS = ("model", "format", "hash_buckets", "fields", "table_rows", "field_rows", "embedding_dim",
                 "ctr_hidden_units", "cvr_hidden_units", "num_experts", "num_task_experts", "num_shared_experts",
                 "ple_levels", "expert_hidden_units", "tower_hidden_units", "share_embeddings", "uncertainty_weighting",
-                "counterfactual")
+                "counterfactual", "hidden_norm")
+# The params that keep every variable's shape but change what the variables compute: a warm start
+# from a model trained with other values would start from weights fitted to another function.
+FITTED_PARAMS = ("pooling", "hidden_activation")
 
 
 def model_spec(model: str) -> Dict[str, Any]:
@@ -252,6 +265,9 @@ def resolve_params(params) -> Dict[str, Any]:
                        f"{sorted(p['hash_buckets'])}; unknown: {unknown_fields}")
   if p["pooling"] not in POOLINGS:
     raise ValueError(f"pooling must be one of {POOLINGS}, got {p['pooling']!r}")
+  for key, allowed in (("hidden_activation", HIDDEN_ACTIVATIONS), ("hidden_norm", HIDDEN_NORMS)):
+    if p[key] not in allowed:
+      raise ValueError(f"{key} must be one of {allowed}, got {p[key]!r}")
   if p["embedding_update"] not in EMBEDDING_UPDATES:
     raise ValueError(f"embedding_update must be one of {EMBEDDING_UPDATES}, got {p['embedding_update']!r}")
   if p["learning_rate_schedule"] not in LEARNING_RATE_SCHEDULES:

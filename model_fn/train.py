@@ -30,8 +30,8 @@ from model_fn import estimator as E
 from model_fn import input_fn as I
 from model_fn import calibration as C
 from model_fn.params import (COUNTERFACTUAL_RISKS, DEFAULT_KEEP_CHECKPOINTS, DEFAULT_MEMORY_LIMIT_GB, DEFAULT_PARAMS, EMBEDDING_LEARNING_RATES, EMBEDDING_UPDATES,
-                             LEARNING_RATE_SCHEDULES, MATMUL_DTYPES, MODELS, OUTPUT_BIAS_INITS, POOLINGS,
-                             RUNTIME_PARAMS, check_params, check_run)
+                             HIDDEN_ACTIVATIONS, HIDDEN_NORMS, LEARNING_RATE_SCHEDULES, MATMUL_DTYPES, MODELS,
+                             OUTPUT_BIAS_INITS, POOLINGS, RUNTIME_PARAMS, check_params, check_run)
 from preprocessing import cli
 from preprocessing import transform as T
 
@@ -116,6 +116,10 @@ def define_flags(fv: flags.FlagValues = FLAGS):
   fl.DEFINE_list("tower_hidden_units", _units(D["tower_hidden_units"]),
                  "Multi-task networks: layer sizes of each task tower.")
   fl.DEFINE_float("dropout", D["dropout"], "Dropout rate in the towers (and experts).")
+  fl.DEFINE_enum("hidden_activation", D["hidden_activation"], list(HIDDEN_ACTIVATIONS),
+                 "Activation of every hidden layer of the towers and experts.")
+  fl.DEFINE_enum("hidden_norm", D["hidden_norm"], list(HIDDEN_NORMS), "layer: LayerNorm on every hidden "
+                 "layer's pre-activations (towers and experts); none: the layer's bias only.")
   fl.DEFINE_boolean("uncertainty_weighting", D["uncertainty_weighting"],
                     "Weight the task losses by learned task uncertainty (Kendall et al. 2018).")
   fl.DEFINE_float("ctr_loss_weight", D["ctr_loss_weight"], "Weight of the CTR log loss.")
@@ -161,7 +165,8 @@ def define_flags(fv: flags.FlagValues = FLAGS):
 # Flags that are model params under the same name.
 PARAM_FLAGS = ("model", "embedding_dim", "embedding_update", "embedding_init_stddev", "pooling", "fields",
                "table_rows", "table_rows_per_id", "num_experts", "num_task_experts", "num_shared_experts", "ple_levels",
-               "uncertainty_weighting", "dropout", "learning_rate", "learning_rate_schedule", "warmup_steps",
+               "uncertainty_weighting", "dropout", "hidden_activation", "hidden_norm", "learning_rate",
+               "learning_rate_schedule", "warmup_steps",
                "dense_ema_decay", "output_bias_init", "embedding_optimizer", "embedding_learning_rate",
                "ctr_loss_weight", "ctcvr_loss_weight", "cvr_loss_weight", "counterfactual",
                "counterfactual_loss_weight", "propensity_floor", "train_matmul_dtype", "embedding_partitions")

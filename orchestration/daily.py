@@ -66,7 +66,7 @@ from model_fn import evaluation
 from model_fn import input_fn as I
 from model_fn import metrics as M
 from model_fn.memory import DoesNotFit
-from model_fn.params import DEFAULT_MEMORY_LIMIT_GB, MODELS, check_params, check_run
+from model_fn.params import DEFAULT_MEMORY_LIMIT_GB, FITTED_PARAMS, MODELS, check_params, check_run
 from orchestration import daily_report, delay, gate
 from pipeline import partition, preprocess, publish, relabel
 from pipeline.sources import aliccp
@@ -224,12 +224,14 @@ def band(values: Sequence) -> List[float]:
 
 
 def warm_start_params(params: Dict, served_dir: Optional[str]) -> Dict:
-  """``params`` of a run warm-started from ``served_dir``: the served model's pooling unless the
-  params name one (its towers were fitted to that scale of the pooled vectors, so a model trained
-  before mean became the default keeps retraining with sum; --nowarm_start moves to the default)."""
-  if not served_dir or "pooling" in params or not tf.io.gfile.exists(os.path.join(served_dir, E.PARAMS_FILE)):
+  """``params`` of a run warm-started from ``served_dir``: the served model's values of the params
+  its weights were fitted to (FITTED_PARAMS: the pooling, the hidden activation) and of its
+  hidden layers' shape (hidden_norm), each unless the params name one. A model trained before a
+  default changed keeps retraining as it was trained; --nowarm_start moves to the defaults."""
+  if not served_dir or not tf.io.gfile.exists(os.path.join(served_dir, E.PARAMS_FILE)):
     return params
-  return {**params, "pooling": E.load_params(served_dir)["pooling"]}
+  served = E.load_params(served_dir)
+  return {**{k: served[k] for k in (*FITTED_PARAMS, "hidden_norm")}, **params}
 
 
 def load_params_file(path: Optional[str]) -> Dict:

@@ -219,6 +219,43 @@ def test_dense_has_the_variables_of_tf_layers_dense(dtype):
     assert y.dtype == tf.float32 and y.name.startswith("tower/hidden_0/")
 
 
+def test_layer_norm_hidden_layers_normalise_each_impression_s_pre_activations():
+  rng = np.random.default_rng(0)
+  with tf.Graph().as_default() as g:
+    x = tf.constant(rng.normal(size=(16, 7)) * 50, tf.float32)
+    y = layers.mlp(x, [6, 5], "mlp", norm="layer")
+    variables = {v.name: v for v in tf.compat.v1.global_variables()}
+    names = list(variables)
+    first = g.get_tensor_by_name("mlp/hidden_0/Relu:0")
+    kernel, bias = variables["mlp/hidden_1/kernel:0"], variables["mlp/hidden_1/bias:0"]
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      out, h, k, b = session.run([y, first, kernel, bias])
+  assert "mlp/hidden_0/layer_norm/gamma:0" in names and "mlp/hidden_1/layer_norm/beta:0" in names
+  pre = h @ k + b
+  normed = (pre - pre.mean(axis=1, keepdims=True)) / np.sqrt(pre.var(axis=1, keepdims=True) + 1e-5)
+  np.testing.assert_allclose(out, np.maximum(normed, 0), rtol=1e-4, atol=1e-5)   # gain 1, shift 0 at the start
+  assert (out > 0).any(axis=1).all()     # no impression has every unit at zero
+
+
+def test_leaky_relu_hidden_layers_pass_a_share_of_negative_pre_activations():
+  with tf.Graph().as_default():
+    x = tf.constant(np.random.default_rng(1).normal(size=(32, 4)), tf.float32)
+    y = layers.mlp(x, [3], "mlp", activation="leaky_relu")
+    kernel, bias = tf.compat.v1.global_variables()
+    with tf.compat.v1.Session() as session:
+      session.run(tf.compat.v1.global_variables_initializer())
+      out, pre = session.run([y, tf.matmul(x, kernel) + bias])
+  assert (pre < 0).any()
+  np.testing.assert_allclose(out, np.where(pre > 0, pre, layers.LEAKY_SLOPE * pre), rtol=1e-6)
+
+
+@pytest.mark.parametrize("key,value", [("hidden_activation", "tanh"), ("hidden_norm", "batch")])
+def test_params_reject_an_unknown_hidden_layer(key, value):
+  with pytest.raises(ValueError, match=f"{key} must be one of"):
+    resolve_params(model_params("esmm", **{key: value}))
+
+
 def test_bfloat16_dense_rounds_the_matmul_and_keeps_float32_gradients():
   rng = np.random.default_rng(0)
   with tf.Graph().as_default():
@@ -259,9 +296,9 @@ def test_bfloat16_matmuls_only_while_training(model):
       # gradients' too.
       assert _matmul_dtypes(g) == want, mode
       if mode == tf.estimator.ModeKeys.TRAIN:
-        # Only the matmuls: the bias adds and ReLUs (and their gradients) stay float32 (with them
-        # in bfloat16 too: benchmarks/results/peer_throughput_bf16_activations.md).
-        for op_type in ("BiasAdd", "Relu", "ReluGrad", "BiasAddGrad"):
+        # Only the matmuls: the bias adds and activations (and their gradients) stay float32 (with
+        # them in bfloat16 too: benchmarks/results/peer_throughput_bf16_activations.md).
+        for op_type in ("BiasAdd", "LeakyRelu", "LeakyReluGrad", "BiasAddGrad"):
           assert _matmul_dtypes(g, op_type) == ["float32"], op_type
         # The heads, the loss and the optimizers stay float32.
         assert spec.loss.dtype == tf.float32
@@ -334,3 +371,15 @@ def test_auto_trains_in_bfloat16_only_where_the_hardware_has_it(monkeypatch, nat
     tf.compat.v1.train.create_global_step()
     esmm.esmm_model_fn(feature_batch(), label_batch(), tf.estimator.ModeKeys.TRAIN, params)
     assert _matmul_dtypes(g) == [want]
+
+
+@pytest.mark.parametrize("model,norm", [("esmm", "none"), ("esmm", "layer"), ("base", "layer"),
+                                        ("shared_bottom", "layer")])
+def test_the_memory_estimate_counts_every_dense_weight(model, norm):
+  from model_fn import memory
+  p = resolve_params(model_params(model, hidden_norm=norm))
+  with tf.Graph().as_default():
+    (esmm.esmm_model_fn if model in esmm.ESMM_MODELS else mmoe.mmoe_model_fn)(
+        feature_batch(), None, tf.estimator.ModeKeys.PREDICT, p)
+    dense = sum(int(np.prod(v.shape)) for v in tf.compat.v1.trainable_variables() if "/table_" not in v.name)
+  assert memory.dense_weights(p) == dense

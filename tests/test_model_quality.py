@@ -364,12 +364,13 @@ def test_train_flags_default_to_the_params():
   out = subprocess.run([sys.executable, "-c", CHECK_FLAG_DEFAULTS], cwd=root, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": root})
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.strip() == "checked 33"
+  assert out.stdout.strip() == "checked 35"
 
 
 def test_a_params_json_of_an_earlier_version_reads_as_what_it_trained(tmp_path):
   """A params.json written when the objective followed from the model, before the moving average,
-  the base-rate biases, the holdout and the pooling param (sum then): it reads with the loss
+  the base-rate biases, the holdout, the pooling param (sum then) and the hidden layers' params
+  (plain ReLUs then): it reads with the loss
   weights and settings it trained with, so its model still evaluates, serves and warm-starts a new
   one; its MMoE variants, which no longer exist, are refused by name."""
   import json
@@ -380,6 +381,7 @@ def test_a_params_json_of_an_earlier_version_reads_as_what_it_trained(tmp_path):
   p = E.load_params(str(tmp_path))
   assert "objective" not in p and p["cvr_loss_weight"] == 0.0 and p["ctcvr_loss_weight"] == 1.0
   assert (p["dense_ema_decay"], p["output_bias_init"], p["train_holdout"], p["pooling"]) == (0.0, "zero", 0.0, "sum")
+  assert (p["hidden_activation"], p["hidden_norm"]) == ("relu", "none")
   assert resolve_params(p)["ple_levels"] is None        # the two-tower shapes it had
   (tmp_path / "params.json").write_text(json.dumps(dict(old, model="base", objective="base")))
   assert E.load_params(str(tmp_path))["ctcvr_loss_weight"] == 0.0

@@ -409,6 +409,9 @@ def test_training_mistakes_are_clear_errors(data, reference, other_schema, tmp_p
   # Same shapes, towers fitted to another scale of the pooled vectors.
   with pytest.raises(E.ModelDirError, match="trained with --pooling=mean.* give pooling=mean"):
     E.check_warm_start(model_dir, dict(E.load_params(model_dir), pooling="sum"))
+  other = "relu" if E.load_params(model_dir)["hidden_activation"] != "relu" else "leaky_relu"
+  with pytest.raises(E.ModelDirError, match=f"trained with --hidden_activation=.* this run has {other}"):
+    E.check_warm_start(model_dir, dict(E.load_params(model_dir), hidden_activation=other))
   # How the same variables are computed is not part of the model: it resumes under other values.
   E.check_model_dir(model_dir, dict(E.load_params(model_dir), train_matmul_dtype="bfloat16",
                                     embedding_partitions=2))
