@@ -209,19 +209,22 @@ def _matmul(x: tf.Tensor, kernel: tf.Tensor, matmul_dtype: tf.DType) -> tf.Tenso
   return tf.cast(tf.matmul(tf.cast(x, matmul_dtype), tf.cast(kernel, matmul_dtype)), tf.float32)
 
 
+# The hidden layers' activation and normalisation when a caller names none: the params' defaults.
+HIDDEN_ACTIVATION = P.DEFAULT_PARAMS["hidden_activation"]
+HIDDEN_NORM = P.DEFAULT_PARAMS["hidden_norm"]
+# The slope of leaky_relu below zero (tf.nn.leaky_relu's default).
+LEAKY_SLOPE = 0.2
+
+
 def mlp_logit(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
               training: bool = False, matmul_dtype: tf.DType = tf.float32,
-              bias_init: float = 0.0, activation: str = "relu", norm: str = "none") -> tf.Tensor:
+              bias_init: float = 0.0, activation: str = HIDDEN_ACTIVATION, norm: str = HIDDEN_NORM) -> tf.Tensor:
   """MLP tower ending in one logit: [batch, n] -> [batch]. The logit's bias starts at
   ``bias_init`` (the logit of the task's base rate, so the first predictions are the base rate)."""
   with tf.compat.v1.variable_scope(name):
     x = _hidden_layers(inputs, hidden_units, dropout, training, matmul_dtype, activation, norm)
     logit = dense(x, 1, "logit", matmul_dtype=matmul_dtype, bias_init=bias_init)
   return tf.squeeze(logit, axis=1)
-
-
-# The slope of leaky_relu below zero (tf.nn.leaky_relu's default).
-LEAKY_SLOPE = 0.2
 
 
 def _hidden_activation(activation: str, norm: str):
@@ -234,7 +237,7 @@ def _hidden_activation(activation: str, norm: str):
 
 
 def _hidden_layers(x: tf.Tensor, hidden_units: Sequence[int], dropout: float, training: bool,
-                   matmul_dtype: tf.DType, activation: str = "relu", norm: str = "none") -> tf.Tensor:
+                   matmul_dtype: tf.DType, activation: str, norm: str) -> tf.Tensor:
   act = _hidden_activation(activation, norm)
   for i, units in enumerate(hidden_units):
     x = dense(x, units, f"hidden_{i}", act, matmul_dtype)
@@ -255,8 +258,8 @@ def layer_norm(x: tf.Tensor, name: str, epsilon: float = 1e-5) -> tf.Tensor:
 
 
 def mlp(inputs: tf.Tensor, hidden_units: Sequence[int], name: str, dropout: float = 0.0,
-        training: bool = False, matmul_dtype: tf.DType = tf.float32, activation: str = "relu",
-        norm: str = "none") -> tf.Tensor:
+        training: bool = False, matmul_dtype: tf.DType = tf.float32, activation: str = HIDDEN_ACTIVATION,
+        norm: str = HIDDEN_NORM) -> tf.Tensor:
   """MLP without an output layer: [batch, n] -> [batch, hidden_units[-1]]."""
   with tf.compat.v1.variable_scope(name):
     return _hidden_layers(inputs, hidden_units, dropout, training, matmul_dtype, activation, norm)
@@ -272,8 +275,8 @@ def _mix(experts: tf.Tensor, gate_input: tf.Tensor, name: str,
 
 def mmoe(inputs: tf.Tensor, tasks: Sequence[str], num_experts: int, expert_units: Sequence[int],
          name: str = "mmoe", dropout: float = 0.0, training: bool = False,
-         matmul_dtype: tf.DType = tf.float32, activation: str = "relu",
-         norm: str = "none") -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+         matmul_dtype: tf.DType = tf.float32, activation: str = HIDDEN_ACTIVATION,
+         norm: str = HIDDEN_NORM) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
   """Multi-gate Mixture-of-Experts (Ma et al., KDD 2018).
 
   ``num_experts`` MLPs read the shared input; each task has a softmax gate (a linear
@@ -293,8 +296,8 @@ def mmoe(inputs: tf.Tensor, tasks: Sequence[str], num_experts: int, expert_units
 
 def ple(inputs: tf.Tensor, tasks: Sequence[str], levels: int, task_experts: int, shared_experts: int,
         expert_units: Sequence[int], name: str = "ple", dropout: float = 0.0, training: bool = False,
-        matmul_dtype: tf.DType = tf.float32, activation: str = "relu",
-        norm: str = "none") -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
+        matmul_dtype: tf.DType = tf.float32, activation: str = HIDDEN_ACTIVATION,
+        norm: str = HIDDEN_NORM) -> Tuple[Dict[str, tf.Tensor], Dict[str, tf.Tensor]]:
   """Progressive Layered Extraction (Tang et al., RecSys 2020); one level is CGC.
 
   Each level has ``task_experts`` experts per task and ``shared_experts`` shared ones. A task's

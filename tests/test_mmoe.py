@@ -38,7 +38,7 @@ def test_mmoe_layer_mixes_the_experts_with_the_gate_weights():
   with tf.Graph().as_default():
     x = tf.constant(np.random.default_rng(1).normal(size=(BATCH, 7)), tf.float32)
     mixed, gates = layers.mmoe(x, ("ctr",), num_experts=3, expert_units=[4])
-    experts = [tf.compat.v1.get_default_graph().get_tensor_by_name(f"mmoe/expert_{e}/hidden_0/Relu:0")
+    experts = [tf.compat.v1.get_default_graph().get_tensor_by_name(f"mmoe/expert_{e}/hidden_0/LeakyRelu:0")
                for e in range(3)]
     out = _run({"mixed": mixed["ctr"], "gate": gates["ctr"], "experts": experts})
   want = sum(out["gate"][:, e:e + 1] * out["experts"][e] for e in range(3))
@@ -223,7 +223,7 @@ def test_layer_norm_hidden_layers_normalise_each_impression_s_pre_activations():
   rng = np.random.default_rng(0)
   with tf.Graph().as_default() as g:
     x = tf.constant(rng.normal(size=(16, 7)) * 50, tf.float32)
-    y = layers.mlp(x, [6, 5], "mlp", norm="layer")
+    y = layers.mlp(x, [6, 5], "mlp", activation="relu", norm="layer")
     variables = {v.name: v for v in tf.compat.v1.global_variables()}
     names = list(variables)
     first = g.get_tensor_by_name("mlp/hidden_0/Relu:0")
