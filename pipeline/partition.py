@@ -20,14 +20,15 @@ no part in the dedup. The ids left are handed to every partition's dedup
 The partition files hold the records that Beam's text reader makes of the inputs (lines ended
 by \\n or \\r\\n), written so that the reader gives back exactly those bytes; every record goes
 to one partition, and the counts are kept so the job can check that the partitions' runs read
-them all. The splits are written by processes of their own (``parallel`` at a time), and gzip
-inputs are read by Python's gzip module, which splits lines in C (Beam's CompressedFile splits
-them in Python, at twice this pass's cost).
+them all. The splits are written by processes of their own (``parallel`` at a time); the inputs
+are read a few MiB of records at a time (lines.read_range; gzip through Python's gzip module,
+which inflates in C) and each batch is written per partition in one write. Each partition file
+starts with a byte-order mark, which the reader drops, so a record that starts with those bytes
+(data, from inside an input) reads back as it was written.
 """
 
 import array
 import dataclasses
-import gzip
 import multiprocessing
 import os
 import zlib
@@ -35,11 +36,10 @@ from concurrent import futures
 from typing import BinaryIO, Dict, Iterator, List, Mapping
 
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import processes
-from pipeline.sources import aliccp, avazu
+from pipeline.sources import aliccp, avazu, lines
 from pipeline.sources.deadletter import BadRecord
 from preprocessing import cli
 
@@ -55,7 +55,7 @@ class Partitions:
 
 
 def records(f: BinaryIO) -> Iterator[bytes]:
-  """The records the job's text reader (aliccp.ReadLines) makes of a file: lines ended by \\n or
+  """The records the job's text readers (lines.ReadLineBatches, aliccp.ReadLines) make of a file: lines ended by \\n or
   \\r\\n, without the end, the file's byte-order mark dropped; a last line without an end is a
   record too."""
   for n, line in enumerate(iter(f.readline, b"")):
@@ -99,36 +99,54 @@ def _files(pattern: str) -> List[str]:
   return avazu.match_files(cli.absolute(pattern))
 
 
-def open_raw(path: str) -> BinaryIO:
-  """A raw input for reading lines: a ``.gz`` file through Python's gzip module (lines split in C),
-  any other as Beam's FileSystems opens it (other compressions by their extension)."""
-  if path.endswith(".gz"):
-    return gzip.GzipFile(fileobj=FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED),
-                         mode="rb")
-  return FileSystems.open(path)
+def _write_records(write, records: List[bytes]) -> None:
+  """Writes records so that the text reader gives them back: joined by \n, unless one ends with
+  \r (it needs its \r\n end, record_line), which the joined bytes show without a pass per record."""
+  joined = b"\n".join(records) + b"\n"
+  if b"\r\n" in joined:
+    for record in records:
+      write(record_line(record))
+  else:
+    write(joined)
 
 
 def _write_split(split: str, patterns: Mapping[str, str], count: int, out_dir: str, track_ids: bool):
   """Writes one split's records to its partition files; returns (records per kind, sample ids
-  per partition)."""
+  per partition). The files are read a few MiB of records at a time (lines.read_range) and each
+  batch's records are written per partition in one write."""
   counts = {}
   ids = [array.array("q") for _ in range(count)] if track_ids else None
   for kind in KINDS:
     outs = [FileSystems.create(_path(out_dir, split, kind, k)) for k in range(count)]
-    writes = [out.write for out in outs]
-    appends = [a.append for a in ids] if ids is not None and kind == "skeleton" else None
+    started = [False] * count
     n = 0
     try:
       for path in _files(patterns[kind]):
-        with open_raw(path) as f:
-          for record in records(f):
-            k = partition_of(join_key(record, kind), count)
-            writes[k](record_line(record))
-            n += 1
-            if appends is not None:
-              sample_id = _sample_id(record)
+        for batch in lines.read_range(path, 0, -1):
+          parts: List[List[bytes]] = [[] for _ in range(count)]
+          for record in batch:      # join_key, partition_of and _sample_id, inline: this runs per row
+            if kind == "common":
+              parts[zlib.crc32(record.partition(b",")[0]) % count].append(record)
+              continue
+            columns = record.split(b",", 4)
+            k = zlib.crc32(columns[3] if len(columns) > 3 else b"") % count
+            parts[k].append(record)
+            if ids is not None:
+              text = columns[0]
+              # A plain id of at most 18 digits fits int64; any other is checked in full.
+              sample_id = int(text) if text.isdigit() and len(text) <= 18 else _sample_id(record)
               if sample_id is not None:
-                appends[k](sample_id)
+                ids[k].append(sample_id)
+          for k, records_k in enumerate(parts):
+            if records_k:
+              if not started[k]:
+                # The reader drops a mark at the start of a file: with one of its own there, a
+                # record that starts with the mark's bytes (data from inside an input) reads back
+                # as it was. A partition without records stays empty (a mark alone is a record).
+                outs[k].write(aliccp.BOM)
+                started[k] = True
+              _write_records(outs[k].write, records_k)
+          n += len(batch)
     finally:
       for out in outs:
         out.close()
@@ -152,8 +170,8 @@ def _cross_partition_conflicts(pattern: str, ids: List[array.array], count: int)
     return {}
   copies: Dict[int, List[int]] = {}
   for path in _files(pattern):
-    with open_raw(path) as f:
-      for record in records(f):
+    for batch in lines.read_range(path, 0, -1):
+      for record in batch:
         sample_id = _sample_id(record)
         if sample_id not in candidates:
           continue

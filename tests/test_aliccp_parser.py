@@ -152,8 +152,9 @@ def test_the_join_builds_the_same_record_batches_as_the_instance_dicts_would():
 
 
 def test_copies_of_a_sample_id_are_compared_as_parsed_rows_not_as_bytes():
-  # The job groups raw lines by sample id. Two lines that write the same row differently (a
-  # weight as 1 or 1.0) are one impression logged twice; rows that differ are a conflict.
+  # The job groups skeletons with their feature lists as text by sample id. Two lines that write
+  # the same row differently (a weight as 1 or 1.0) are one impression logged twice; rows that
+  # differ are a conflict.
   import apache_beam as beam
   from apache_beam.testing.test_pipeline import TestPipeline
   from apache_beam.testing.util import assert_that, equal_to
@@ -161,8 +162,8 @@ def test_copies_of_a_sample_id_are_compared_as_parsed_rows_not_as_bytes():
   from pipeline.sources import dedup
 
   def element(line):
-    row = A.parse_skeleton_line(line, KNOWN)[0]
-    return row["sample_id"], row["index"], line.encode()
+    row = A.parse_skeleton_line(line, KNOWN, features=A.CHECKED)[0]
+    return (row["sample_id"], row["click"], row["conversion"], row["index"], *row["features"])
 
   same = [skeleton(sample_id="1", flist=items(("205", 11, "1.0"))), skeleton(sample_id="1", flist=items(("205", 11, "1")))]
   differ = [skeleton(sample_id="2", flist=items(("205", 11, "1"))), skeleton(sample_id="2", flist=items(("205", 12, "1")))]
@@ -170,7 +171,7 @@ def test_copies_of_a_sample_id_are_compared_as_parsed_rows_not_as_bytes():
   with TestPipeline() as p:
     out = (p | beam.Create([element(l) for l in same + differ + single])
            | dedup.ResolveSampleIds("train", "skeleton", "t", "dead/", lambda e: e[0], "kept",
-                                    canonical=A.parsed_skeleton))
+                                    canonical=A.skeleton_row))
     assert_that(out.rows | beam.Map(lambda e: e[0]), equal_to([1, 3]), label="kept")
     letters = out[dedup.DEAD] | beam.Map(lambda j: (json.loads(j)["reason"], json.loads(j)["sample_id"],
                                                       json.loads(json.loads(j)["row"])["features"]["205"][0]))
@@ -376,7 +377,8 @@ def test_copies_of_a_common_row_are_resolved_as_copies_of_a_skeleton_row_are(tmp
     (items(("205", 11, "9" * 39)), 1), (items(("205", 11, "1e39")), 1), (items(("205", 11, "nan")), 1),
     (items(("205", 11, "-1")), 1), (items(("205", "x", "1")), 1), (items(("205", "\u0663", "1")), 1),
     (items(("205", 11, "1.0")), 2), ("", 0), ("", 1), ("205\x0211", 1), ("\x0211\x031", 1),
-    (items(("205", 11, "1.0")) + "\x01", 2),
+    (items(("205", 11, "1.0")) + "\x01", 2), (items(("205", 11, "1.0"), ("109_14", 7, "0.5")), 2),
+    (items(("205", 11, "1.0"), ("109_14", "1" * 19, "0.5")), 2), (items(("2050", 11, "1.0")), 1),
 ], ids=lambda v: repr(v)[:30])
 def test_checking_a_feature_list_agrees_with_parsing_it(flist, num):
   # The job's first pass only checks lists (a regular expression over the release's plain form);
@@ -409,6 +411,10 @@ def test_a_list_in_the_release_form_is_checked_without_the_full_parse(monkeypatc
   monkeypatch.setattr(A, "parse_feature_list", no_parse)
   flist = items(("205", 11, "1.0"), ("999", 2, "3"), ("109_14", 123456789012345678, "0.693147"))
   assert A.check_feature_list(flist, 3, KNOWN) == 1
+  assert A.check_feature_list(items(("205", 11, "1.0"), ("109_14", 5, "0.5")), 2, KNOWN) == 0
+  monkeypatch.setattr(A, "parse_skeleton_line", no_parse)
+  line = skeleton(sample_id="0042", flist=items(("205", 11, "1.0"), ("216", 5, "2")), num="2")
+  assert A.checked_skeleton(line.encode() + b"\r") == ((42, 1, 0, "a1b2c3d4e5f60718", 2, line.rsplit(",", 1)[1]), 0)
 
 
 def test_a_user_side_item_in_a_skeleton_list_is_found_wherever_it_stands():

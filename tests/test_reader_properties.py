@@ -84,6 +84,37 @@ def test_a_row_whose_values_fit_their_dtypes_is_kept_and_stores_them(case):
     assert np.isfinite(np.array(stored, np.float32)).all()
 
 
+@st.composite
+def skeleton_lines(draw):
+  """Skeleton lines near and in the release's plain form: any labels, indexes, counts, known and
+  unknown fields, ids and weights of any size and spelling, a line end left on."""
+  items = draw(st.lists(st.tuples(st.sampled_from(sorted(KNOWN) + ["999", "2050", "a\x03b"]),
+                                  st.one_of(int64s, beyond_int64), st.one_of(float32_weights, bad_weights),
+                                  st.integers(0, 2), st.integers(0, 2)), max_size=5))
+  flist = "\x01".join(f"{f}\x02{_int_text(i, z)}\x03{_weight_text(w, s)}" for f, i, w, z, s in items)
+  num = str(len(items) + draw(st.sampled_from([0, 0, 0, 1, -1])))
+  sample_id = _int_text(draw(st.one_of(int64s, beyond_int64)), draw(st.integers(0, 2)))
+  labels = draw(st.sampled_from(["1,0", "1,1", "0,0", "0,1", "2,0"]))
+  index = draw(st.sampled_from(["u1", "AbC09", "", "u-1", "\u00e9"]))
+  return f"{sample_id},{labels},{index},{num},{flist}" + draw(st.sampled_from(["", "\r", "\r\n"]))
+
+
+@PROPERTY
+@given(skeleton_lines())
+def test_the_plain_form_s_fast_check_agrees_with_the_full_parse(line):
+  # The job checks a skeleton line in one regular expression when it can
+  # (aliccp.checked_skeleton); what it keeps, counts and sets aside must be what the parse says.
+  try:
+    row, unknown = ALI.parse_skeleton_line(line.encode(), KNOWN, features=ALI.CHECKED)
+  except BadRecord as e:
+    with pytest.raises(BadRecord) as got:
+      ALI.checked_skeleton(line.encode())
+    assert got.value.reason == e.reason
+    return
+  want = (row["sample_id"], row["click"], row["conversion"], row["index"], *row["features"])
+  assert ALI.checked_skeleton(line.encode()) == (want, unknown)
+
+
 @PROPERTY
 @given(weight=st.floats(allow_nan=True, allow_infinity=True), style=st.integers(0, 2),
        source=st.sampled_from(["skeleton", "common"]))
@@ -147,6 +178,35 @@ def test_a_byte_order_mark_at_the_start_of_a_file_changes_no_row(tmp_path, rows,
     assert list(partition.records(io.BytesIO(content))) == read[name]
   assert read["bom"] == read["plain"]
   assert [ALI.parse_skeleton_line(r, KNOWN)[0]["sample_id"] for r in read["bom"]] == [s for _, s, _ in rows]
+
+
+# Records of a text file: any line ends, marks and lone \r, read whole or in ranges and chunks.
+records_text = st.lists(st.tuples(st.sampled_from([b"", b"a", b"7,1,0,u1", BOM, b"\r", b"x\ry", b"\xff"]),
+                                  st.sampled_from([b"\n", b"\r\n"])), max_size=8).map(
+    lambda parts: b"".join(p + e for p, e in parts))
+tails = st.sampled_from([b"", b"tail", b"t\r", BOM, b"\r"])
+
+
+@settings(PROPERTY, max_examples=150)
+@given(body=records_text, tail=tails, bom=st.booleans(), range_bytes=st.integers(1, 40),
+       chunk_bytes=st.integers(1, 16), gz=st.booleans())
+def test_batched_lines_are_the_records_the_text_reader_makes_however_the_file_is_cut(
+    tmp_path, body, tail, bom, range_bytes, chunk_bytes, gz):
+  import gzip
+
+  from pipeline.sources import lines
+  data = (BOM if bom else b"") + body + tail
+  path = tmp_path / ("f.csv.gz" if gz else "f.csv")
+  path.write_bytes(gzip.compress(data) if gz else data)
+  want = list(partition.records(io.BytesIO(data)))
+  ranges = lines.file_ranges(str(path), range_bytes)
+  assert len(ranges) == (1 if gz else -(-len(data) // range_bytes))   # none for an empty file
+  got = [r for rng in ranges for batch in lines.read_range(*rng, chunk_bytes=chunk_bytes) for r in batch]
+  assert got == want
+  if not gz:
+    source = ALI.ReadLines(str(path), coder=beam.coders.BytesCoder())._source
+    assert [r for b in source.split(desired_bundle_size=range_bytes)
+            for r in b.source.read(b.source.get_range_tracker(b.start_position, b.stop_position))] == want
 
 
 # Avazu: RFC 4180 quoting and int64 columns.

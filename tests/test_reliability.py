@@ -338,17 +338,17 @@ print("published", flush=True)
 def test_rows_a_runner_loses_between_stages_are_refused_and_the_hop_is_named(data, tmp_path, monkeypatch):
   # A stand-in for a runner that loses data in a shuffle: the dedup counts a row as kept, then
   # every 7th sample id's row never reaches the join. Nothing sets these rows aside.
-  resolve = dedup._ResolveFn.process
+  resolve = dedup.ResolveFn.resolve
   lost = []
 
-  def lossy(self, element):
-    for out in resolve(self, element):
-      if not isinstance(out, beam.pvalue.TaggedOutput) and int(element[0]) % 7 == 0:
+  def lossy(self, sample_id, rows):
+    for out in resolve(self, sample_id, rows):
+      if not isinstance(out, beam.pvalue.TaggedOutput) and int(sample_id) % 7 == 0:
         lost.append(self._split)
         continue
       yield out
 
-  monkeypatch.setattr(dedup._ResolveFn, "process", lossy)
+  monkeypatch.setattr(dedup.ResolveFn, "resolve", lossy)
   out = str(tmp_path / "out")
   with pytest.raises(RuntimeError, match="do not reconcile") as e:
     preprocess.run("aliccp", preprocess._input_patterns(data["raw"], {}), out, [], max_hash_buckets=64)

@@ -13,9 +13,7 @@ dropped (ReadLines).
 """
 
 import functools
-import operator
 import re
-import typing
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
@@ -24,7 +22,7 @@ import pyarrow as pa
 from apache_beam.io import textio
 from apache_beam.transforms.window import GlobalWindows
 
-from pipeline.sources import dedup, grouping
+from pipeline.sources import dedup, grouping, lines
 from pipeline.sources.deadletter import (BAD_SAMPLE_ID, BOM, CONVERSION_WITHOUT_CLICK, DEAD, FLOAT32_OVERFLOW,
                                         INT64_MAX, NOT_UTF8, WRONG_COLUMN_COUNT, BadRecord, counter,
                                         dead_letter, decode_line, parse_int64, rows_by_stage,
@@ -123,6 +121,15 @@ _PLAIN_LIST = re.compile(f"(?:{_ITEM}\x01)*{_ITEM}")
 
 
 @functools.lru_cache(maxsize=8)
+def _known_list(known_fields: frozenset) -> "re.Pattern":
+  """A plain list every item of which has a field in ``known_fields`` (the common case: one
+  pass, about 2.5x faster than _PLAIN_LIST and _unknown_items together)."""
+  known = "|".join(re.escape(f) for f in sorted(known_fields, key=len, reverse=True))
+  item = f"(?:{known})\x02[0-9]{{1,18}}\x03[0-9]{{1,38}}(?:\\.[0-9]*)?"
+  return re.compile(f"(?:{item}\x01)*{item}")
+
+
+@functools.lru_cache(maxsize=8)
 def _unknown_items(known_fields: frozenset) -> "re.Pattern":
   """Matches the start of each item (of a plain list) whose field is not in ``known_fields``."""
   known = "|".join(re.escape(f) for f in sorted(known_fields, key=len, reverse=True))
@@ -133,8 +140,12 @@ def check_feature_list(text: str, feature_num: int, known_fields) -> int:
   """Validates a feature list as parse_feature_list does, without building it; returns the
   number of unknown-field items. A list in the release's plain form is checked by one regular
   expression; any other goes through parse_feature_list, which raises the reason it is bad."""
-  if text and text.count(ITEM_SEP) + 1 == feature_num and _PLAIN_LIST.fullmatch(text):
-    return len(_unknown_items(frozenset(known_fields)).findall(text))
+  if text and text.count(ITEM_SEP) + 1 == feature_num:
+    known = known_fields if isinstance(known_fields, frozenset) else frozenset(known_fields)
+    if _known_list(known).fullmatch(text):
+      return 0
+    if _PLAIN_LIST.fullmatch(text):
+      return len(_unknown_items(known).findall(text))
   return parse_feature_list(text, feature_num, known_fields)[1]
 
 
@@ -153,10 +164,17 @@ def _parse_index(text: str) -> str:
 RAW = "raw"
 
 
+# ``features=CHECKED``: the feature list checked as ``features=False`` does, and given back as RAW
+# gives it (what the job's first pass hands on).
+CHECKED = "checked"
+
+
 def _feature_list(text: str, feature_num: str, known_fields, features) -> Tuple[Optional[Features], int]:
   num = _parse_feature_num(feature_num)
   if features == RAW:
     return (num, text), 0
+  if features == CHECKED:
+    return (num, text), check_feature_list(text, num, known_fields)
   if features:
     return parse_feature_list(text, num, known_fields)
   return None, check_feature_list(text, num, known_fields)
@@ -164,7 +182,8 @@ def _feature_list(text: str, feature_num: str, known_fields, features) -> Tuple[
 
 def parse_skeleton_line(line, known_fields, features=True) -> Tuple[dict, int]:
   """One skeleton row -> ({sample_id, click, conversion, index, features}, unknown items).
-  ``features`` False validates the feature list without building it (features None); RAW: above."""
+  ``features`` False validates the feature list without building it (features None); RAW and
+  CHECKED: above."""
   line = decode_line(line)
   parts = line.split(",", 5)
   if len(parts) != 6:
@@ -246,45 +265,119 @@ SKELETON, COMMON = 0, 1
 KNOWN_FIELDS = frozenset(f.name for f in F.fields(FMT))
 
 
-def parsed_skeleton(element) -> dict:
-  """A validated skeleton element (sample_id, common_feature_index, raw line) as its parsed row."""
-  return parse_skeleton_line(element[2], KNOWN_FIELDS)[0]
+# A validated skeleton row between the job's stages: (sample_id, click, conversion,
+# common_feature_index, feature_num, feature list text). The feature list travels as the text
+# it was read as: cheaper to move through the shuffles than a parsed row, and the join parses
+# a batch of them at once (aliccp_groups.py) or one at a time (RecordBatchBuilder's rows).
+Skeleton = Tuple[int, int, int, str, int, str]
 
 
-@beam.typehints.with_output_types(typing.Any)  # the two files' elements differ (below)
+def skeleton_row(skeleton: Skeleton, features=True) -> dict:
+  """A validated skeleton as parse_skeleton_line's row (``features``: True, or RAW)."""
+  sample_id, click, conversion, index, num, text = skeleton
+  parsed = (num, text) if features == RAW else parse_feature_list(text, num, KNOWN_FIELDS)[0]
+  return {"sample_id": sample_id, "click": click, "conversion": conversion, "index": index,
+          "features": parsed}
+
+
+# A skeleton line in the release's plain form, every item of a known field (_known_list).
+_PLAIN_SKELETON = re.compile("([0-9]{1,18}),([01]),([01]),([A-Za-z0-9]+),([0-9]{1,18}),(%s)"
+                             % _known_list(KNOWN_FIELDS).pattern)
+
+
+def checked_skeleton(line) -> Tuple[Skeleton, int]:
+  """A skeleton line validated -> (its Skeleton, unknown items): parse_skeleton_line(...,
+  features=CHECKED) as a tuple. A line in the plain form is checked by one regular expression;
+  any other goes through parse_skeleton_line, which raises the reason it is bad."""
+  text = decode_line(line)
+  m = _PLAIN_SKELETON.fullmatch(text)
+  if m is not None and (m[2], m[3]) != ("0", "1"):
+    num, features = int(m[5]), m[6]
+    if features.count(ITEM_SEP) + 1 == num:
+      return (int(m[1]), int(m[2]), int(m[3]), m[4], num, features), 0
+  row, unknown = parse_skeleton_line(text, KNOWN_FIELDS, features=CHECKED)
+  return (row["sample_id"], row["click"], row["conversion"], row["index"], *row["features"]), unknown
+
+
+@beam.typehints.with_output_types(Tuple[int, bytes])
 class _ParseFn(beam.DoFn):
-  """Validates raw lines: bad rows to DEAD with their reason, good ones passed on as read.
+  """Validates batches of raw lines (lines.ReadLineBatches): bad rows to DEAD with their reason,
+  good ones into the buckets of the next shuffle (grouping.Buckets), so no row is an element of
+  its own. Skeleton rows go out as Skeleton tuples keyed by sample id (``by_sample_id``, for the
+  dedup) or as (SKELETON, Skeleton) keyed by common_feature_index; common rows as
+  (COMMON, line) keyed by common_feature_index. The feature lists are checked
+  (check_feature_list), not built."""
 
-  The job groups raw lines, not parsed rows (two shuffles: the sample ids, the join): bytes
-  cost next to nothing to encode and decode between stages, a parsed row's nested dicts and
-  lists cost more than parsing the line again after the join does. Here the feature lists are
-  only checked (check_feature_list), not built. Out: skeleton lines as
-  (sample_id, common_feature_index, line), common lines as (common_feature_index, (COMMON, line)).
-  """
-
-  def __init__(self, split: str, source: str):
+  def __init__(self, split: str, source: str, by_sample_id: bool = False):
     self._split = split
     self._source = source
-    self._parse = parse_skeleton_line if source == "skeleton" else parse_common_line
+    self._by_sample_id = by_sample_id
     ns = f"{FMT}/{split}"
     self._read = counter(ns, f"{source}_rows_read")
     self._unknown = counter(ns, f"{source}_unknown_field_items_skipped")
     self._ns = ns
+    self._buckets = None
 
-  def process(self, line):
-    self._read.inc()
-    try:
-      row, unknown = self._parse(line, KNOWN_FIELDS, features=False)
-    except BadRecord as e:
-      counter(self._ns, f"{self._source}_dead/{e.reason}").inc()
-      yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._split, self._source, e.reason, e.detail, line=line))
-      return
+  def start_bundle(self):
+    self._buckets = grouping.Buckets()
+
+  def process(self, lines):
+    self._read.inc(len(lines))
+    unknown = 0
+    add = self._buckets.add
+    skeleton, by_sample_id = self._source == "skeleton", self._by_sample_id
+    for line in lines:
+      try:
+        if skeleton:
+          value, n = checked_skeleton(line)
+        else:
+          row, n = parse_common_line(line, KNOWN_FIELDS, features=CHECKED)
+      except BadRecord as e:
+        counter(self._ns, f"{self._source}_dead/{e.reason}").inc()
+        yield beam.pvalue.TaggedOutput(DEAD, dead_letter(self._split, self._source, e.reason, e.detail, line=line))
+        continue
+      unknown += n
+      if not skeleton:
+        full = add(row["index"], (COMMON, line))
+      elif by_sample_id:
+        full = add(value[0], value)
+      else:
+        full = add(value[3], (SKELETON, value))
+      if full is not None:
+        yield full
     if unknown:
       self._unknown.inc(unknown)
-    if self._source == "skeleton":
-      yield row["sample_id"], row["index"], line
-    else:
-      yield row["index"], (COMMON, line)
+
+  def finish_bundle(self):
+    for full in self._buckets.flush():
+      yield GlobalWindows.windowed_value(full)
+
+
+@beam.typehints.with_output_types(Tuple[int, bytes])
+class _ResolveFn(beam.DoFn):
+  """Buckets of skeletons grouped by sample id -> each sample id resolved (dedup.ResolveFn), the
+  rows kept into the buckets of the join, as (SKELETON, Skeleton) keyed by common_feature_index."""
+
+  def __init__(self, resolve: dedup.ResolveFn):
+    self._resolve = resolve
+    self._buckets = None
+
+  def start_bundle(self):
+    self._buckets = grouping.Buckets()
+
+  def process(self, element):
+    for sample_id, rows in grouping.regroup(element):
+      for out in self._resolve.resolve(sample_id, rows):
+        if isinstance(out, beam.pvalue.TaggedOutput):
+          yield out
+          continue
+        full = self._buckets.add(out[3], (SKELETON, out))
+        if full is not None:
+          yield full
+
+  def finish_bundle(self):
+    for full in self._buckets.flush():
+      yield GlobalWindows.windowed_value(full)
 
 
 class RecordBatchBuilder:
@@ -354,8 +447,9 @@ def _has_user_field(feature_list: str) -> bool:
 
 
 class _JoinFn(beam.DoFn):
-  """Joins the skeleton lines of one common_feature_index with its common line; the joined rows
-  go out as RecordBatches of up to ``batch_rows`` rows (see RecordBatchBuilder)."""
+  """Buckets of both sides grouped by common_feature_index -> the skeletons of each index joined
+  with its common line; the joined rows go out as RecordBatches of up to ``batch_rows`` rows (see
+  RecordBatchBuilder)."""
 
   def __init__(self, split: str, arrow_schema: pa.Schema, batch_rows: int, layout: str = F.ROWS):
     self._split = split
@@ -384,10 +478,13 @@ class _JoinFn(beam.DoFn):
     return self._builder.build()
 
   def process(self, element):
-    index, grouped = element
+    for index, grouped in grouping.regroup(element):
+      yield from self._join(index, grouped)
+
+  def _join(self, index, grouped):
     skeletons, commons = [], []
-    for side, line in grouped:
-      (skeletons if side == SKELETON else commons).append(line)
+    for side, value in grouped:
+      (skeletons if side == SKELETON else commons).append(value)
     # The grouped layout's builder parses a batch of groups' feature lists at once (RAW: as text).
     features = RAW if self._layout == F.GROUPED else True
     common = None
@@ -412,13 +509,13 @@ class _JoinFn(beam.DoFn):
     if commons:
       common = parse_common_line(commons[0], KNOWN_FIELDS, features)[0]["features"]
     group = []
-    for line in skeletons:
-      skeleton = parse_skeleton_line(line, KNOWN_FIELDS, features)[0]
+    for value in skeletons:
+      skeleton = skeleton_row(value, features)
       why = None
       if common is None:
         why = reason, detail
       elif self._layout == F.GROUPED and _has_user_field(skeleton["features"][1]):
-        names = user_fields_in(parse_skeleton_line(line, KNOWN_FIELDS)[0])
+        names = user_fields_in(skeleton_row(value))
         why = USER_FIELD_IN_SKELETON, (f"the grouped layout stores user-side fields once per common row; this "
                                        f"row has its own {', '.join(names)}: preprocess with --layout=rows")
       if why is not None:
@@ -472,26 +569,28 @@ class ReadAliCCP(beam.PTransform):
     self._batch_rows = batch_rows
 
   def expand(self, pbegin):
-    read = lambda name, pattern: (
-        pbegin | f"Read{name}" >> ReadLines(pattern, coder=beam.coders.BytesCoder()))
+    # Lines are read and handed on in batches, and every shuffle carries buckets of rows
+    # (grouping.Buckets): no row is a Beam element of its own, whose cost on the DirectRunner
+    # was most of the job's (pipeline/sources/lines.py).
+    read = lambda name, pattern: pbegin | f"Read{name}" >> lines.ReadLineBatches(pattern)
     skeleton = (read("Skeleton", self._skeleton)
-                | "ParseSkeleton" >> beam.ParDo(_ParseFn(self._split, "skeleton")).with_outputs(DEAD, main="rows"))
+                | "ParseSkeleton" >> beam.ParDo(_ParseFn(self._split, "skeleton", by_sample_id=self._dedup))
+                .with_outputs(DEAD, main="buckets"))
     common = (read("Common", self._common)
-              | "ParseCommon" >> beam.ParDo(_ParseFn(self._split, "common")).with_outputs(DEAD, main="rows"))
-    skeleton_rows, dead = skeleton.rows, [skeleton[DEAD], common[DEAD]]
+              | "ParseCommon" >> beam.ParDo(_ParseFn(self._split, "common")).with_outputs(DEAD, main="buckets"))
+    skeleton_buckets, dead = skeleton.buckets, [skeleton[DEAD], common[DEAD]]
     if self._dedup:
-      resolved = skeleton_rows | "ResolveSampleIds" >> dedup.ResolveSampleIds(
-          self._split, "skeleton", f"{FMT}/{self._split}", "skeleton_dead/", operator.itemgetter(0),
-          "skeleton_rows_after_dedup", canonical=parsed_skeleton, conflicts=self._conflicts)
-      skeleton_rows = resolved.rows
+      resolve = dedup.ResolveFn(self._split, "skeleton", f"{FMT}/{self._split}", "skeleton_dead/",
+                                "skeleton_rows_after_dedup", canonical=skeleton_row, conflicts=self._conflicts)
+      resolved = (skeleton_buckets
+                  | "GroupBySampleId" >> beam.GroupByKey()
+                  | "ResolveSampleIds" >> beam.ParDo(_ResolveFn(resolve)).with_outputs(DEAD, main="buckets"))
+      skeleton_buckets = resolved.buckets
       dead.append(resolved[DEAD])
-    # A CoGroupByKey by hand: both sides tagged as they are keyed, one GroupByKey. (Beam's
-    # CoGroupByKey adds a tagging and an untagging step per row; the job's rows are many.) The
-    # shuffle carries buckets of rows, not rows, and the two sides are flattened as buckets
-    # (pipeline/sources/grouping.py).
-    skeleton_rows = skeleton_rows | "KeyByIndex" >> beam.Map(lambda e: (e[1], (SKELETON, e[2])))
-    joined = ((skeleton_rows, common.rows)
-              | "GroupByIndex" >> grouping.GroupByKeyInBuckets()
+    # A CoGroupByKey by hand: both sides tagged as they are keyed, one GroupByKey of their buckets.
+    joined = ((skeleton_buckets, common.buckets)
+              | "FlattenByIndex" >> beam.Flatten()
+              | "GroupByIndex" >> beam.GroupByKey()
               | "Join" >> beam.ParDo(_JoinFn(self._split, self._arrow, self._batch_rows, self._layout))
               .with_outputs(DEAD, main="record_batches"))
     dead = (dead + [joined[DEAD]]) | "FlattenDeadLetters" >> beam.Flatten()

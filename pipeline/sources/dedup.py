@@ -33,7 +33,7 @@ CONFLICTING_SAMPLE_ID = "conflicting_sample_id"
 REASONS = (DUPLICATE_SAMPLE_ID, CONFLICTING_SAMPLE_ID)
 
 
-class _ResolveFn(beam.DoFn):
+class ResolveFn(beam.DoFn):
 
   def __init__(self, split: str, source: str, namespace: str, dead_prefix: str, kept_counter: str,
                canonical: Optional[Callable[[Any], dict]] = None, conflicts: Optional[Mapping[Any, int]] = None):
@@ -61,7 +61,11 @@ class _ResolveFn(beam.DoFn):
     return all(self._canonical(r) == first for r in rows[1:])
 
   def process(self, element):
-    sample_id, rows = element
+    return self.resolve(*element)
+
+  def resolve(self, sample_id, rows):
+    """One sample id's rows -> the row kept (if any) and TaggedOutputs of the ones set aside; for
+    a DoFn that groups by sample id itself (a bucket of groups at a time)."""
     rows = list(rows)
     as_row = self._canonical or (lambda r: r)
     # Copies in other partitions too (they differ from these): counted with them, all set aside.
@@ -100,7 +104,7 @@ class ResolveSampleIds(beam.PTransform):
                key: Union[str, Callable[[Any], Any]], kept_counter: str = "rows_after_dedup",
                canonical: Optional[Callable[[Any], dict]] = None, conflicts: Optional[Mapping[Any, int]] = None):
     super().__init__()
-    self._fn = _ResolveFn(split, source, namespace, dead_prefix, kept_counter, canonical, conflicts)
+    self._fn = ResolveFn(split, source, namespace, dead_prefix, kept_counter, canonical, conflicts)
     self._key = key
 
   def expand(self, rows):

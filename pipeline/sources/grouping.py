@@ -23,13 +23,17 @@ buckets where it is made and only the buckets are flattened, so the rows do not 
 the runner a second time (the FnApiRunner materializes a Flatten's output as a stage of its
 own, and would send every row through it before the shuffle).
 
+A DoFn may also fill the buckets itself (``Buckets``) and a step after a plain GroupByKey of
+them may take a whole bucket (``regroup``): the Ali-CCP reader does both, so its rows are never
+Beam elements (pipeline/sources/aliccp.py).
+
 Keys are ints, bytes or str (the ones this project's readers group by), and keys and values
 pickle; the job is batch, in the global window.
 """
 
 import pickle
 import zlib
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindows
@@ -54,6 +58,35 @@ def _pack(pairs: List[Tuple[Any, Any]]) -> bytes:
   return pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL)
 
 
+class Buckets:
+  """(key, value) pairs collected by bucket_of(key): ``add`` returns a bucket's pairs as
+  (bucket, pickled [(key, value), ...]) once it holds ``flush_rows`` of them, ``flush`` the rest.
+  For a DoFn that sends what it makes into a bucketed shuffle itself."""
+
+  def __init__(self, buckets: int = DEFAULT_BUCKETS, flush_rows: int = DEFAULT_FLUSH_ROWS):
+    if buckets < 1 or flush_rows < 1:
+      raise ValueError(f"buckets and flush_rows must be at least 1, got {buckets} and {flush_rows}")
+    self._buckets = buckets
+    self._flush_rows = flush_rows
+    self._pending: Dict[int, List[Tuple[Any, Any]]] = {}
+
+  def add(self, key, value) -> Optional[Tuple[int, bytes]]:
+    bucket = bucket_of(key, self._buckets)
+    pairs = self._pending.get(bucket)
+    if pairs is None:
+      pairs = self._pending[bucket] = []
+    pairs.append((key, value))
+    if len(pairs) >= self._flush_rows:
+      del self._pending[bucket]
+      return bucket, _pack(pairs)
+    return None
+
+  def flush(self) -> List[Tuple[int, bytes]]:
+    out = [(bucket, _pack(pairs)) for bucket, pairs in self._pending.items()]
+    self._pending = {}
+    return out
+
+
 @beam.typehints.with_output_types(Tuple[int, bytes])
 class _CollectFn(beam.DoFn):
   """(key, value) pairs -> (bucket, pickled [(key, value), ...]) of up to ``flush_rows`` pairs."""
@@ -61,25 +94,19 @@ class _CollectFn(beam.DoFn):
   def __init__(self, buckets: int, flush_rows: int):
     self._buckets = buckets
     self._flush_rows = flush_rows
-    self._pending: Dict[int, List[Tuple[Any, Any]]] = {}
+    self._pending = Buckets(buckets, flush_rows)
 
   def start_bundle(self):
-    self._pending = {}
+    self._pending = Buckets(self._buckets, self._flush_rows)
 
   def process(self, element):
-    bucket = bucket_of(element[0], self._buckets)
-    pairs = self._pending.get(bucket)
-    if pairs is None:
-      pairs = self._pending[bucket] = []
-    pairs.append(element)
-    if len(pairs) >= self._flush_rows:
-      del self._pending[bucket]
-      yield bucket, _pack(pairs)
+    full = self._pending.add(*element)
+    if full is not None:
+      yield full
 
   def finish_bundle(self):
-    for bucket, pairs in self._pending.items():
-      yield GlobalWindows.windowed_value((bucket, _pack(pairs)))
-    self._pending = {}
+    for packed in self._pending.flush():
+      yield GlobalWindows.windowed_value(packed)
 
 
 def regroup(element: Tuple[int, Iterable[bytes]]):
