@@ -499,10 +499,13 @@ def test_every_model_serves_its_pcvr_as_the_regression_signature(run, zoo, model
   serialized = _serialized_test_rows(run, p["sample_id"][:200])
   loaded = tf.saved_model.load(saved)
   got = loaded.signatures["regression"](inputs=tf.constant(serialized))["outputs"].numpy().reshape(-1)
-  np.testing.assert_allclose(got, p["cvr"][:200], rtol=1e-5, atol=1e-7)
+  # float32 sums over batches of other shapes (the reader's, these 200 examples) differ by up to
+  # about 100 ulp through the towers (a cgc run: 1.28e-5 relative); the heads differ by far more.
+  np.testing.assert_allclose(got, p["cvr"][:200], rtol=1e-4, atol=1e-7)
+  assert not np.allclose(got, p["ctr"][:200], rtol=1e-4) and not np.allclose(got, p["ctcvr"][:200], rtol=1e-4)
   pred = loaded.signatures["predict"](examples=tf.constant(serialized))
   for head in ("ctr", "cvr", "ctcvr"):
-    np.testing.assert_allclose(pred[head].numpy().reshape(-1), p[head][:200], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(pred[head].numpy().reshape(-1), p[head][:200], rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(p["ctcvr"], p["ctr"] * p["cvr"], rtol=1e-5)
 
 
