@@ -51,7 +51,7 @@ TARGETS = {"generate_s": 30 * 60, "end_to_end_s": 90 * 60, "preprocess_rows_per_
            "preprocessed_over_raw_text": 0.5}
 STAGES = ("generate", "preprocess", "train", "evaluate")
 # Impressions (train and test) per preprocessing partition: the DirectRunner holds a partition's
-# join in memory, about 1.8 GiB per million impressions of the release's shape, and two run at once.
+# join in memory, about 1.9 GiB per million impressions of the release's shape, and two run at once.
 IMPRESSIONS_PER_PARTITION = 3_000_000
 
 

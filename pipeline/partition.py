@@ -15,7 +15,7 @@ are found here, before any partition runs: a pass keeps every skeleton row's sam
 a row), ids seen in more than one partition are candidates, and a second pass parses only the
 candidates' lines, since a copy that does not parse is set aside for its own reason and takes
 no part in the dedup. The ids left are handed to every partition's dedup
-(dedup.ResolveSampleIds(conflicts=...)).
+(dedup.ResolveFn(conflicts=...)).
 
 The partition files hold the records that Beam's text reader makes of the inputs (lines ended
 by \\n or \\r\\n), written so that the reader gives back exactly those bytes; every record goes

@@ -551,7 +551,7 @@ class ReadAliCCP(beam.PTransform):
   ``dead_letter`` (JSON lines). The join is a GroupByKey on common_feature_index over both files' lines, so neither
   file has to fit in memory and their orders do not matter. With ``dedup_sample_ids`` (the
   default) skeleton rows sharing a sample id are resolved first (pipeline/sources/dedup.py);
-  ``conflicts``: see dedup.ResolveSampleIds (a partitioned job's sample ids whose copies in
+  ``conflicts``: see dedup.ResolveFn (a partitioned job's sample ids whose copies in
   other partitions differ).
   """
 
