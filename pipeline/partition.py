@@ -55,9 +55,9 @@ class Partitions:
 
 
 def records(f: BinaryIO) -> Iterator[bytes]:
-  """The records the job's text readers (lines.ReadLineBatches, aliccp.ReadLines) make of a file: lines ended by \\n or
-  \\r\\n, without the end, the file's byte-order mark dropped; a last line without an end is a
-  record too."""
+  """The records the job's text readers (lines.ReadLineBatches, aliccp.ReadLines) make of a file:
+  lines ended by \\n or \\r\\n, without the end, the file's byte-order mark dropped; a last line
+  without an end is a record too."""
   for n, line in enumerate(iter(f.readline, b"")):
     if n == 0 and line.startswith(aliccp.BOM):
       line = line[len(aliccp.BOM):]
@@ -100,8 +100,8 @@ def _files(pattern: str) -> List[str]:
 
 
 def _write_records(write, records: List[bytes]) -> None:
-  """Writes records so that the text reader gives them back: joined by \n, unless one ends with
-  \r (it needs its \r\n end, record_line), which the joined bytes show without a pass per record."""
+  """Writes records so that the text reader gives them back: joined by \\n, unless one ends with
+  \\r (it needs its \\r\\n end, record_line), which the joined bytes show without a pass per record."""
   joined = b"\n".join(records) + b"\n"
   if b"\r\n" in joined:
     for record in records:
