@@ -302,30 +302,32 @@ def checked_skeleton(line) -> Tuple[Skeleton, int]:
 @beam.typehints.with_output_types(Tuple[int, bytes])
 class _ParseFn(beam.DoFn):
   """Validates batches of raw lines (lines.ReadLineBatches): bad rows to DEAD with their reason,
-  good ones into the buckets of the next shuffle (grouping.Buckets), so no row is an element of
-  its own. Skeleton rows go out as Skeleton tuples keyed by sample id (``by_sample_id``, for the
-  dedup) or as (SKELETON, Skeleton) keyed by common_feature_index; common rows as
-  (COMMON, line) keyed by common_feature_index. The feature lists are checked
-  (check_feature_list), not built."""
+  good ones into the buckets of the join's shuffle (grouping.Buckets), so no row is an element of
+  its own: skeleton rows as (SKELETON, Skeleton), common rows as (COMMON, line), both keyed by
+  common_feature_index. The feature lists are checked (check_feature_list), not built. With
+  ``sample_ids``, the skeletons' sample ids also go to SAMPLE_IDS (dedup.SampleIds), for the
+  dedup's shuffle of ids."""
 
-  def __init__(self, split: str, source: str, by_sample_id: bool = False):
+  def __init__(self, split: str, source: str, sample_ids: bool = False):
     self._split = split
     self._source = source
-    self._by_sample_id = by_sample_id
+    self._sample_ids = sample_ids
     ns = f"{FMT}/{split}"
     self._read = counter(ns, f"{source}_rows_read")
     self._unknown = counter(ns, f"{source}_unknown_field_items_skipped")
     self._ns = ns
-    self._buckets = None
+    self._buckets = self._ids = None
 
   def start_bundle(self):
     self._buckets = grouping.Buckets()
+    self._ids = dedup.SampleIds() if self._sample_ids else None
 
   def process(self, lines):
     self._read.inc(len(lines))
     unknown = 0
     add = self._buckets.add
-    skeleton, by_sample_id = self._source == "skeleton", self._by_sample_id
+    skeleton = self._source == "skeleton"
+    add_id = self._ids.add if self._ids is not None else None
     for line in lines:
       try:
         if skeleton:
@@ -339,45 +341,28 @@ class _ParseFn(beam.DoFn):
       unknown += n
       if not skeleton:
         full = add(row["index"], (COMMON, line))
-      elif by_sample_id:
-        full = add(value[0], value)
       else:
         full = add(value[3], (SKELETON, value))
+        if add_id is not None:
+          add_id(value[0])
       if full is not None:
         yield full
     if unknown:
       self._unknown.inc(unknown)
+    if add_id is not None and len(self._ids) >= _IDS_PER_FLUSH:
+      for ids in self._ids.flush():
+        yield beam.pvalue.TaggedOutput(SAMPLE_IDS, ids)
 
   def finish_bundle(self):
     for full in self._buckets.flush():
       yield GlobalWindows.windowed_value(full)
+    if self._ids is not None and len(self._ids):
+      for ids in self._ids.flush():
+        yield beam.pvalue.TaggedOutput(SAMPLE_IDS, GlobalWindows.windowed_value(ids))
 
 
-@beam.typehints.with_output_types(Tuple[int, bytes])
-class _ResolveFn(beam.DoFn):
-  """Buckets of skeletons grouped by sample id -> each sample id resolved (dedup.ResolveFn), the
-  rows kept into the buckets of the join, as (SKELETON, Skeleton) keyed by common_feature_index."""
-
-  def __init__(self, resolve: dedup.ResolveFn):
-    self._resolve = resolve
-    self._buckets = None
-
-  def start_bundle(self):
-    self._buckets = grouping.Buckets()
-
-  def process(self, element):
-    for sample_id, rows in grouping.regroup(element):
-      for out in self._resolve.resolve(sample_id, rows):
-        if isinstance(out, beam.pvalue.TaggedOutput):
-          yield out
-          continue
-        full = self._buckets.add(out[3], (SKELETON, out))
-        if full is not None:
-          yield full
-
-  def finish_bundle(self):
-    for full in self._buckets.flush():
-      yield GlobalWindows.windowed_value(full)
+SAMPLE_IDS = "sample_ids"   # _ParseFn's output of the skeletons' sample ids
+_IDS_PER_FLUSH = 1 << 20
 
 
 class RecordBatchBuilder:
@@ -430,6 +415,10 @@ class RecordBatchBuilder:
     return pa.RecordBatch.from_arrays([columns[f.name] for f in self._arrow], schema=self._arrow)
 
 
+def _sample_id(skeleton: Skeleton) -> int:
+  return skeleton[0]
+
+
 def user_fields_in(skeleton: Mapping) -> List[str]:
   """The user-side fields a parsed skeleton row has values of (the grouped layout refuses it)."""
   return sorted(name for name in skeleton["features"] if name in USER_FIELDS)
@@ -449,9 +438,12 @@ def _has_user_field(feature_list: str) -> bool:
 class _JoinFn(beam.DoFn):
   """Buckets of both sides grouped by common_feature_index -> the skeletons of each index joined
   with its common line; the joined rows go out as RecordBatches of up to ``batch_rows`` rows (see
-  RecordBatchBuilder)."""
+  RecordBatchBuilder). With ``resolve``, each index's skeletons are first resolved by sample id
+  (dedup.resolve_group; ``repeated``: the side input of dedup.RepeatedSampleIds)."""
 
-  def __init__(self, split: str, arrow_schema: pa.Schema, batch_rows: int, layout: str = F.ROWS):
+  def __init__(self, split: str, arrow_schema: pa.Schema, batch_rows: int, layout: str = F.ROWS,
+               resolve: Optional[dedup.ResolveFn] = None):
+    self._resolve = resolve
     self._split = split
     self._layout = layout
     self._ns = f"{FMT}/{split}"
@@ -477,14 +469,18 @@ class _JoinFn(beam.DoFn):
     self._into_transform.inc(len(self._builder))
     return self._builder.build()
 
-  def process(self, element):
+  def process(self, element, repeated=None):
     for index, grouped in grouping.regroup(element):
-      yield from self._join(index, grouped)
+      yield from self._join(index, grouped, repeated)
 
-  def _join(self, index, grouped):
+  def _join(self, index, grouped, repeated):
     skeletons, commons = [], []
     for side, value in grouped:
       (skeletons if side == SKELETON else commons).append(value)
+    if self._resolve is not None and skeletons:
+      # Copies of a sample id under this index meet here; copies under another index differ.
+      skeletons, dead = dedup.resolve_group(self._resolve, skeletons, _sample_id, repeated or {})
+      yield from dead
     # The grouped layout's builder parses a batch of groups' feature lists at once (RAW: as text).
     features = RAW if self._layout == F.GROUPED else True
     common = None
@@ -550,7 +546,8 @@ class ReadAliCCP(beam.PTransform):
   ``batch_rows`` rows of ``arrow_schema``, TFT's raw input: raw_tfxio(...).ArrowSchema()) and
   ``dead_letter`` (JSON lines). The join is a GroupByKey on common_feature_index over both files' lines, so neither
   file has to fit in memory and their orders do not matter. With ``dedup_sample_ids`` (the
-  default) skeleton rows sharing a sample id are resolved first (pipeline/sources/dedup.py);
+  default) skeleton rows sharing a sample id are resolved in the join, before it joins them
+  (pipeline/sources/dedup.py);
   ``conflicts``: see dedup.ResolveFn (a partitioned job's sample ids whose copies in
   other partitions differ).
   """
@@ -574,24 +571,25 @@ class ReadAliCCP(beam.PTransform):
     # was most of the job's (pipeline/sources/lines.py).
     read = lambda name, pattern: pbegin | f"Read{name}" >> lines.ReadLineBatches(pattern)
     skeleton = (read("Skeleton", self._skeleton)
-                | "ParseSkeleton" >> beam.ParDo(_ParseFn(self._split, "skeleton", by_sample_id=self._dedup))
-                .with_outputs(DEAD, main="buckets"))
+                | "ParseSkeleton" >> beam.ParDo(_ParseFn(self._split, "skeleton", sample_ids=self._dedup))
+                .with_outputs(DEAD, SAMPLE_IDS, main="buckets"))
     common = (read("Common", self._common)
               | "ParseCommon" >> beam.ParDo(_ParseFn(self._split, "common")).with_outputs(DEAD, main="buckets"))
-    skeleton_buckets, dead = skeleton.buckets, [skeleton[DEAD], common[DEAD]]
+    dead = [skeleton[DEAD], common[DEAD]]
+    resolve, side = None, {}
     if self._dedup:
+      # The skeletons move once, grouped by index for the join; only their sample ids go
+      # through a shuffle of their own, which finds the repeated ones (dedup.RepeatedSampleIds).
       resolve = dedup.ResolveFn(self._split, "skeleton", f"{FMT}/{self._split}", "skeleton_dead/",
                                 "skeleton_rows_after_dedup", canonical=skeleton_row, conflicts=self._conflicts)
-      resolved = (skeleton_buckets
-                  | "GroupBySampleId" >> beam.GroupByKey()
-                  | "ResolveSampleIds" >> beam.ParDo(_ResolveFn(resolve)).with_outputs(DEAD, main="buckets"))
-      skeleton_buckets = resolved.buckets
-      dead.append(resolved[DEAD])
+      repeated = skeleton[SAMPLE_IDS] | "RepeatedSampleIds" >> dedup.RepeatedSampleIds()
+      side = {"repeated": beam.pvalue.AsDict(repeated)}
     # A CoGroupByKey by hand: both sides tagged as they are keyed, one GroupByKey of their buckets.
-    joined = ((skeleton_buckets, common.buckets)
+    joined = ((skeleton.buckets, common.buckets)
               | "FlattenByIndex" >> beam.Flatten()
               | "GroupByIndex" >> beam.GroupByKey()
-              | "Join" >> beam.ParDo(_JoinFn(self._split, self._arrow, self._batch_rows, self._layout))
+              | "Join" >> beam.ParDo(_JoinFn(self._split, self._arrow, self._batch_rows, self._layout, resolve),
+                                     **side)
               .with_outputs(DEAD, main="record_batches"))
     dead = (dead + [joined[DEAD]]) | "FlattenDeadLetters" >> beam.Flatten()
     return {"record_batches": joined.record_batches, DEAD: dead}

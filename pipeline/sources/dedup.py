@@ -9,7 +9,11 @@ training and evaluation see every impression once, and nothing is dropped silent
                          to tell which one is the impression; the dead letters keep them all)
 
 The grouping is a GroupByKey on the sample id (through buckets, pipeline/sources/grouping.py),
-so it holds on any runner and any input order.
+so it holds on any runner and any input order. A reader that groups its rows by another key that
+is part of the row (Ali-CCP's common_feature_index, for its join) need not move the rows a second
+time: a shuffle of the sample ids alone finds the ones that repeat (``RepeatedSampleIds``), and
+each group resolves its copies of them, knowing how many copies there are in all
+(``ResolveFn.resolve(..., copies=)``): copies under another key differ from the ones in the group.
 A reader may group its raw lines instead of parsed rows (less to encode in the shuffle); it then
 names how a line parses (``canonical``), and copies whose raw forms differ are compared, and
 written to the dead letters, as parsed: the rule above is about rows, not bytes.
@@ -21,9 +25,10 @@ grouping would have: such copies differ (they name different common-feature rows
 """
 
 import json
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import apache_beam as beam
+import numpy as np
 
 from pipeline.sources.deadletter import DEAD, counter, dead_letter
 from pipeline.sources.grouping import GroupByKeyInBuckets
@@ -63,13 +68,22 @@ class ResolveFn(beam.DoFn):
   def process(self, element):
     return self.resolve(*element)
 
-  def resolve(self, sample_id, rows):
+  @property
+  def conflicts(self) -> Mapping[Any, int]:
+    return self._conflicts
+
+  def count_kept(self, rows: int) -> None:
+    """Counts ``rows`` rows passed on without resolve (their sample ids are not repeated)."""
+    self._kept.inc(rows)
+
+  def resolve(self, sample_id, rows, copies: Optional[int] = None):
     """One sample id's rows -> the row kept (if any) and TaggedOutputs of the ones set aside; for
-    a DoFn that groups by sample id itself (a bucket of groups at a time)."""
+    a DoFn that groups by sample id itself (a bucket of groups at a time). ``copies``: the id's
+    copies in all, where some may not be in ``rows`` (grouped under another key: they differ)."""
     rows = list(rows)
     as_row = self._canonical or (lambda r: r)
-    # Copies in other partitions too (they differ from these): counted with them, all set aside.
-    copies = self._conflicts.get(sample_id)
+    # Copies in other partitions or groups too (they differ from these): counted with them, all set aside.
+    copies = self._conflicts.get(sample_id, copies if copies is not None and copies > len(rows) else None)
     if copies is None:
       if len(rows) == 1:
         self._kept.inc()
@@ -114,3 +128,72 @@ class ResolveSampleIds(beam.PTransform):
             | "KeyBySampleId" >> beam.Map(lambda row: (key_of(row), row))
             | "GroupBySampleId" >> GroupByKeyInBuckets()
             | "Resolve" >> beam.ParDo(self._fn).with_outputs(DEAD, main="rows"))
+
+
+ID_BUCKETS = 64   # buckets of the sample-id shuffle (RepeatedSampleIds)
+
+
+class SampleIds:
+  """Sample ids collected in a DoFn (``add``), handed to RepeatedSampleIds' shuffle by ``flush``
+  as (bucket, int64 bytes) pairs, one per bucket: 8 bytes a row."""
+
+  def __init__(self, buckets: int = ID_BUCKETS):
+    self._buckets = buckets
+    self._ids: List[int] = []
+    self.add = self._ids.append
+
+  def __len__(self) -> int:
+    return len(self._ids)
+
+  def flush(self) -> List[Tuple[int, bytes]]:
+    ids = np.asarray(self._ids, dtype=np.int64)
+    self._ids.clear()
+    which = ids % self._buckets
+    order = np.argsort(which, kind="stable")
+    ids, which = ids[order], which[order]
+    starts = np.flatnonzero(np.r_[True, which[1:] != which[:-1]]) if len(ids) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(ids)]
+    return [(int(which[s]), ids[s:e].tobytes()) for s, e in zip(starts, ends)]
+
+
+def repeated(element: Tuple[int, Iterable[bytes]]) -> Iterator[Tuple[int, int]]:
+  """One bucket of sample ids -> (sample id, copies) for each id in it more than once."""
+  chunks = [np.frombuffer(c, dtype=np.int64) for c in element[1]]
+  values, counts = np.unique(np.concatenate(chunks), return_counts=True)
+  many = counts > 1
+  return zip(values[many].tolist(), counts[many].tolist())
+
+
+class RepeatedSampleIds(beam.PTransform):
+  """(bucket, int64 bytes) of SampleIds.flush -> (sample id, copies) for the ids that repeat:
+  a side input (AsDict) for the step that resolves them. Holding it costs memory in proportion
+  to the repeated ids, not to the rows."""
+
+  def expand(self, id_buckets):
+    return (id_buckets
+            | "GroupIdBuckets" >> beam.GroupByKey()
+            | "Repeated" >> beam.FlatMap(repeated))
+
+
+def resolve_group(resolve: ResolveFn, rows: List[Any], sample_id_of: Callable[[Any], Any],
+                  repeated_ids: Mapping[Any, int]) -> Tuple[List[Any], list]:
+  """Rows that share a key other than the sample id -> (the rows kept, dead letters): each
+  sample id in ``repeated_ids`` (its copies in all) or in ``resolve.conflicts`` resolved among
+  the group's copies; rows of other ids kept as they are (and counted)."""
+  conflicts = resolve.conflicts
+  if not repeated_ids and not conflicts:
+    resolve.count_kept(len(rows))
+    return rows, []
+  kept, copies_of = [], {}
+  for row in rows:
+    sample_id = sample_id_of(row)
+    if sample_id in repeated_ids or sample_id in conflicts:
+      copies_of.setdefault(sample_id, []).append(row)
+    else:
+      kept.append(row)
+  resolve.count_kept(len(kept))
+  dead = []
+  for sample_id, copies in copies_of.items():
+    for out in resolve.resolve(sample_id, copies, repeated_ids.get(sample_id)):
+      (dead if isinstance(out, beam.pvalue.TaggedOutput) else kept).append(out)
+  return kept, dead
