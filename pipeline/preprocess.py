@@ -73,7 +73,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from pipeline import encode, formats, partition, processes, publish
+from pipeline import encode, formats, partition, processes, publish, tfrecords
 from pipeline import reconciliation as R
 from pipeline import distinct_ids
 from pipeline.reconciliation import BadOutput, format_reconciliation
@@ -356,9 +356,7 @@ def _check_grouped(fmt: str, max_hash_buckets: int, labels) -> None:
 
 def _write_tfrecords(directory: str, num_shards: int, infix: str = "") -> beam.PTransform:
   """Writes serialized records as DIRECTORY/part-*.tfrecord.gz (what model_fn.input_fn reads)."""
-  return beam.io.WriteToTFRecord(os.path.join(directory, "part" + infix), file_name_suffix=".tfrecord.gz",
-                                 num_shards=num_shards,
-                                 compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+  return tfrecords.WriteGzipTFRecords(os.path.join(directory, "part" + infix), num_shards)
 
 
 STAGING = publish.STAGING_DIR    # <output_dir>.staging-<pid>@<host>-<id>: a run in progress (or killed)
