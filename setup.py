@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "absl-py",
     "tensorflow-serving-api==2.15.1",
     "numpy<1.25",
+    # TFRecord checksums (pipeline/tfrecords.py); apache-beam[gcp] installs the same release.
+    "google-crc32c==1.9.0",
     # Evaluation report charts (model_fn/report.py); the daily gate's intervals (model_fn/intervals.py).
     "matplotlib==3.8.4",
     "contourpy==1.3.0",

@@ -131,7 +131,7 @@ class AliCCP(Format):
 
   def reader(self, split, split_patterns, arrow_schema, inputs, dedup_sample_ids, conflicts, layout=F.ROWS):
     return aliccp.ReadAliCCP(split, split_patterns["skeleton"], split_patterns["common"], arrow_schema,
-                             encode.RECORD_BATCH_ROWS, dedup_sample_ids, conflicts, layout)
+                             encode.batch_rows(layout), dedup_sample_ids, conflicts, layout)
 
   def reconcile(self, counters, split, inputs):
     return aliccp.reconcile(counters, split)
