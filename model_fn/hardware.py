@@ -1,5 +1,5 @@
 """What this machine computes natively: the CPU's or GPUs' bfloat16 support, which the trainer's
-train_matmul_dtype "auto" decides on."""
+train_matmul_dtype "auto" decides on, and whether TensorFlow runs its CPU matmuls through oneDNN."""
 
 import functools
 from typing import List
@@ -40,3 +40,12 @@ def native_bfloat16() -> bool:
       return cpu_has_native_bfloat16(f.read())
   except OSError:
     return False
+
+
+@functools.lru_cache(maxsize=None)
+def onednn() -> bool:
+  """Whether this process's TensorFlow runs CPU ops through oneDNN (on by default where the CPU
+  has AVX512-VNNI, AVX512-BF16 or AMX; TF_ENABLE_ONEDNN_OPTS=0 turns it off). oneDNN builds and
+  caches a primitive per matmul shape, in each thread, up to 1,024 of them."""
+  from tensorflow.python.util import _pywrap_util_port   # pylint: disable=g-import-not-at-top
+  return bool(_pywrap_util_port.IsMklEnabled())

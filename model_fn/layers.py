@@ -204,9 +204,30 @@ def dense(x: tf.Tensor, units: int, name: str, activation=None,
 
 
 def _matmul(x: tf.Tensor, kernel: tf.Tensor, matmul_dtype: tf.DType) -> tf.Tensor:
-  if matmul_dtype == tf.float32:
-    return tf.matmul(x, kernel)
-  return tf.cast(tf.matmul(tf.cast(x, matmul_dtype), tf.cast(kernel, matmul_dtype)), tf.float32)
+  """x @ kernel, in ``matmul_dtype``, with x's rows padded to padded_rows where oneDNN runs it."""
+  if matmul_dtype != tf.float32:
+    x, kernel = tf.cast(x, matmul_dtype), tf.cast(kernel, matmul_dtype)
+  if hardware.onednn():
+    rows = tf.shape(x)[0]
+    y = tf.matmul(tf.pad(x, [[0, padded_rows(rows) - rows], [0, 0]]), kernel)[:rows]
+  else:
+    y = tf.matmul(x, kernel)
+  return y if matmul_dtype == tf.float32 else tf.cast(y, tf.float32)
+
+
+# The row counts a matmul's input is padded to: every count up to 64, then 8 per octave (m * 2^e,
+# m = 8..15), so a padded batch is at most 1/8 larger. A grouped batch holds whole groups, and its
+# impressions change from step to step; oneDNN builds a primitive for every new shape and keeps up
+# to 1,024 per thread, which cost time and gigabytes (benchmarks/README.md, "Where a training
+# step's time goes"). Padded, the towers see a few dozen shapes.
+PAD_ROWS = tuple(sorted({*range(1, 65), *(m << e for e in range(3, 28) for m in range(8, 16))}))
+
+
+def padded_rows(rows: tf.Tensor) -> tf.Tensor:
+  """The least PAD_ROWS entry >= ``rows`` (int32 scalar); ``rows`` beyond them stays as it is."""
+  ladder = tf.constant(PAD_ROWS, tf.int32)
+  at = tf.minimum(tf.searchsorted(ladder, tf.reshape(rows, [1]))[0], len(PAD_ROWS) - 1)
+  return tf.maximum(tf.gather(ladder, at), rows)
 
 
 # The hidden layers' activation and normalisation when a caller names none: the params' defaults.

@@ -175,10 +175,13 @@ def test_locate_missing_counts_written_and_dead_lettered_rows_as_kept(tmp_path):
   assert got["train"]["largest"] == [{"first_line": 22, "last_line": 39, "rows": 18, "density": 1.0}]
 
 
-@pytest.mark.parametrize("embedding_optimizer", ["adagrad", "lazy_adam"])
-def test_train_step_profile_sorts_every_op_of_an_esmm_train_graph_into_its_part(embedding_optimizer):
+@pytest.mark.parametrize("model,embedding_optimizer", [("esmm", "adagrad"), ("esmm", "lazy_adam"),
+                                                       ("base", "lazy_adam")])
+def test_train_step_profile_sorts_every_op_of_a_train_graph_into_its_part(model, embedding_optimizer):
   """The profile's parts come from op names; on a real train graph each matmul lands in a tower
-  part, each table read in the pooling, each table update in the embedding optimizer."""
+  part, each table read in the pooling, each table update in the embedding optimizer, whether the
+  towers share one table set (esmm) or each has its own (base: ctr_embeddings, cvr_embeddings)."""
+  import re
   import train_step_profile as TSP
   from model_fn import esmm
   from model_fn.params import resolve_params
@@ -187,7 +190,7 @@ def test_train_step_profile_sorts_every_op_of_an_esmm_train_graph_into_its_part(
   with tf.Graph().as_default() as graph:
     features = {F.ID_PREFIX + f: tf.compat.v1.sparse_placeholder(tf.int64, name=f"ids_{f}") for f in fields}
     labels = {k: tf.compat.v1.placeholder(tf.float32, [None], name=k) for k in F.LABELS}
-    params = resolve_params({"model": "esmm", "format": "aliccp", "hash_buckets": {f: 100 for f in fields},
+    params = resolve_params({"model": model, "format": "aliccp", "hash_buckets": {f: 100 for f in fields},
                              "fields": fields, "embedding_dim": 4, "ctr_hidden_units": [8, 4],
                              "cvr_hidden_units": [8, 4], "embedding_optimizer": embedding_optimizer})
     esmm.esmm_model_fn(features, labels, tf.estimator.ModeKeys.TRAIN, params)
@@ -197,11 +200,15 @@ def test_train_step_profile_sorts_every_op_of_an_esmm_train_graph_into_its_part(
   matmuls = [op for op in graph.get_operations() if op.type == "MatMul"]
   assert matmuls and all(TSP.part_of(op.name).startswith("towers, ") for op in matmuls)
   assert any(op.type == "MatMul" for op in parts["towers, backward"])
-  reads = [op for op in graph.get_operations() if op.type == "ResourceGather" and op.name.startswith("embeddings/")]
+  reads = [op for op in graph.get_operations()
+           if op.type == "ResourceGather" and re.match(r"(\w+_)?embeddings/", op.name)]
   assert reads and all(TSP.part_of(op.name) == "embedding lookup and pooling, forward" for op in reads)
+  assert len({op.name.split("/")[0] for op in reads}) == (2 if model == "base" else 1)
   updates = [op.type for op in parts["embedding optimizer"]]
-  assert any(t in ("ResourceSparseApplyAdagrad", "ResourceScatterSub") for t in updates), updates
-  assert "ResourceApplyAdam" in [op.type for op in parts["dense optimizer"]]
+  dense_updates = [op.type for op in parts["dense optimizer"]]
+  table_update = "ResourceScatterSub" if embedding_optimizer == "lazy_adam" else "ResourceSparseApplyAdagrad"
+  assert updates.count(table_update) == len(fields) * (2 if model == "base" else 1), updates
+  assert table_update not in dense_updates and "ResourceApplyAdam" in dense_updates
   assert "ResourceApplyAdam" not in updates
 
 

@@ -279,6 +279,45 @@ def test_bfloat16_dense_rounds_the_matmul_and_keeps_float32_gradients():
     np.testing.assert_allclose(g16_, g32_, rtol=5e-2, atol=5e-2 * np.abs(g32_).max())
 
 
+def test_padded_rows_are_a_few_shapes_at_most_an_eighth_larger():
+  rows = list(range(1, 70)) + [127, 128, 129, 1000, 1024, 1041, 1500, 2049, 65537, 2**31 - 1]
+  with tf.Graph().as_default():
+    r = tf.compat.v1.placeholder(tf.int32, [])
+    padded = layers.padded_rows(r)
+    with tf.compat.v1.Session() as sess:
+      got = {n: int(sess.run(padded, {r: n})) for n in rows}
+  assert all(got[n] == n for n in range(1, 65))
+  assert got[65] == got[69] == 72 and got[128] == 128 and got[129] == 144
+  assert (got[1000], got[1024], got[1041], got[1500], got[2049]) == (1024, 1024, 1152, 1536, 2304)
+  assert got[2**31 - 1] == 2**31 - 1
+  assert all(n <= got[n] <= n + n // 8 for n in rows)
+  # Grouped batches of 700 to 1,536 impressions meet 10 shapes.
+  assert len({p for p in layers.PAD_ROWS if 700 <= p <= 1536}) == 10
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
+def test_padded_matmuls_give_the_unpadded_outputs_and_gradients(monkeypatch, dtype):
+  """Where oneDNN runs the matmuls, dense pads their rows to padded_rows and drops the padding
+  again: the outputs and every gradient are those of the plain matmul."""
+  rng = np.random.default_rng(0)
+  outputs = {}
+  for pad in (False, True):
+    monkeypatch.setattr(layers.hardware, "onednn", lambda pad=pad: pad)
+    with tf.Graph().as_default() as graph:
+      tf.compat.v1.set_random_seed(3)
+      x = tf.constant(rng.normal(size=(77, 33)) if not outputs else outputs["x"], tf.float32)
+      y = layers.dense(layers.dense(x, 9, "a", tf.nn.relu, dtype), 5, "b", None, dtype)
+      grads = tf.gradients(tf.reduce_sum(y ** 2), tf.compat.v1.trainable_variables() + [x])
+      pads = [op for op in graph.get_operations() if op.type == "PadV2" or op.type == "Pad"]
+      assert len(pads) == (2 if pad else 0)
+      with tf.compat.v1.Session() as sess:
+        sess.run(tf.compat.v1.global_variables_initializer())
+        outputs["x"], outputs[pad] = sess.run(x), sess.run([y] + grads)
+  assert outputs[True][0].shape == (77, 5)
+  for padded, plain in zip(outputs[True], outputs[False]):
+    np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-6)
+
+
 def _matmul_dtypes(graph, op_type="MatMul"):
   return sorted({op.get_attr("T").name for op in graph.get_operations() if op.type == op_type})
 
