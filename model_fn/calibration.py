@@ -39,6 +39,8 @@ MIN_BIN_POSITIVES = 5
 # Isotonic knots closer than this (in logits) are pooled: a steeper map would turn float32
 # rounding of the tower logit into visible changes of the served probability.
 MIN_KNOT_GAP = 1e-2
+# Rows a Platt or bias fit computes on at a time (its float64 temporaries: about 100 bytes each).
+CHUNK_ROWS = 1 << 20
 
 
 def apply(spec: Optional[dict], logit: tf.Tensor) -> tf.Tensor:
@@ -82,40 +84,63 @@ def logit(p):
 
 
 def _labels_and_logits(labels, logits):
-  """Labels (0/1, or soft: >= 0, possibly above 1) and logits as float64 arrays; ValueError
-  unless some label is 0 and some is positive, and their mean (the rate fitted) is below 1."""
-  y = np.asarray(labels, np.float64)
-  z = np.asarray(logits, np.float64)
+  """Labels (0/1, or soft: >= 0, possibly above 1) and float logits, not copied where they are
+  arrays already (a whole train split's pass: no float64 copy of it); ValueError unless some
+  label is 0 and some is positive, and their mean (the rate fitted) is below 1."""
+  y = np.asarray(labels)
+  z = np.asarray(logits)
+  if z.dtype.kind != "f":
+    z = z.astype(np.float64)
   if y.size == 0 or not np.any(y > 0) or not np.any(y == 0):
     raise ValueError("calibration needs both positive and negative labels")
-  if not np.all(np.isfinite(y)) or np.any(y < 0) or y.mean() >= 1:
-    raise ValueError(f"calibration labels must be finite and >= 0 with a mean below 1, got mean {y.mean()}")
+  rate = float(np.mean(y, dtype=np.float64))
+  if (y.dtype.kind == "f" and not np.all(np.isfinite(y))) or np.any(y < 0) or rate >= 1:
+    raise ValueError(f"calibration labels must be finite and >= 0 with a mean below 1, got mean {rate}")
   return y, z
 
 
-def _nll(y: np.ndarray, z: np.ndarray) -> float:
-  """Mean log loss of sigmoid(z) against y, computed from logits."""
-  return float(np.mean(np.logaddexp(0.0, z) - y * z))
+def _chunks(n: int):
+  return (slice(start, start + CHUNK_ROWS) for start in range(0, n, CHUNK_ROWS))
+
+
+def _nll(y: np.ndarray, z: np.ndarray, a: float, b: float) -> float:
+  """Mean log loss of sigmoid(a z + b) against y, summed in float64 chunk by chunk."""
+  total = 0.0
+  for part in _chunks(len(z)):
+    u = a * z[part].astype(np.float64) + b
+    total += float(np.sum(np.logaddexp(0.0, u) - y[part] * u))
+  return total / len(z)
+
+
+def _newton_terms(y: np.ndarray, z: np.ndarray, a: float, b: float):
+  """The gradient and Hessian in (a, b) of the summed log loss of sigmoid(a z + b), chunk by chunk."""
+  grad, hess = np.zeros(2), np.zeros((2, 2))
+  for part in _chunks(len(z)):
+    zc = z[part].astype(np.float64)
+    p = 1 / (1 + np.exp(-np.clip(a * zc + b, -500, 500)))
+    r, w = p - y[part], p * (1 - p)
+    wz = w @ zc
+    grad += (r @ zc, r.sum())
+    hess += ((w @ (zc * zc), wz), (wz, w.sum()))
+  return grad, hess
 
 
 def fit_platt(labels: np.ndarray, logits: np.ndarray, fit_slope: bool = True) -> dict:
   """Logistic regression of ``labels`` on ``logits`` (Newton's method with backtracking, from the
   identity); a slope that comes out at or below 0 (a model worse than constant on this slice) is
-  fixed at 1 and only b fitted."""
+  fixed at 1 and only b fitted. Memory beyond the inputs: CHUNK_ROWS rows' temporaries."""
   y, z = _labels_and_logits(labels, logits)
 
   def newton(fit_slope: bool):
     theta = np.array([1.0, 0.0])                 # (a, b)
-    design = np.stack([z, np.ones_like(z)], axis=1)
     for _ in range(100):
-      p = 1 / (1 + np.exp(-np.clip(design @ theta, -500, 500)))
-      grad = design.T @ (p - y)
-      hess = (design * (p * (1 - p))[:, None]).T @ design + 1e-9 * np.eye(2)
+      grad, hess = _newton_terms(y, z, *theta)
+      hess += 1e-9 * np.eye(2)
       if not fit_slope:
         grad[0], hess[0, 1], hess[1, 0], hess[0, 0] = 0.0, 0.0, 0.0, 1.0
       step = np.linalg.solve(hess, grad)
-      loss, t = _nll(y, design @ theta), 1.0
-      while t > 1e-8 and _nll(y, design @ (theta - t * step)) > loss:
+      loss, t = _nll(y, z, *theta), 1.0
+      while t > 1e-8 and _nll(y, z, *(theta - t * step)) > loss:
         t /= 2
       theta = theta - t * step
       if np.max(np.abs(t * step)) < 1e-10:
@@ -142,7 +167,7 @@ def fit_isotonic(labels: np.ndarray, logits: np.ndarray, bins: int = ISOTONIC_BI
   least MIN_KNOT_GAP apart, so the map is strictly increasing and its slope bounded."""
   y, z = _labels_and_logits(labels, logits)
   bins = max(1, min(bins, int(np.count_nonzero(y)) // MIN_BIN_POSITIVES))
-  prior = y.mean()
+  prior = float(np.mean(y, dtype=np.float64))
   order = np.argsort(z, kind="mergesort")
   # Blocks: [sum of labels, count, sum of logits].
   pooled: List[List[float]] = []
@@ -150,7 +175,8 @@ def fit_isotonic(labels: np.ndarray, logits: np.ndarray, bins: int = ISOTONIC_BI
   for part in np.array_split(order, bins):
     if not len(part):
       continue
-    pooled.append([y[part].sum(), float(len(part)), z[part].sum()])
+    pooled.append([float(y[part].sum(dtype=np.float64)), float(len(part)),
+                   float(z[part].sum(dtype=np.float64))])
     while len(pooled) > 1 and (rate(pooled[-2]) >= rate(pooled[-1])
                                or pooled[-1][2] / pooled[-1][1] - pooled[-2][2] / pooled[-2][1] < MIN_KNOT_GAP):
       last = pooled.pop()
@@ -194,19 +220,62 @@ def check_conversion_scale(method: str, conversion_scale: float) -> float:
   return scale
 
 
+def _floats(values) -> np.ndarray:
+  """A flat float array: float32 and float64 as they come (no copy), anything else as float32."""
+  out = np.asarray(values).reshape(-1)
+  return out if out.dtype in (np.float32, np.float64) else out.astype(np.float32)
+
+
+class HeadData:
+  """The labels and tower logits the heads' calibrations are fitted to, gathered batch by batch
+  and kept compact (a pass over a whole train split): each impression's click (1 byte) and CTR
+  logit, and for the clicked ones only, the conversion and the CVR logit."""
+
+  KEYS = ("click", "ctr_logit", "conversion", "cvr_logit")
+
+  def __init__(self):
+    self._parts: Dict[str, list] = {k: [] for k in self.KEYS}
+
+  def add(self, click, conversion, ctr_logit, cvr_logit) -> None:
+    clicked = np.asarray(click).reshape(-1) > 0
+    self._parts["click"].append(clicked)
+    self._parts["ctr_logit"].append(_floats(ctr_logit))
+    self._parts["conversion"].append(np.asarray(conversion).reshape(-1)[clicked].astype(np.float32))
+    self._parts["cvr_logit"].append(_floats(cvr_logit)[clicked])
+
+  def impressions(self) -> int:
+    return sum(part.size for part in self._parts["click"])
+
+  def nbytes(self) -> int:
+    return sum(part.nbytes for parts in self._parts.values() for part in parts)
+
+  def _take(self, key: str) -> np.ndarray:
+    """One column as one array; its batches are let go (the next column reuses their memory)."""
+    parts, self._parts[key] = self._parts[key], []
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+  def fit(self, method: str, holdout: float = 0.0, conversion_scale: float = 1.0) -> Dict[str, dict]:
+    """{"ctr": spec, "cvr": spec, ...}: CTR fitted on every impression, CVR on the clicked ones'
+    conversions times ``conversion_scale`` (soft labels: their estimated eventual conversions).
+    The data are consumed."""
+    scale = check_conversion_scale(method, conversion_scale)
+    click, ctr_logit = self._take("click"), self._take("ctr_logit")
+    ctr = fit(method, click, ctr_logit)
+    impressions, clicks = int(click.size), int(np.count_nonzero(click))
+    del click, ctr_logit
+    converted = self._take("conversion").astype(np.float64)
+    return {"method": method, "holdout": holdout, "conversion_scale": scale, "ctr": ctr,
+            "cvr": fit(method, converted * scale, self._take("cvr_logit")),
+            "impressions": impressions, "clicks": clicks, "conversions": int(np.sum(converted))}
+
+
 def fit_heads(method: str, click: np.ndarray, conversion: np.ndarray, ctr_logit: np.ndarray,
               cvr_logit: np.ndarray, holdout: float = 0.0, conversion_scale: float = 1.0) -> Dict[str, dict]:
-  """{"ctr": spec, "cvr": spec} from labels and uncalibrated logits (of the held-out slice, or of
-  the whole train split when ``holdout`` is 0); the CVR head to the clicked rows' conversions
-  times ``conversion_scale`` (soft labels: their estimated eventual conversions)."""
-  scale = check_conversion_scale(method, conversion_scale)
-  clicked = np.asarray(click) > 0
-  converted = np.asarray(conversion, np.float64)[clicked]
-  return {"method": method, "holdout": holdout, "conversion_scale": scale,
-          "ctr": fit(method, click, ctr_logit),
-          "cvr": fit(method, converted * scale, np.asarray(cvr_logit)[clicked]),
-          "impressions": int(len(click)), "clicks": int(clicked.sum()),
-          "conversions": int(np.sum(converted))}
+  """HeadData.fit of whole columns: labels and uncalibrated logits of the held-out slice, or of
+  the whole train split when ``holdout`` is 0."""
+  data = HeadData()
+  data.add(click, conversion, ctr_logit, cvr_logit)
+  return data.fit(method, holdout, conversion_scale)
 
 
 def save(model_dir: str, calibrations: Dict[str, dict]) -> None:

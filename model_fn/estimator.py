@@ -349,14 +349,16 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
                       "biases start at 0; preprocess again to start them at the base rates", transform_dir)
   params = resolve_params(resolve_field_rows(resolve_params(params), model_dir, transform_dir, warm_start_from))
   I.require_labels(tft_output, params["model"], transform_dir)
-  estimate = memory.check_fits(params, memory_limit_gb)
+  train_rows = I.split_rows(transform_dir, "train")
+  calibration_rows = 0 if calibration == "none" else round(train_rows * (calibration_holdout or 1.0))
+  estimate = memory.check_fits(params, memory_limit_gb, calibration_rows)
   disk = memory.check_disk(params, model_dir, keep_checkpoints)
   tables = table_sizing.report(table_rows(params), I.distinct_ids(transform_dir), transform_dir)
   logging.info("%s\nmemory estimate: %s GiB\ndisk estimate: %s GiB", table_sizing.format_report(tables),
                ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in estimate.items()),
                ", ".join(f"{k} {v / memory.GIB:.2f}" for k, v in disk.items()))
   if train_steps <= 0:
-    rows = I.split_rows(transform_dir, "train") * (1 - calibration_holdout)
+    rows = train_rows * (1 - calibration_holdout)
     train_steps = max(1, math.ceil(num_epochs * rows / batch_size))
   params["train_steps"] = train_steps
   holdout = "exclude" if calibration_holdout > 0 else "all"
@@ -443,15 +445,13 @@ def fit_calibration(estimator: tf.estimator.Estimator, train_pattern: str, tft_o
   data_fn = I.make_input_fn(train_pattern, tft_output, 4096, training=False, labels_as_features=True,
                             fields=params["fields"], block_rows=block_rows, grouped=grouped,
                             holdout="only" if holdout_fraction > 0 else "all", holdout_fraction=holdout_fraction)
-  cols: Dict[str, list] = {k: [] for k in ("label_click", "label_conversion", "ctr_logit", "cvr_logit")}
+  data = C.HeadData()
   for batch in estimator.predict(data_fn, yield_single_examples=False):
-    for k in cols:
-      cols[k].append(np.asarray(batch[k]).reshape(-1))
-  data = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+    data.add(batch["label_click"], batch["label_conversion"], batch["ctr_logit"], batch["cvr_logit"])
   where = f"the held-out {holdout_fraction:.0%} of the train split" if holdout_fraction else "the train split"
+  impressions = data.impressions()
   try:
-    return C.fit_heads(method, data["label_click"], data["label_conversion"], data["ctr_logit"],
-                       data["cvr_logit"], holdout_fraction, conversion_scale)
+    return data.fit(method, holdout_fraction, conversion_scale)
   except ValueError as e:
-    raise ValueError(f"cannot fit the {method} calibration on {where} ({len(data['label_click'])} "
+    raise ValueError(f"cannot fit the {method} calibration on {where} ({impressions} "
                      f"impressions): {e}; use another --calibration_holdout or --calibration=none") from None

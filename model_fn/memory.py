@@ -1,14 +1,16 @@
 """How much memory and disk a training run will take, estimated from its params before anything
 is built, and the checks that refuse a run that will not fit this machine.
 
-  peak = FIXED_BYTES + state x (1 + SAVE_FACTOR)
+  peak = FIXED_BYTES + state x (1 + SAVE_FACTOR) + calibration rows x CALIBRATION_ROW_BYTES
 
 where state is the variables the run holds: every embedding table (rows x embedding_dim x 4
 bytes, twice when the towers do not share embeddings) with its embedding optimizer's slots, and
 the dense layers with Adam's two slots and their moving average. A checkpoint save writes the
 variables out through copies of them (SAVE_FACTOR); FIXED_BYTES is TensorFlow, the graph and the
 input pipeline. Both constants were fitted to the peak RSS of short training runs
-(benchmarks/memory_estimate.py, benchmarks/results/memory_estimate.md)."""
+(benchmarks/memory_estimate.py, benchmarks/results/memory_estimate.md). After training, the
+calibration pass keeps the labels and logits of the impressions it is fitted on
+(calibration.HeadData), on top of what the final save left allocated."""
 
 import os
 import shutil
@@ -24,9 +26,15 @@ DENSE_SLOTS = 2
 # Fitted by benchmarks/memory_estimate.py.
 FIXED_BYTES = int(0.95 * (1 << 30))
 SAVE_FACTOR = 1.5
+# A calibration pass's bytes per impression: its click (1) and CTR logit (4, twice while the
+# batches are joined), a clicked one's conversion and CVR logit (8 at a CTR of up to a few
+# percent), an isotonic fit's sort order (8).
+CALIBRATION_ROW_BYTES = 24
 GIB = 1 << 30
 # The flags that change a run's memory, named when one does not fit.
 MEMORY_FLAGS = ("--table_rows_per_id", "--table_rows", "--embedding_dim", "--memory_limit_gb")
+# The flag that shrinks the calibration pass (fitted on a held-out slice, not the whole split).
+CALIBRATION_FLAG = "--calibration_holdout"
 # ... and its disk.
 DISK_FLAGS = ("--keep_checkpoints", "--table_rows_per_id", "--table_rows", "--embedding_dim")
 
@@ -92,14 +100,17 @@ def dense_state_bytes(p: Dict) -> int:
   return dense_weights(p) * FLOAT_BYTES * copies
 
 
-def estimate(p: Dict) -> Dict[str, int]:
-  """{tables, table_slots, dense, checkpoint_save, fixed, peak} in bytes for resolved params."""
+def estimate(p: Dict, calibration_rows: int = 0) -> Dict[str, int]:
+  """{tables, table_slots, dense, checkpoint_save, calibration, fixed, peak} in bytes for resolved
+  params and a calibration fitted on ``calibration_rows`` impressions."""
   tables = table_bytes(p)
   table_state = table_state_bytes(p)
   dense = dense_state_bytes(p)
   save = int(SAVE_FACTOR * (table_state + dense))
+  calibration = int(calibration_rows) * CALIBRATION_ROW_BYTES
   return {"tables": tables, "table_slots": table_state - tables, "dense": dense, "checkpoint_save": save,
-          "fixed": FIXED_BYTES, "peak": FIXED_BYTES + table_state + dense + save}
+          "calibration": calibration, "fixed": FIXED_BYTES,
+          "peak": FIXED_BYTES + table_state + dense + save + calibration}
 
 
 def _read_int(path: str) -> Optional[int]:
@@ -131,21 +142,24 @@ def available_bytes() -> int:
   return avail if avail is not None else 1 << 62
 
 
-def check_fits(p: Dict, memory_limit_gb: float = P.DEFAULT_MEMORY_LIMIT_GB) -> Dict[str, int]:
+def check_fits(p: Dict, memory_limit_gb: float = P.DEFAULT_MEMORY_LIMIT_GB,
+               calibration_rows: int = 0) -> Dict[str, int]:
   """The estimate; DoesNotFit (one line: the estimate, the limit, the flags) when its peak
   exceeds ``memory_limit_gb`` (0: available_bytes())."""
-  est = estimate(p)
+  est = estimate(p, calibration_rows)
   if memory_limit_gb:
     limit, where = int(memory_limit_gb * GIB), "--memory_limit_gb"
   else:
     limit, where = available_bytes(), "available on this machine"
   if est["peak"] > limit:
     rows = sum(P.table_rows(p).values())
+    calibration = (f" and a calibration pass over {calibration_rows:,} impressions, "
+                   f"{est['calibration'] / GIB:.1f} GiB: {CALIBRATION_FLAG} fits it on a slice" if calibration_rows else "")
     raise DoesNotFit(
         f"training {p['model']} needs about {est['peak'] / GIB:.1f} GiB at its peak ({rows:,} table rows x "
         f"{p['embedding_dim']} x {table_sets(p)} table set(s) with {p['embedding_optimizer']} slots: "
-        f"{(est['tables'] + est['table_slots']) / GIB:.1f} GiB, plus a checkpoint save's copy) but "
-        f"{limit / GIB:.1f} GiB are {where}; make the tables smaller with {', '.join(MEMORY_FLAGS[:3])} "
+        f"{(est['tables'] + est['table_slots']) / GIB:.1f} GiB, plus a checkpoint save's copy{calibration}) "
+        f"but {limit / GIB:.1f} GiB are {where}; make the tables smaller with {', '.join(MEMORY_FLAGS[:3])} "
         f"or set {MEMORY_FLAGS[3]}")
   return est
 

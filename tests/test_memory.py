@@ -155,6 +155,25 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_is_written(data, tmp_p
   assert not model_dir.exists()
 
 
+def test_the_estimate_counts_the_calibration_pass_and_names_its_flag(data, sized, tmp_path):
+  """The calibration pass after training keeps the labels and logits of the impressions it is
+  fitted on: counted in the estimate, and a run it would push over the limit is told to fit it
+  on a slice."""
+  p = resolve_params(E.load_params(sized["model_dir"]))
+  rows = 50_000_000
+  plain = memory.estimate(p)
+  limit_gb = (plain["peak"] + (1 << 20)) / memory.GIB
+  assert memory.check_fits(p, limit_gb)["calibration"] == 0
+  with pytest.raises(memory.DoesNotFit, match="calibration pass over 50,000,000 impressions.*--calibration_holdout"):
+    memory.check_fits(p, limit_gb, calibration_rows=rows)
+  # A trained run counts the impressions its calibration is fitted on: the whole train split
+  # for the default bias refit.
+  result = E.train_and_evaluate(data["out"], str(tmp_path / "bias"), data["params"], batch_size=256,
+                                train_steps=2, do_export=False)
+  want = I.split_rows(data["out"], "train") * memory.CALIBRATION_ROW_BYTES
+  assert want > 0 and result["memory_estimate"]["calibration"] == want
+
+
 def test_the_disk_estimate_is_a_checkpoint_s_bytes_and_a_run_keeps_what_it_is_told(data, sized, tmp_path):
   p = resolve_params(E.load_params(sized["model_dir"]))
   latest = tf.train.latest_checkpoint(sized["model_dir"])

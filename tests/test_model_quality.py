@@ -236,6 +236,30 @@ def test_cvr_fit_to_scaled_conversions_predicts_the_scaled_rate(method, rtol):
     assert np.all(np.diff(pcvr[np.argsort(cvr_logit[clicked])]) >= -1e-12)     # ranking kept
 
 
+@pytest.mark.parametrize("method", ["bias", "platt", "isotonic"])
+def test_a_pass_gathered_in_batches_is_compact_and_fits_as_whole_columns(method, monkeypatch):
+  """The calibration pass over a whole train split: each impression keeps a click byte and its
+  float32 CTR logit, a clicked one its conversion and CVR logit; the fit, computed chunk by
+  chunk, is the fit of the whole columns at once."""
+  click, conversion, ctr_logit, cvr_logit = _funnel(8, 50_000)
+  whole = calibration.fit_heads(method, click, conversion, ctr_logit.astype(np.float32),
+                                cvr_logit.astype(np.float32))
+  data = calibration.HeadData()
+  for part in np.array_split(np.arange(click.size), 13):
+    data.add(click[part].astype(np.int64), conversion[part].astype(np.int64),
+             ctr_logit[part].astype(np.float32), cvr_logit[part].astype(np.float32))
+  assert data.impressions() == click.size
+  assert data.nbytes() == click.size * 5 + int(click.sum()) * 8
+  monkeypatch.setattr(calibration, "CHUNK_ROWS", 4096)
+  batched = data.fit(method)
+  for head in ("ctr", "cvr"):
+    assert batched[head]["method"] == whole[head]["method"]
+    for key in set(whole[head]) - {"method"}:
+      np.testing.assert_allclose(batched[head][key], whole[head][key], rtol=1e-9, atol=1e-12)
+  assert {k: batched[k] for k in ("impressions", "clicks", "conversions")} == \
+      {k: whole[k] for k in ("impressions", "clicks", "conversions")}
+
+
 def test_conversion_scale_must_be_positive_and_needs_a_calibration():
   click, conversion, ctr_logit, cvr_logit = _funnel(6, 1000)
   for bad in (0.0, -1.0, float("nan"), float("inf")):
