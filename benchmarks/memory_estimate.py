@@ -54,6 +54,7 @@ def _peak_rss(args, log):
 
 
 def _measure(work):
+  from model_fn import memory
   data = os.path.join(work, "preprocessed")
   if not os.path.exists(os.path.join(data, "reconciliation.json")):
     subprocess.run([sys.executable, "-m", "datagen.synthetic", f"--output_dir={work}/raw", "--format=aliccp",
@@ -74,9 +75,12 @@ def _measure(work):
       raise RuntimeError(f"{spec} failed (exit {rc}); see {model_dir}.log")
     with open(os.path.join(model_dir, "params.json")) as f:
       params = json.load(f)
+    with open(os.path.join(model_dir, "train_result.json")) as f:
+      calibration = json.load(f)["memory_estimate"]["calibration"]
     checkpoint = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir)
                      if n.startswith(f"model.ckpt-{FLAGS.train_steps}.data"))
     runs.append({"model": model, "table_rows": int(rows), "params": params, "peak_rss": peak,
+                 "calibration_rows": calibration // memory.CALIBRATION_ROW_BYTES,
                  "checkpoint_bytes": checkpoint, "seconds": time.perf_counter() - start})
     print(spec, f"peak {peak / GIB:.2f} GiB, checkpoint {checkpoint / GIB:.2f} GiB", flush=True)
   return runs
@@ -88,7 +92,7 @@ def _render(runs, command):
   rows = []
   for r in runs:
     p = resolve_params(r["params"])
-    est = memory.estimate(p)
+    est = memory.estimate(p, r.get("calibration_rows", 0))
     state = est["tables"] + est["table_slots"] + est["dense"]
     rows.append({"model": r["model"], "table_rows": r["table_rows"],
                  "total_rows": sum(memory.P.table_rows(p).values()), "state": state,

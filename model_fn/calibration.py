@@ -91,6 +91,8 @@ def _labels_and_logits(labels, logits):
   z = np.asarray(logits)
   if z.dtype.kind != "f":
     z = z.astype(np.float64)
+  if y.shape != z.shape:
+    raise ValueError(f"calibration needs one label per logit, got labels {y.shape} and logits {z.shape}")
   if y.size == 0 or not np.any(y > 0) or not np.any(y == 0):
     raise ValueError("calibration needs both positive and negative labels")
   rate = float(np.mean(y, dtype=np.float64))
@@ -237,11 +239,19 @@ class HeadData:
     self._parts: Dict[str, list] = {k: [] for k in self.KEYS}
 
   def add(self, click, conversion, ctr_logit, cvr_logit) -> None:
-    clicked = np.asarray(click).reshape(-1) > 0
+    """One batch: four columns of one value per impression; clicks finite and >= 0."""
+    click, conversion = np.asarray(click).reshape(-1), np.asarray(conversion).reshape(-1)
+    ctr_logit, cvr_logit = _floats(ctr_logit), _floats(cvr_logit)
+    if not click.size == conversion.size == ctr_logit.size == cvr_logit.size:
+      raise ValueError(f"calibration needs one click, conversion and logit per impression, got "
+                       f"{click.size}, {conversion.size}, {ctr_logit.size} and {cvr_logit.size}")
+    if (click.dtype.kind == "f" and not np.all(np.isfinite(click))) or np.any(click < 0):
+      raise ValueError("calibration labels must be finite and >= 0: a click label is not")
+    clicked = click > 0
     self._parts["click"].append(clicked)
-    self._parts["ctr_logit"].append(_floats(ctr_logit))
-    self._parts["conversion"].append(np.asarray(conversion).reshape(-1)[clicked].astype(np.float32))
-    self._parts["cvr_logit"].append(_floats(cvr_logit)[clicked])
+    self._parts["ctr_logit"].append(ctr_logit)
+    self._parts["conversion"].append(conversion[clicked].astype(np.float32))
+    self._parts["cvr_logit"].append(cvr_logit[clicked])
 
   def impressions(self) -> int:
     return sum(part.size for part in self._parts["click"])

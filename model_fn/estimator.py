@@ -350,7 +350,9 @@ def train_and_evaluate(transform_dir: str, model_dir: str, params: Dict[str, Any
   params = resolve_params(resolve_field_rows(resolve_params(params), model_dir, transform_dir, warm_start_from))
   I.require_labels(tft_output, params["model"], transform_dir)
   train_rows = I.split_rows(transform_dir, "train")
-  calibration_rows = 0 if calibration == "none" else round(train_rows * (calibration_holdout or 1.0))
+  # The chief alone fits the calibration.
+  calibrates = calibration != "none" and tf.estimator.RunConfig().is_chief
+  calibration_rows = round(train_rows * (calibration_holdout or 1.0)) if calibrates else 0
   estimate = memory.check_fits(params, memory_limit_gb, calibration_rows)
   disk = memory.check_disk(params, model_dir, keep_checkpoints)
   tables = table_sizing.report(table_rows(params), I.distinct_ids(transform_dir), transform_dir)

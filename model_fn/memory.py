@@ -27,14 +27,14 @@ DENSE_SLOTS = 2
 FIXED_BYTES = int(0.95 * (1 << 30))
 SAVE_FACTOR = 1.5
 # A calibration pass's bytes per impression: its click (1) and CTR logit (4, twice while the
-# batches are joined), a clicked one's conversion and CVR logit (8 at a CTR of up to a few
-# percent), an isotonic fit's sort order (8).
+# batches are joined), an isotonic fit's sort order (8), and 7 for the clicked rows' conversions
+# and CVR logits (8 bytes each) and the fit's million-row chunk of temporaries.
 CALIBRATION_ROW_BYTES = 24
 GIB = 1 << 30
 # The flags that change a run's memory, named when one does not fit.
 MEMORY_FLAGS = ("--table_rows_per_id", "--table_rows", "--embedding_dim", "--memory_limit_gb")
-# The flag that shrinks the calibration pass (fitted on a held-out slice, not the whole split).
-CALIBRATION_FLAG = "--calibration_holdout"
+# The flags that shrink the calibration pass (fitted on a held-out slice, or none).
+CALIBRATION_FLAGS = ("--calibration_holdout", "--calibration=none")
 # ... and its disk.
 DISK_FLAGS = ("--keep_checkpoints", "--table_rows_per_id", "--table_rows", "--embedding_dim")
 
@@ -144,8 +144,9 @@ def available_bytes() -> int:
 
 def check_fits(p: Dict, memory_limit_gb: float = P.DEFAULT_MEMORY_LIMIT_GB,
                calibration_rows: int = 0) -> Dict[str, int]:
-  """The estimate; DoesNotFit (one line: the estimate, the limit, the flags) when its peak
-  exceeds ``memory_limit_gb`` (0: available_bytes())."""
+  """The estimate (with a calibration fitted on ``calibration_rows`` impressions); DoesNotFit
+  (one line: the estimate, the limit, the flags) when its peak exceeds ``memory_limit_gb``
+  (0: available_bytes())."""
   est = estimate(p, calibration_rows)
   if memory_limit_gb:
     limit, where = int(memory_limit_gb * GIB), "--memory_limit_gb"
@@ -153,8 +154,11 @@ def check_fits(p: Dict, memory_limit_gb: float = P.DEFAULT_MEMORY_LIMIT_GB,
     limit, where = available_bytes(), "available on this machine"
   if est["peak"] > limit:
     rows = sum(P.table_rows(p).values())
-    calibration = (f" and a calibration pass over {calibration_rows:,} impressions, "
-                   f"{est['calibration'] / GIB:.1f} GiB: {CALIBRATION_FLAG} fits it on a slice" if calibration_rows else "")
+    calibration = ""
+    if est["calibration"] and est["peak"] - est["calibration"] <= limit:     # the pass tips it over
+      calibration = (f" and a calibration pass over {calibration_rows:,} impressions, "
+                     f"{est['calibration'] / GIB:.1f} GiB: fit it on a slice with {CALIBRATION_FLAGS[0]} "
+                     f"or not at all with {CALIBRATION_FLAGS[1]}")
     raise DoesNotFit(
         f"training {p['model']} needs about {est['peak'] / GIB:.1f} GiB at its peak ({rows:,} table rows x "
         f"{p['embedding_dim']} x {table_sets(p)} table set(s) with {p['embedding_optimizer']} slots: "

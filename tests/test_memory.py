@@ -164,8 +164,13 @@ def test_the_estimate_counts_the_calibration_pass_and_names_its_flag(data, sized
   plain = memory.estimate(p)
   limit_gb = (plain["peak"] + (1 << 20)) / memory.GIB
   assert memory.check_fits(p, limit_gb)["calibration"] == 0
-  with pytest.raises(memory.DoesNotFit, match="calibration pass over 50,000,000 impressions.*--calibration_holdout"):
+  with pytest.raises(memory.DoesNotFit, match="calibration pass over 50,000,000 impressions.*"
+                                              "--calibration_holdout or not at all with --calibration=none"):
     memory.check_fits(p, limit_gb, calibration_rows=rows)
+  # Tables too large on their own: the message is about them, not the pass.
+  with pytest.raises(memory.DoesNotFit) as e:
+    memory.check_fits(p, limit_gb / 2, calibration_rows=rows)
+  assert "--table_rows_per_id" in str(e.value) and "calibration" not in str(e.value)
   # A trained run counts the impressions its calibration is fitted on: the whole train split
   # for the default bias refit.
   result = E.train_and_evaluate(data["out"], str(tmp_path / "bias"), data["params"], batch_size=256,

@@ -258,6 +258,26 @@ def test_a_pass_gathered_in_batches_is_compact_and_fits_as_whole_columns(method,
       np.testing.assert_allclose(batched[head][key], whole[head][key], rtol=1e-9, atol=1e-12)
   assert {k: batched[k] for k in ("impressions", "clicks", "conversions")} == \
       {k: whole[k] for k in ("impressions", "clicks", "conversions")}
+  # The fits themselves, against what defines them, computed here over the whole columns.
+  z, y = ctr_logit.astype(np.float32).astype(np.float64), click
+  fitted = calibration.apply_numpy(batched["ctr"], z) if method != "isotonic" else None
+  if method == "bias":          # the mean prediction is the observed rate
+    np.testing.assert_allclose(_sigmoid(fitted).mean(), y.mean(), rtol=1e-9)
+  elif method == "platt":       # the log loss is stationary in the slope and the intercept
+    r = _sigmoid(fitted) - y
+    np.testing.assert_allclose([r @ z / z.size, r.mean()], 0, atol=1e-9)
+
+
+def test_a_calibration_pass_refuses_mismatched_or_invalid_columns():
+  data = calibration.HeadData()
+  with pytest.raises(ValueError, match="one click, conversion and logit per impression"):
+    data.add(np.ones(4), np.zeros(4), np.zeros(3, np.float32), np.zeros(4, np.float32))
+  for bad in (np.array([0.0, np.nan, 1.0]), np.array([0, -1, 1])):
+    with pytest.raises(ValueError, match="finite and >= 0"):
+      data.add(bad, np.zeros(3), np.zeros(3, np.float32), np.zeros(3, np.float32))
+  assert data.impressions() == 0
+  with pytest.raises(ValueError, match="one label per logit"):
+    calibration.fit_platt(np.array([0.0, 1.0, 0.0]), np.zeros(2))
 
 
 def test_conversion_scale_must_be_positive_and_needs_a_calibration():
