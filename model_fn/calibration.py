@@ -83,6 +83,10 @@ def logit(p):
   return np.log(p) - np.log1p(-p)
 
 
+def _finite_and_nonnegative(y: np.ndarray) -> bool:
+  return not (y.dtype.kind == "f" and not np.all(np.isfinite(y))) and not np.any(y < 0)
+
+
 def _labels_and_logits(labels, logits):
   """Labels (0/1, or soft: >= 0, possibly above 1) and float logits, not copied where they are
   arrays already (a whole train split's pass: no float64 copy of it); ValueError unless some
@@ -96,7 +100,7 @@ def _labels_and_logits(labels, logits):
   if y.size == 0 or not np.any(y > 0) or not np.any(y == 0):
     raise ValueError("calibration needs both positive and negative labels")
   rate = float(np.mean(y, dtype=np.float64))
-  if (y.dtype.kind == "f" and not np.all(np.isfinite(y))) or np.any(y < 0) or rate >= 1:
+  if not _finite_and_nonnegative(y) or rate >= 1:
     raise ValueError(f"calibration labels must be finite and >= 0 with a mean below 1, got mean {rate}")
   return y, z
 
@@ -105,26 +109,30 @@ def _chunks(n: int):
   return (slice(start, start + CHUNK_ROWS) for start in range(0, n, CHUNK_ROWS))
 
 
+def _chunk_loss(y: np.ndarray, u: np.ndarray) -> float:
+  """Summed log loss of sigmoid(u) against y."""
+  return float(np.sum(np.logaddexp(0.0, u) - y * u))
+
+
 def _nll(y: np.ndarray, z: np.ndarray, a: float, b: float) -> float:
   """Mean log loss of sigmoid(a z + b) against y, summed in float64 chunk by chunk."""
-  total = 0.0
-  for part in _chunks(len(z)):
-    u = a * z[part].astype(np.float64) + b
-    total += float(np.sum(np.logaddexp(0.0, u) - y[part] * u))
-  return total / len(z)
+  return sum(_chunk_loss(y[part], a * z[part].astype(np.float64) + b) for part in _chunks(len(z))) / len(z)
 
 
 def _newton_terms(y: np.ndarray, z: np.ndarray, a: float, b: float):
-  """The gradient and Hessian in (a, b) of the summed log loss of sigmoid(a z + b), chunk by chunk."""
-  grad, hess = np.zeros(2), np.zeros((2, 2))
+  """The mean log loss of sigmoid(a z + b) and its summed gradient and Hessian in (a, b), in one
+  pass chunk by chunk."""
+  loss, grad, hess = 0.0, np.zeros(2), np.zeros((2, 2))
   for part in _chunks(len(z)):
     zc = z[part].astype(np.float64)
-    p = 1 / (1 + np.exp(-np.clip(a * zc + b, -500, 500)))
+    u = a * zc + b
+    loss += _chunk_loss(y[part], u)
+    p = 1 / (1 + np.exp(-np.clip(u, -500, 500)))
     r, w = p - y[part], p * (1 - p)
     wz = w @ zc
     grad += (r @ zc, r.sum())
     hess += ((w @ (zc * zc), wz), (wz, w.sum()))
-  return grad, hess
+  return loss / len(z), grad, hess
 
 
 def fit_platt(labels: np.ndarray, logits: np.ndarray, fit_slope: bool = True) -> dict:
@@ -136,12 +144,12 @@ def fit_platt(labels: np.ndarray, logits: np.ndarray, fit_slope: bool = True) ->
   def newton(fit_slope: bool):
     theta = np.array([1.0, 0.0])                 # (a, b)
     for _ in range(100):
-      grad, hess = _newton_terms(y, z, *theta)
+      loss, grad, hess = _newton_terms(y, z, *theta)
       hess += 1e-9 * np.eye(2)
       if not fit_slope:
         grad[0], hess[0, 1], hess[1, 0], hess[0, 0] = 0.0, 0.0, 0.0, 1.0
       step = np.linalg.solve(hess, grad)
-      loss, t = _nll(y, z, *theta), 1.0
+      t = 1.0
       while t > 1e-8 and _nll(y, z, *(theta - t * step)) > loss:
         t /= 2
       theta = theta - t * step
@@ -245,7 +253,7 @@ class HeadData:
     if not click.size == conversion.size == ctr_logit.size == cvr_logit.size:
       raise ValueError(f"calibration needs one click, conversion and logit per impression, got "
                        f"{click.size}, {conversion.size}, {ctr_logit.size} and {cvr_logit.size}")
-    if (click.dtype.kind == "f" and not np.all(np.isfinite(click))) or np.any(click < 0):
+    if not _finite_and_nonnegative(click):
       raise ValueError("calibration labels must be finite and >= 0: a click label is not")
     clicked = click > 0
     self._parts["click"].append(clicked)
